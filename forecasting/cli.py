@@ -1,0 +1,205 @@
+"""`forecasting` commands. Thin: parse arguments, call the package or the flows, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from forecasting.config import ConfigError, Settings
+
+console = Console()
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIGS = (PROJECT_ROOT / "configs" / "sales.yaml", PROJECT_ROOT / "configs" / "weather.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forecasting",
+        description="Nightly RNN/LSTM/GRU forecasting: SQL in, Prefect + MLflow, forecasts back to SQL. "
+        "Database: $FORECASTING_DATABASE_URL (default sqlite:///forecasting.db); "
+        "MLflow: $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("init-db", cmd_init_db, "Create the forecast and score tables and views (idempotent).")
+    command("load-demo", cmd_load_demo, "Write the real demo data (aus_retail sales, Seattle weather) into the database.")
+    for name, handler, help in (
+        ("run", cmd_run, "One nightly flow run: backtest, compare, promote, forecast, write."),
+        ("predict", cmd_predict, "Forecast with the registered champion (no training) and write the rows."),
+    ):
+        sub = command(name, handler, help)
+        sub.add_argument("--config", required=True, type=Path, help="dataset config (YAML)")
+        sub.add_argument("--as-of", default=None, help="use data up to this ISO date/date-time (default: the last timestamp)")
+    sub = command("backfill", cmd_backfill, "Run the flow for every as_of from --start to --end at the dataset's freq, oldest first.")
+    sub.add_argument("--config", required=True, type=Path, help="dataset config (YAML)")
+    sub.add_argument("--start", required=True, help="first as_of (ISO date)")
+    sub.add_argument("--end", required=True, help="last as_of (ISO date)")
+    command("demo", cmd_demo, "init-db, load-demo, then run both demo configs (the main job on embedded defaults).")
+    sub = command("serve", cmd_serve, "Serve the deployments of prefect.yaml on their schedules from one process.")
+    sub.add_argument("--prefect-yaml", type=Path, default=PROJECT_ROOT / "prefect.yaml")
+    return parser
+
+
+# ------------------------------------------------------------------------------------ handlers
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from forecasting import db
+
+    settings = Settings()
+    engine = db.make_engine(settings)
+    try:
+        with engine.begin() as conn:
+            db.init_db(conn)
+    except db.CONNECTION_ERRORS as exc:
+        raise db.connect_error(engine, exc) from None  # its text may hold the URL
+    console.print(f"schema applied to {settings.safe_database_url}")
+    return 0
+
+
+def cmd_load_demo(args: argparse.Namespace) -> int:
+    from forecasting import db, demo
+
+    settings = Settings()
+    engine = db.make_engine(settings)
+    with engine.begin() as conn:
+        written = demo.load_demo(conn)
+    for table, rows in written.items():
+        console.print(f"{table}: {rows} rows upserted into {settings.safe_database_url}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.nightly import nightly
+
+    summary = nightly(config=str(args.config), as_of=args.as_of)
+    print_summary(summary)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from flows.nightly import predict
+
+    summary = predict(config=str(args.config), as_of=args.as_of)
+    console.print(
+        f"{summary['dataset']} as_of {summary['as_of']}: {summary['forecast_rows']} rows written by "
+        f"champion {summary['model']} (version {summary['model_version']})"
+    )
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from flows.nightly import backfill
+
+    summaries = backfill(config=str(args.config), start=args.start, end=args.end)
+    for summary in summaries:
+        console.print(f"{summary['as_of']}: champion {summary['champion']}, {summary['forecast_rows']} rows")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.nightly import nightly
+
+    started = time.perf_counter()
+    cmd_init_db(args)
+    cmd_load_demo(args)
+    for config in DEMO_CONFIGS:
+        summary = nightly(config=str(config), as_of=None)
+        print_summary(summary)
+    settings = Settings()
+    console.print(f"\ndemo finished in {time.perf_counter() - started:.0f}s\n")
+    console.print("Look at the runs and the registry in the MLflow UI:")
+    console.print(f"  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}   # then open http://127.0.0.1:5000")
+    console.print("Query the forecasts:")
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        console.print(f"  sqlite3 {url.removeprefix('sqlite:///')} \"SELECT series_id, ts, value, model FROM forecasts WHERE dataset = 'sales' ORDER BY as_of DESC, series_id, ts LIMIT 24\"")
+    else:
+        console.print("  SELECT series_id, ts, value, model FROM forecasts WHERE dataset = 'sales' ORDER BY as_of DESC, series_id, ts LIMIT 24;")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.nightly import nightly
+
+    deployments = deployments_from_yaml(args.prefect_yaml)
+    console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
+    serve(*(nightly.to_deployment(**d) for d in deployments))
+    return 0
+
+
+def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
+    """The deployments of prefect.yaml as `Flow.to_deployment` keyword arguments."""
+    from prefect.schedules import Cron
+
+    spec = yaml.safe_load(path.read_text())
+    deployments = []
+    for item in spec.get("deployments", []):
+        parameters = dict(item.get("parameters", {}))
+        if "config" in parameters:  # relative to the project, as `prefect deploy` would run it
+            parameters["config"] = str((path.parent / parameters["config"]).resolve())
+        deployments.append(dict(
+            name=item["name"],
+            description=item.get("description"),
+            parameters=parameters,
+            tags=item.get("tags", []),
+            schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in item.get("schedules", [])],
+        ))
+    return deployments
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['dataset']} as of {summary['as_of']}", show_lines=False)
+    table.add_column("model")
+    table.add_column("backtest MASE", justify="right")
+    table.add_column("vs seasonal naive", justify="right")
+    table.add_column("")
+    for model, mase in summary["mase"].items():
+        ratio = summary["mase_vs_seasonal_naive"].get(model)
+        mark = "champion of backtest" if model == min(summary["mase"], key=summary["mase"].get) else ""
+        table.add_row(model, f"{mase:.4f}", "" if ratio is None or pd.isna(ratio) else f"{ratio:.3f}x", mark)
+    console.print(table)
+    decision = "promoted to champion" if summary["promoted"] else "current champion kept"
+    console.print(
+        f"champion: [bold]{summary['champion']}[/] version {summary['model_version']} ({decision}); "
+        f"rows written: {summary['forecast_rows']} forecasts, {summary['score_rows']} scores"
+    )
+    if summary.get("dropped_series"):
+        console.print(f"[yellow]dropped series:[/] {', '.join(summary['dropped_series'])}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items())
+    console.print(f"wall time per stage: {stages}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

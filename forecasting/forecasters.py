@@ -1,0 +1,257 @@
+"""Forecasters: one fit/predict/save interface over the baselines and the recurrent networks.
+
+    make_forecaster("gru", freq="MS", horizon=12, season_length=12, training=TrainingConfig())
+        .fit(train_panel)          # global training over all series
+        .predict(history_panel)    # the `horizon` steps after each series' last ts
+
+Panels are long frames: series_id, ts, value (+ covariate columns), sorted by (series_id, ts).
+Saved forecasters are a `forecaster.json` (config, scaler) plus, for networks, a `weights.pt`
+state_dict; loading never unpickles arbitrary objects (torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from forecasting import baselines
+from forecasting.config import BASELINES, CELLS, TrainingConfig
+from forecasting.models import EnsembleNet, NetConfig
+from forecasting.train import resolve_device, train_network
+from forecasting.windows import (
+    N_CALENDAR,
+    Scaler,
+    SeriesFeatures,
+    build_features,
+    check_horizon,
+    check_panel,
+    last_windows,
+    window_starts,
+)
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, float, float], None]
+CONFIG_FILE = "forecaster.json"
+WEIGHTS_FILE = "weights.pt"
+FORMAT_VERSION = 1
+
+
+def default_input_window(horizon: int, season_length: int) -> int:
+    """A multiple of the season covering at least three seasons and the horizon."""
+    return season_length * max(3, math.ceil(horizon / season_length))
+
+
+class Forecaster:
+    """Base class: what every model offers the pipeline."""
+
+    kind = "base"
+
+    def __init__(self, name: str, *, freq: str, horizon: int, season_length: int,
+                 training: TrainingConfig, covariates: Sequence[str] = ()) -> None:
+        self.name = name
+        self.freq = freq
+        self.horizon = check_horizon(horizon)
+        if season_length < 1:
+            raise ValueError(f"`season_length` ({season_length!r}) must be >= 1")
+        self.season_length = int(season_length)
+        self.training = training
+        self.covariates = tuple(covariates)
+        self.history: list[dict] = []
+        self.torch_module: nn.Module | None = None
+
+    # -- interface
+    def fit(self, panel: pd.DataFrame, *, on_epoch: EpochCallback | None = None) -> Forecaster:
+        raise NotImplementedError
+
+    def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:
+        return None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"model": self.name, "kind": self.kind, "freq": self.freq, "horizon": self.horizon,
+                "season_length": self.season_length}
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self._state(), indent=1))
+
+    # -- helpers
+    def _state(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "kind": self.kind, "name": self.name, "freq": self.freq,
+                "horizon": self.horizon, "season_length": self.season_length,
+                "training": self.training.model_dump(mode="json"), "covariates": list(self.covariates)}
+
+    def _frame(self, series_ids: Sequence[str], last_ts: Sequence[pd.Timestamp],
+               values: np.ndarray) -> pd.DataFrame:
+        """Tidy forecasts: series_id, step, ts, value from a [series, horizon] array."""
+        h = self.horizon
+        ts = [pd.date_range(t, periods=h + 1, freq=self.freq)[1:] for t in last_ts]
+        return pd.DataFrame({
+            "series_id": np.repeat(np.asarray(series_ids, dtype=object), h),
+            "step": np.tile(np.arange(1, h + 1), len(series_ids)),
+            "ts": np.concatenate([t.values for t in ts]) if ts else np.empty(0, "datetime64[ns]"),
+            "value": np.asarray(values, np.float64).reshape(-1),
+        })
+
+
+class BaselineForecaster(Forecaster):
+    """naive, seasonal_naive or ets: no trained state; each forecast conditions on its history."""
+
+    kind = "baseline"
+
+    def fit(self, panel: pd.DataFrame, *, on_epoch: EpochCallback | None = None) -> BaselineForecaster:
+        check_panel(panel, min_length=1, min_length_name="1")
+        return self
+
+    def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
+        check_panel(panel, min_length=1, min_length_name="1")
+        ids, last, rows = [], [], []
+        for sid, group in panel.groupby("series_id", sort=False):
+            y = group["value"].to_numpy(np.float64)
+            if self.name == "naive":
+                rows.append(baselines.naive(y, self.horizon))
+            elif self.name == "seasonal_naive":
+                rows.append(baselines.seasonal_naive(y, self.horizon, self.season_length))
+            else:
+                rows.append(baselines.ets(y, self.horizon, self.season_length, series_id=sid))
+            ids.append(sid)
+            last.append(group["ts"].iloc[-1])
+        return self._frame(ids, last, np.stack(rows))
+
+
+class NeuralForecaster(Forecaster):
+    """rnn, lstm or gru, trained globally over all series (see forecasting.models)."""
+
+    kind = "neural"
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        t = self.training
+        self.input_window = t.input_window or default_input_window(self.horizon, self.season_length)
+        self.net_config = NetConfig(
+            cell=name, input_size=1 + N_CALENDAR + len(self.covariates), hidden_size=t.hidden_size,
+            num_layers=t.num_layers, dropout=t.dropout, horizon=self.horizon, strategy=t.strategy,
+            season_length=self.season_length, residual=t.residual, local_level=t.local_level,
+        )
+        self.scaler: Scaler | None = None
+
+    def fit(self, panel: pd.DataFrame, *, on_epoch: EpochCallback | None = None) -> NeuralForecaster:
+        t = self.training
+        check_panel(panel, covariates=self.covariates, min_length=self.input_window + self.horizon)
+        device = resolve_device(t.device)
+        self.scaler = Scaler.fit(panel, scaling=t.scaling, scale_by=t.scale_by,
+                                 season_length=self.season_length, covariates=self.covariates)
+        features = build_features(panel, self.scaler, freq=self.freq, season_length=self.season_length,
+                                  covariates=self.covariates)
+        train_starts, val_starts = window_starts(features, input_window=self.input_window,
+                                                 horizon=self.horizon, val_steps=t.val_steps or self.horizon)
+        if len(train_starts) == 0:  # every series has a single window: train on it, no early stopping
+            train_starts = val_starts
+        log.info("%s: %d training and %d validation windows of %d+%d steps over %d series on %s",
+                 self.name, len(train_starts), len(val_starts), self.input_window, self.horizon,
+                 len(features.series_ids), device)
+        ensemble = EnsembleNet(self.net_config, members=t.ensemble)
+        self.history = []
+        for i, member in enumerate(ensemble.members):
+            torch.manual_seed(t.seed + i)
+            member.load_state_dict(type(member)(self.net_config).state_dict())  # init from this seed
+            offset = len(self.history)
+            callback = None if on_epoch is None else (lambda e, tr, va, o=offset: on_epoch(o + e, tr, va))
+            history = train_network(member, features.data, train_starts, val_starts,
+                                    input_window=self.input_window, horizon=self.horizon, training=t,
+                                    seed=t.seed + i, device=device, on_epoch=callback)
+            self.history += [{**h, "epoch": offset + h["epoch"]} for h in history]
+        self.torch_module = ensemble.cpu().eval()
+        return self
+
+    def _features(self, panel: pd.DataFrame) -> tuple[SeriesFeatures, Scaler]:
+        if self.scaler is None or self.torch_module is None:
+            raise ValueError(f"forecaster {self.name!r} is not fitted; call fit() or load_forecaster()")
+        check_panel(panel, covariates=self.covariates, min_length=self.input_window,
+                    min_length_name="input_window")
+        scaler = Scaler.from_dict(self.scaler.to_dict())
+        scaler.add_series(panel)  # series unseen in training are scaled by their own history
+        features = build_features(panel, scaler, freq=self.freq, season_length=self.season_length,
+                                  covariates=self.covariates)
+        return features, scaler
+
+    @torch.no_grad()
+    def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
+        features, scaler = self._features(panel)
+        x = last_windows(features, self.input_window)  # [series, window, features]
+        scaled = self.torch_module(x).numpy()  # [series, horizon]
+        values = np.stack([scaler.unscale(scaled[i].astype(np.float64), sid)
+                           for i, sid in enumerate(features.series_ids)])  # [series, horizon]
+        return self._frame(features.series_ids, features.last_ts, values)
+
+    def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:
+        first = panel["series_id"].iloc[0]
+        features, _ = self._features(panel[panel["series_id"] == first])
+        return last_windows(features, self.input_window).numpy()  # [1, window, features] float32
+
+    @property
+    def params(self) -> dict[str, Any]:
+        t = self.training.model_dump(mode="json")
+        t.pop("input_window")
+        return {**super().params, **t, "cell": self.name, "input_window": self.input_window,
+                "covariates": ",".join(self.covariates), "epochs_trained": len(self.history)}
+
+    def _state(self) -> dict[str, Any]:
+        if self.scaler is None:
+            raise ValueError(f"forecaster {self.name!r} is not fitted; nothing to save")
+        return {**super()._state(), "input_window": self.input_window,
+                "net": self.net_config.to_dict(), "scaler": self.scaler.to_dict(),
+                "history": self.history}
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        torch.save(self.torch_module.state_dict(), Path(directory) / WEIGHTS_FILE)
+
+
+def make_forecaster(name: str, *, freq: str, horizon: int, season_length: int,
+                    training: TrainingConfig, covariates: Sequence[str] = ()) -> Forecaster:
+    """A fresh forecaster by name: one of BASELINES or CELLS."""
+    check_horizon(horizon)
+    kwargs = dict(freq=freq, horizon=horizon, season_length=season_length, training=training,
+                  covariates=covariates)
+    if name in BASELINES:
+        return BaselineForecaster(name, **kwargs)
+    if name in CELLS:
+        return NeuralForecaster(name, **kwargs)
+    raise ValueError(f"`name` ({name!r}) is not a known model; known: {list(BASELINES + CELLS)}")
+
+
+def load_forecaster(directory: Path) -> Forecaster:
+    """Rebuild a saved forecaster from its JSON and (for networks) its state_dict."""
+    directory = Path(directory)
+    state = json.loads((directory / CONFIG_FILE).read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"`format` ({state.get('format')!r}) of {directory / CONFIG_FILE} is not {FORMAT_VERSION}")
+    forecaster = make_forecaster(state["name"], freq=state["freq"], horizon=state["horizon"],
+                                 season_length=state["season_length"],
+                                 training=TrainingConfig.model_validate(state["training"]),
+                                 covariates=state["covariates"])
+    if isinstance(forecaster, NeuralForecaster):
+        forecaster.input_window = int(state["input_window"])
+        forecaster.net_config = NetConfig(**state["net"])
+        forecaster.scaler = Scaler.from_dict(state["scaler"])
+        forecaster.history = list(state["history"])
+        module = EnsembleNet(forecaster.net_config, members=forecaster.training.ensemble)
+        weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        module.load_state_dict(weights)
+        forecaster.torch_module = module.eval()
+    return forecaster

@@ -1,0 +1,301 @@
+"""MLflow: runs, metrics, artifacts, model logging, the registry and the `champion` alias.
+
+Everything goes through an explicit MlflowClient and explicit run ids, because Prefect may run
+tasks in other threads and `mlflow.active_run()` is thread-local. The one exception is model
+logging (`mlflow.<flavor>.log_model` needs an active run): it opens and closes the run it logs
+to within one call, in one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a worker
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from forecasting import intervals
+from forecasting.config import Settings, redact_url, scrub
+from forecasting.forecasters import Forecaster, load_forecaster
+
+log = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+FORECASTER_DIR_TAG = "forecaster_dir"  # where in the model's artifacts our own files lie
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used; the message names the tracking URI (password masked)."""
+
+
+class NoChampion(LookupError):
+    """No version of the dataset's registered model carries the `champion` alias yet."""
+
+
+def registered_model_name(dataset: str) -> str:
+    return f"{dataset}-forecaster"
+
+
+def connect(settings: Settings | None = None) -> MlflowClient:
+    """A client for the configured tracking URI, checked by one cheap call.
+
+    An HTTP tracking server that is down would otherwise be retried by MLflow for minutes;
+    bound that here and let the flow's own retries (with backoff) decide.
+    """
+    settings = settings or Settings()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = settings.mlflow_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests errors, sqlalchemy errors
+        # `from None`: the original exception's text may hold the URL with its password.
+        raise TrackingError(
+            f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
+        ) from None
+    return client
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def experiment_id(client: MlflowClient, dataset: str) -> str:
+    experiment = client.get_experiment_by_name(dataset)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(dataset, artifact_location=_artifact_location(dataset))
+    except MlflowException:  # created meanwhile by a concurrent run
+        found = client.get_experiment_by_name(dataset)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _artifact_location(dataset: str) -> str | None:
+    """Beside a sqlite tracking database, not in whatever directory the worker started in."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri.removeprefix("sqlite:///")).resolve()
+        return (db_path.parent / "mlartifacts" / dataset).as_uri()
+    return None
+
+
+def start_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    name: str,
+    tags: dict[str, str],
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests on
+    run = client.create_run(experiment, run_name=name, tags=all_tags)
+    if params:
+        client.log_batch(
+            run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())]
+        )
+    return run.info.run_id
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], *, step: int = 0
+) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    timestamp = _now_ms()
+    client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in clean.items()])
+
+
+def log_history(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch train/validation loss with step=epoch, in batches of MLflow's limit."""
+    timestamp = _now_ms()
+    metrics = []
+    for row in history:
+        for key in ("train_loss", "val_loss"):
+            value = row.get(key)
+            if value is not None and np.isfinite(value):
+                metrics.append(Metric(key, float(value), timestamp, int(row["epoch"])))
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_run(client: MlflowClient, run_id: str, *, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def _now_ms() -> int:
+    return int(pd.Timestamp.now().timestamp() * 1000)
+
+
+def log_figure(client: MlflowClient, run_id: str, figure: Any, name: str) -> None:
+    client.log_figure(run_id, figure, name)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def log_frame(client: MlflowClient, run_id: str, frame: pd.DataFrame, name: str) -> None:
+    """A small table as a CSV artifact (and as an MLflow table the UI renders)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        frame.to_csv(path, index=False)
+        client.log_artifact(run_id, str(path))
+    client.log_table(run_id, data=frame, artifact_file=Path(name).with_suffix(".json").name)
+
+
+# ------------------------------------------------------------------------------ model registry
+
+
+class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
+    """A baseline champion as a small pyfunc: history panel in, forecast frame out."""
+
+    def load_context(self, context: Any) -> None:
+        self.forecaster = load_forecaster(Path(context.artifacts["forecaster"]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return self.forecaster.predict(model_input)
+
+
+@dataclass(frozen=True)
+class RegisteredForecaster:
+    forecaster: Forecaster
+    version: str
+    run_id: str  # the MLflow run that logged the model
+    quantiles: list[float]  # interval half-widths per step, calibrated on its backtest
+
+
+INTERVAL_TAG = "interval_quantiles"
+
+
+def set_interval_quantiles(
+    client: MlflowClient, dataset: str, version: str, quantiles: list[float], *, level: float
+) -> None:
+    name = registered_model_name(dataset)
+    client.set_model_version_tag(name, version, INTERVAL_TAG, json.dumps(quantiles))
+    client.set_model_version_tag(name, version, "interval_level", str(level))
+    client.set_model_version_tag(name, version, "interval_method", intervals.METHOD)
+
+
+def log_and_register(
+    client: MlflowClient, forecaster: Forecaster, *, run_id: str, dataset: str, panel: pd.DataFrame
+) -> str:
+    """Log the fitted forecaster to `run_id`, register it, return the new version number."""
+    name = registered_model_name(dataset)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "forecaster"
+        forecaster.save(files)
+        with mlflow.start_run(run_id=run_id):
+            if forecaster.torch_module is not None:
+                info = _log_torch(forecaster, files=files, panel=panel, name=name)
+                subdir = "extra_files"
+            else:
+                info = _log_pyfunc(forecaster, files=files, panel=panel, name=name)
+                subdir = "artifacts/forecaster"
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, subdir)
+    client.set_model_version_tag(name, version, "model", forecaster.name)
+    return version
+
+
+def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
+    import mlflow.pytorch
+    import torch
+
+    module = forecaster.torch_module
+    example = forecaster.example_input(panel)
+    device = next(module.parameters()).device
+    module.eval()
+    with torch.no_grad():
+        output = module(torch.from_numpy(example).to(device)).cpu().numpy()
+    return mlflow.pytorch.log_model(
+        module,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        extra_files=[str(p) for p in sorted(files.iterdir())],
+        registered_model_name=name,
+        await_registration_for=60,
+    )
+
+
+def _log_pyfunc(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
+    example = panel[["series_id", "ts", "value"]].groupby("series_id").tail(3).head(6)
+    output = forecaster.predict(panel).head(6)
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ForecasterPyfunc(),
+        artifacts={"forecaster": str(files)},
+        signature=infer_signature(example, output),
+        registered_model_name=name,
+        await_registration_for=60,
+    )
+
+
+def champion_version(client: MlflowClient, dataset: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(registered_model_name(dataset), CHAMPION_ALIAS)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def load_version(client: MlflowClient, dataset: str, version: str) -> RegisteredForecaster:
+    """Load a registered version through our own files (weights_only), never by unpickling."""
+    name = registered_model_name(dataset)
+    model_version = client.get_model_version(name, version)
+    subdir = model_version.tags.get(FORECASTER_DIR_TAG)
+    if subdir is None:
+        raise TrackingError(f"model {name} version {version} has no {FORECASTER_DIR_TAG!r} tag")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=tmp
+        )
+        forecaster = load_forecaster(Path(local) / subdir)
+    quantiles = json.loads(model_version.tags.get(INTERVAL_TAG, "[]"))
+    if len(quantiles) != forecaster.horizon:  # registered before intervals: no interval
+        quantiles = [float("nan")] * forecaster.horizon
+    return RegisteredForecaster(forecaster, str(version), model_version.run_id, quantiles)
+
+
+def load_champion(client: MlflowClient, dataset: str) -> RegisteredForecaster | None:
+    version = champion_version(client, dataset)
+    if version is None:
+        return None
+    return load_version(client, dataset, version.version)
+
+
+def set_champion(client: MlflowClient, dataset: str, version: str) -> None:
+    client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)

@@ -1,0 +1,114 @@
+"""Training loop for one network: mini-batches of windows, Adam, clipping, early stopping.
+
+The windows are start indices into one float32 tensor (forecasting.windows); a batch is gathered
+on the device, split into the input part and the target part, and the loss is taken in scaled
+space. The best weights by validation loss are restored at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from forecasting.config import TrainingConfig
+from forecasting.windows import gather_windows
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, float, float], None]
+
+
+def configure_torch_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads once for the process (None: one per CPU core)."""
+    if n is not None and n < 1:
+        raise ValueError(f"`n` ({n!r}) must be >= 1 or None")
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`device` ('cuda') was asked for but CUDA is not available")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"`device` ({device!r}) must be 'auto', 'cpu' or 'cuda'")
+    return torch.device(device)
+
+
+def _loss_fn(name: str) -> nn.Module:
+    losses = {"mae": nn.L1Loss(), "mse": nn.MSELoss(), "huber": nn.HuberLoss(delta=1.0)}
+    if name not in losses:
+        raise ValueError(f"`loss` ({name!r}) must be one of {list(losses)}")
+    return losses[name]
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, data: torch.Tensor, starts: torch.Tensor, *, input_window: int,
+             horizon: int, loss_fn: nn.Module, batch_size: int) -> float:
+    net.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        batch = gather_windows(data, starts[i:i + batch_size], input_window + horizon)  # [b, w+h, f]
+        pred = net(batch[:, :input_window])  # [b, horizon]
+        total += loss_fn(pred, batch[:, input_window:, 0]).item() * len(batch)
+        count += len(batch)
+    return total / max(count, 1)
+
+
+def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
+                  val_starts: np.ndarray, *, input_window: int, horizon: int,
+                  training: TrainingConfig, seed: int, device: torch.device,
+                  on_epoch: EpochCallback | None = None) -> list[dict]:
+    """Train `net` in place on windows of `data`; return the per-epoch history."""
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = _loss_fn(training.loss)
+    net.to(device)
+    data = data.to(device)  # [total_steps, features] float32
+    train_idx = torch.as_tensor(train_starts, dtype=torch.int64)
+    val_idx = torch.as_tensor(val_starts, dtype=torch.int64).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=training.learning_rate)
+    steps_cap = training.max_batches_per_epoch
+    best, best_state, bad_epochs, history = float("inf"), None, 0, []
+    for epoch in range(1, training.max_epochs + 1):
+        net.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        if steps_cap is not None:
+            order = order[: steps_cap * training.batch_size]
+        order = order.to(device)
+        total = 0.0
+        for i in range(0, len(order), training.batch_size):
+            batch = gather_windows(data, order[i:i + training.batch_size], input_window + horizon)  # [b, w+h, f]
+            pred = net(batch[:, :input_window])  # [b, horizon]
+            loss = loss_fn(pred, batch[:, input_window:, 0])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(batch)
+        train_loss = total / max(len(order), 1)
+        val_loss = (evaluate(net, data, val_idx, input_window=input_window, horizon=horizon,
+                             loss_fn=loss_fn, batch_size=4 * training.batch_size)
+                    if len(val_idx) else train_loss)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        log.debug("epoch %d train %.4f val %.4f", epoch, train_loss, val_loss)
+        if on_epoch is not None:
+            on_epoch(epoch, train_loss, val_loss)
+        if val_loss < best - 1e-6:
+            best, best_state, bad_epochs = val_loss, copy.deepcopy(net.state_dict()), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= training.patience:
+                log.info("early stop at epoch %d (best val %.4f)", epoch, best)
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return history

@@ -1,0 +1,44 @@
+-- The pipeline's own tables. Applied by `forecasting init-db`; every statement is idempotent and
+-- written in the SQL that SQLite and PostgreSQL share. Statements are separated by ';' at the end
+-- of a line.
+
+-- One row per forecast step. `as_of` is the last timestamp of the data the forecast used and
+-- ts = as_of + step * freq. A rerun of the same (dataset, as_of) replaces its rows.
+CREATE TABLE IF NOT EXISTS forecasts (
+    dataset        VARCHAR(64)      NOT NULL,
+    series_id      VARCHAR(255)     NOT NULL,
+    as_of          TIMESTAMP        NOT NULL,
+    ts             TIMESTAMP        NOT NULL,
+    step           INTEGER          NOT NULL CHECK (step >= 1),
+    value          DOUBLE PRECISION NOT NULL,
+    lower          DOUBLE PRECISION,
+    upper          DOUBLE PRECISION,
+    model          VARCHAR(64)      NOT NULL,
+    model_version  VARCHAR(32),
+    mlflow_run_id  VARCHAR(64),
+    created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT forecasts_key UNIQUE (dataset, series_id, as_of, ts)
+);
+
+CREATE INDEX IF NOT EXISTS forecasts_by_as_of ON forecasts (dataset, as_of);
+
+-- Backtest scores of every candidate of a run: one row per series and one aggregate row per
+-- model. The aggregate row has series_id NULL; the key uses series_key (series_id, or '' for the
+-- aggregate) because NULLs never collide in a UNIQUE constraint, so they cannot be upserted.
+CREATE TABLE IF NOT EXISTS model_scores (
+    dataset        VARCHAR(64)      NOT NULL,
+    as_of          TIMESTAMP        NOT NULL,
+    model          VARCHAR(64)      NOT NULL,
+    series_key     VARCHAR(255)     NOT NULL,
+    series_id      VARCHAR(255),
+    mae            DOUBLE PRECISION,
+    rmse           DOUBLE PRECISION,
+    smape          DOUBLE PRECISION,
+    mase           DOUBLE PRECISION,
+    interval_coverage DOUBLE PRECISION,  -- aggregate rows: share of actuals inside the interval
+    is_champion    BOOLEAN          NOT NULL DEFAULT FALSE,
+    mlflow_run_id  VARCHAR(64),
+    created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT model_scores_key UNIQUE (dataset, as_of, model, series_key),
+    CONSTRAINT model_scores_aggregate CHECK ((series_key = '') = (series_id IS NULL))
+);

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real database per test on SQLite and on PostgreSQL, MLflow, Prefect.
+
+PostgreSQL: one fresh database per test session (dropped at the end), one fresh schema per test
+inside it. Under CI=true a PostgreSQL that cannot be reached fails the run instead of skipping,
+and a session in which no PostgreSQL test passed fails too.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+PG_ADMIN_URL = os.environ.get(
+    "FORECASTING_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_pg_passed = 0
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[sa.URL]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"forecasting_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        message = f"PostgreSQL at {sa.make_url(PG_ADMIN_URL).render_as_string()} unreachable: {exc.orig}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    yield sa.make_url(PG_ADMIN_URL).set(database=name)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL to an empty database of each backend; PostgreSQL gets a schema of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'forecasting.db'}"
+    base: sa.URL = request.getfixturevalue("pg_database")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(base)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine.dispose()
+    return base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    from forecasting import db
+
+    engine = db.make_engine(url=database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Settings of the product pointed at this test's database and a fresh MLflow store."""
+    values = {
+        "FORECASTING_DATABASE_URL": database_url,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture(scope="session")
+def prefect() -> Iterator[None]:
+    """One temporary Prefect API for every flow test of the session (starting it takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    global _pg_passed
+    if report.when == "call" and report.passed and "[postgresql" in report.nodeid:
+        _pg_passed += 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    terminalreporter.write_line(f"postgresql tests passed: {_pg_passed}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A suite that selected database tests but ran none on PostgreSQL proves nothing about it.
+    if IN_CI and _pg_passed == 0 and session.testscollected > 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,93 @@
+import pandas as pd
+import pytest
+
+from forecasting.backtest import choose_champion, run_backtest, split_at_origin
+from forecasting.forecasters import Forecaster
+from tests.forecast_fixtures import make_panel, one_torch_thread, tiny_training  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Series ending on different dates: the origin is per series.
+PANEL = pd.concat([make_panel(2, 70), make_panel(1, 60, seed=1).assign(series_id="late")],
+                  ignore_index=True)
+
+
+def _spy_fits(monkeypatch) -> list[tuple[str, pd.DataFrame]]:
+    seen = []
+    for cls in Forecaster.__subclasses__():
+        real = cls.fit
+
+        def spy(self, panel, *, on_epoch=None, _real=real):
+            seen.append((self.name, panel.copy()))
+            return _real(self, panel, on_epoch=on_epoch)
+
+        monkeypatch.setattr(cls, "fit", spy)
+    return seen
+
+
+@pytest.mark.parametrize("retrain", [True, False])
+def test_backtest_origins_never_peek_at_the_future(monkeypatch, retrain):
+    seen = _spy_fits(monkeypatch)
+    epochs = []
+    result = run_backtest(PANEL, candidates=["naive", "seasonal_naive", "rnn"], freq="MS", horizon=4,
+                          season_length=12, training=tiny_training(max_epochs=2), windows=3,
+                          retrain=retrain, on_epoch=lambda *a: epochs.append(a))
+    preds = result.predictions
+    assert list(preds.columns) == ["model", "series_id", "origin", "step", "ts", "y", "yhat"]
+    assert len(preds) == 3 * 3 * 3 * 4  # models x series x origins x steps
+    assert (preds["ts"] > preds["origin"]).all()
+    # every training frame given to fit ends at or before the origin of its series
+    fits_per_model = pd.Series([name for name, _ in seen]).value_counts()
+    assert (fits_per_model == (3 if retrain else 1)).all()
+    origins = preds.groupby(["model", "series_id"])["origin"].min()
+    for name, frame in seen:
+        last = frame.groupby("series_id")["ts"].max()
+        first_origin = origins.loc[name]
+        if retrain:  # fits at later origins end exactly at one of that series' origins
+            allowed = preds[preds.model == name].groupby("series_id")["origin"].unique()
+            assert all(last[s] in set(allowed[s]) for s in last.index)
+        else:
+            assert (last <= first_origin.reindex(last.index)).all()
+    # the last origin ends horizon steps before each series' end, and y are the real values
+    ends = PANEL.groupby("series_id")["ts"].max()
+    last_origin = preds.groupby("series_id")["origin"].max()
+    assert (last_origin == ends - pd.DateOffset(months=4)).all()
+    merged = preds.merge(PANEL, on=["series_id", "ts"])
+    assert (merged["y"] == merged["value"]).all()
+    assert epochs and all(e[0] == "rnn" for e in epochs)
+    assert set(result.fit_seconds) == {"naive", "seasonal_naive", "rnn"}
+    assert result.histories["naive"] == [] and len(result.histories["rnn"]) >= 1
+    agg = result.scores[result.scores["series_id"].isna()]
+    assert set(agg["model"]) == {"naive", "seasonal_naive", "rnn"}
+    assert result.champion == choose_champion(result.scores)
+
+
+def test_champion_is_lowest_mase_and_ties_go_to_the_simpler_model():
+    def scores(values):
+        return pd.DataFrame({"model": list(values), "series_id": [None] * len(values),
+                             "mae": 1.0, "rmse": 1.0, "smape": 1.0, "mase": list(values.values())})
+
+    assert choose_champion(scores({"naive": 1.2, "ets": 0.8, "gru": 0.7})) == "gru"
+    assert choose_champion(scores({"lstm": 0.7, "gru": 0.7, "rnn": 0.9})) == "gru"
+    assert choose_champion(scores({"lstm": 0.7, "ets": 0.7, "seasonal_naive": 0.8})) == "ets"
+    assert choose_champion(scores({"gru": float("nan"), "naive": 1.0})) == "naive"
+    with pytest.raises(ValueError, match="no aggregate row with a defined MASE"):
+        choose_champion(scores({"gru": float("nan")}))
+
+
+def test_backtest_bad_input():
+    with pytest.raises(ValueError, match=r"`windows` \(0\) must be an integer >= 1"):
+        run_backtest(PANEL, candidates=["naive"], freq="MS", horizon=4, season_length=12,
+                     training=tiny_training(), windows=0)
+    with pytest.raises(ValueError, match=r"series 'late' has 60 observations, not more than `windows` \* `horizon` \(5 \* 12\)"):
+        run_backtest(PANEL, candidates=["naive"], freq="MS", horizon=12, season_length=12,
+                     training=tiny_training(), windows=5)
+    with pytest.raises(ValueError, match=r"series 'late' has 40 observations, fewer than `input_window \+ horizon` \(46\)"):
+        run_backtest(PANEL, candidates=["gru"], freq="MS", horizon=10, season_length=12,
+                     training=tiny_training(), windows=2)
+
+
+def test_split_at_origin():
+    train, rest = split_at_origin(PANEL, cut=5)
+    assert (rest.groupby("series_id").size() == 5).all()
+    assert len(train) + len(rest) == len(PANEL)

@@ -1,0 +1,72 @@
+"""The `forecasting` console script: help for every command, init-db/load-demo, run's summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from forecasting.cli import deployments_from_yaml, main
+from tests.flow_fixtures import load_sales, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ["init-db", "load-demo", "run", "predict", "backfill", "demo", "serve"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: forecasting " + command in capsys.readouterr().out
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "forecasting"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_init_db_twice_then_load_demo(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init-db"]) == 0
+    assert main(["init-db"]) == 0
+    assert main(["load-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "sales: 64532 rows" in out and "weather: 1461 rows" in out
+    engine = sa.create_engine(env["FORECASTING_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(DISTINCT series_id) FROM sales")).scalar_one() == 152
+    engine.dispose()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nfreq: MS\n")
+    assert main(["run", "--config", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "bad.yaml" in out and "source" in out
+
+
+@pytest.mark.usefixtures("prefect")
+def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    load_sales(engine)
+    path = tmp_path / "sales.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    assert main(["run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "champion:" in out and "rows written: 18 forecasts" in out
+    assert "seasonal_naive" in out and "wall time per stage" in out
+
+
+def test_serve_reads_both_deployments_of_prefect_yaml() -> None:
+    deployments = deployments_from_yaml(ROOT / "prefect.yaml")
+    assert [d["name"] for d in deployments] == ["sales-nightly", "weather-nightly"]
+    for deployment in deployments:
+        assert Path(deployment["parameters"]["config"]).exists()
+        assert deployment["schedules"][0].timezone

@@ -1,0 +1,85 @@
+"""Dataset config: required keys, defaults, and errors that name the file, the key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, redact_url
+
+ROOT = Path(__file__).resolve().parent.parent
+VALID = {
+    "name": "sales",
+    "source": {"table": "sales", "id_column": "series_id", "time_column": "month", "target_column": "turnover"},
+    "freq": "MS",
+    "horizon": 12,
+    "season_length": 12,
+}
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "dataset.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def with_source(**changes: object) -> dict:
+    source = {**VALID["source"], **changes}
+    return {**VALID, "source": {k: v for k, v in source.items() if v is not None}}
+
+
+@pytest.mark.parametrize("name", ["sales.yaml", "weather.yaml"])
+def test_demo_configs_load(name: str) -> None:
+    config = DatasetConfig.from_yaml(ROOT / "configs" / name)
+    assert config.models == ("rnn", "lstm", "gru")
+    assert config.candidates[:3] == ("naive", "seasonal_naive", "ets")
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    assert config.source.table == "sales" and config.source.query is None
+    assert config.backtest.windows == 1 and config.validation.policy == "refuse"
+    assert config.training.seed == 42
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({**VALID, "horizn": 3}, "horizn", "unknown key"),
+        (with_source(query="SELECT * FROM sales"), "source", "exactly one of"),
+        (with_source(table=None), "source", "exactly one of"),
+        ({**VALID, "freq": "fortnightly"}, "freq", "'fortnightly'"),
+        ({**VALID, "horizon": 0}, "horizon", "greater than or equal to 1"),
+        ({**VALID, "models": ["lstm", "transformer"]}, "models", "transformer"),
+        (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
+        (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
+        (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+    ],
+)
+def test_bad_config_names_file_key_and_value(tmp_path: Path, raw: dict, key: str, fragment: str) -> None:
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError) as caught:
+        DatasetConfig.from_yaml(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"key `{key}`" in message
+    assert fragment in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        DatasetConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORECASTING_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert Settings().database_url == "sqlite:///forecasting.db"
+    assert Settings().mlflow_tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", "postgresql+psycopg://app:s3cr3t-SENTINEL@db:5432/prod")
+    settings = Settings()
+    assert settings.database_url.endswith("@db:5432/prod")
+    assert "s3cr3t-SENTINEL" not in settings.safe_database_url
+    assert "s3cr3t-SENTINEL" not in redact_url("weird://u:s3cr3t-SENTINEL@host")

@@ -1,0 +1,203 @@
+"""Database I/O on SQLite and on the machine's real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from forecasting import db, demo
+from forecasting.config import DatasetConfig, Settings
+
+SALES = DatasetConfig.from_mapping({
+    "name": "sales",
+    "source": {"table": "sales", "id_column": "series_id", "time_column": "month", "target_column": "turnover"},
+    "freq": "MS", "horizon": 12, "season_length": 12,
+})
+
+
+def table_names(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def test_init_db_twice(engine: sa.Engine) -> None:
+    for _ in range(2):
+        with engine.begin() as conn:
+            db.init_db(conn)
+    assert {"forecasts", "model_scores"} <= table_names(engine)
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("forecasts")}
+    assert columns == {"dataset", "series_id", "as_of", "ts", "step", "value", "lower", "upper",
+                       "model", "model_version", "mlflow_run_id", "created_at"}
+
+
+def test_load_demo_twice_leaves_same_rows(engine: sa.Engine) -> None:
+    snapshots = []
+    for _ in range(2):
+        with engine.begin() as conn:
+            written = demo.load_demo(conn)
+        with engine.connect() as conn:
+            sales = pd.read_sql("SELECT * FROM sales ORDER BY series_id, month", conn)
+            weather = pd.read_sql("SELECT * FROM weather ORDER BY date", conn)
+        snapshots.append((sales, weather))
+    assert written == {"sales": len(snapshots[0][0]), "weather": len(snapshots[0][1])}
+    assert snapshots[0][0]["series_id"].nunique() == 152  # aus_retail: one series per State x Industry
+    assert len(snapshots[0][1]) == 1461  # seattle-weather: 2012-2015, daily
+    pd.testing.assert_frame_equal(snapshots[0][0], snapshots[1][0])
+    pd.testing.assert_frame_equal(snapshots[0][1], snapshots[1][1])
+    assert list(snapshots[0][0].columns) == ["series_id", "state", "industry", "month", "turnover"]
+
+
+@pytest.fixture
+def small_sales(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        db.apply_sql(conn, db.SQL_DIR / "demo.sql")
+        table = db.reflect_table(conn, "sales")
+        rows = [
+            {"series_id": sid, "state": "S", "industry": "I", "month": month.date(), "turnover": value}
+            for sid, offset in (("b", 100.0), ("a", 10.0))
+            for value, month in zip(range(6), pd.date_range("2020-01-01", periods=6, freq="MS"))
+            for value in [offset + value]
+        ]
+        db.upsert(conn, table, rows, key=("series_id", "month"))
+    return engine
+
+
+def test_read_by_table_and_by_query_agree(small_sales: sa.Engine) -> None:
+    by_query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, turnover FROM sales WHERE state = 'S'"})})
+    with small_sales.connect() as conn:
+        from_table = db.read_dataset(conn, SALES)
+        from_query = db.read_dataset(conn, by_query)
+    pd.testing.assert_frame_equal(from_table, from_query)
+    assert list(from_table.columns) == ["series_id", "ts", "value"]
+    assert list(from_table["series_id"].unique()) == ["a", "b"]  # sorted by series, then time
+    assert from_table["ts"].dtype == "datetime64[ns]"
+    assert from_table.loc[0, "value"] == 10.0
+
+
+def test_read_up_to_as_of_drops_later_rows(small_sales: sa.Engine) -> None:
+    with small_sales.connect() as conn:
+        frame = db.read_dataset(conn, SALES, as_of=datetime(2020, 3, 1))
+    assert frame["ts"].max() == pd.Timestamp("2020-03-01")
+    assert len(frame) == 6
+
+
+def test_single_series_dataset_is_named_after_dataset(small_sales: sa.Engine) -> None:
+    config = SALES.model_copy(update={"name": "total", "source": SALES.source.model_copy(
+        update={"table": None, "id_column": None,
+                "query": "SELECT month, SUM(turnover) AS turnover FROM sales GROUP BY month"})})
+    with small_sales.connect() as conn:
+        frame = db.read_dataset(conn, config)
+    assert set(frame["series_id"]) == {"total"}
+    assert frame["value"].tolist() == [110.0 + 2 * i for i in range(6)]
+
+
+def test_missing_table_and_column_are_named(small_sales: sa.Engine) -> None:
+    missing_table = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": "nope"})})
+    missing_column = SALES.model_copy(update={"source": SALES.source.model_copy(update={"target_column": "revenue"})})
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match="dataset 'sales': table 'nope' does not exist"):
+            db.read_dataset(conn, missing_table)
+        with pytest.raises(db.DataError, match=r"column\(s\) \['revenue'\] not found in sales"):
+            db.read_dataset(conn, missing_column)
+
+
+def test_non_numeric_target_names_dataset_series_and_value(small_sales: sa.Engine) -> None:
+    config = SALES.model_copy(update={"source": SALES.source.model_copy(update={"target_column": "industry"})})
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match=r"dataset 'sales', series 'a': column 'industry' \(target_column\) is not numeric, e.g. 'I'"):
+            db.read_dataset(conn, config)
+
+
+def test_invalid_identifier_is_refused(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        with pytest.raises(ValueError, match="not a valid SQL identifier"):
+            db.reflect_table(conn, 'x"; DROP TABLE t;--')
+
+
+def forecast_rows(value: float, n: int = 3) -> pd.DataFrame:
+    return pd.DataFrame({
+        "series_id": ["a"] * n,
+        "ts": pd.date_range("2021-01-01", periods=n, freq="MS"),
+        "step": range(1, n + 1),
+        "value": [value] * n,
+        "lower": [value - 1] * n,
+        "upper": [value + 1] * n,
+        "model": "lstm", "model_version": "1", "mlflow_run_id": "r1",
+    })
+
+
+def score_rows(mase: float) -> pd.DataFrame:
+    return pd.DataFrame({
+        "model": ["lstm", "lstm"], "series_id": ["a", None], "mae": [1.0, 1.0], "rmse": [1.0, 1.0],
+        "smape": [1.0, 1.0], "mase": [mase, mase], "is_champion": [True, True], "mlflow_run_id": ["r1", "r1"],
+    })
+
+
+def test_upsert_twice_keeps_one_row_per_key_with_newer_value(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+    as_of = datetime(2020, 12, 1)
+    for value in (1.0, 2.0):
+        with engine.begin() as conn:
+            written = db.write_run(conn, dataset="sales", as_of=as_of,
+                                   forecasts=forecast_rows(value), scores=score_rows(value))
+        assert written == (3, 2)
+    with engine.connect() as conn:
+        rows = db.read_forecasts(conn, dataset="sales", as_of=as_of)
+        scores = pd.read_sql("SELECT * FROM model_scores", conn)
+    assert len(rows) == 3 and rows["value"].tolist() == [2.0, 2.0, 2.0]
+    assert pd.to_datetime(rows["as_of"]).eq(pd.Timestamp(as_of)).all()
+    assert len(scores) == 2 and scores["mase"].tolist() == [2.0, 2.0]
+    assert scores["series_id"].isna().sum() == 1  # the aggregate row
+
+
+def test_upsert_by_itself_updates_in_place(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.apply_sql(conn, db.SQL_DIR / "demo.sql")
+        table = db.reflect_table(conn, "weather")
+        for wind in (1.0, 5.0):
+            db.upsert(conn, table, [{"date": datetime(2020, 1, 1).date(), "temp_max": 1.0,
+                                     "temp_min": 0.0, "precipitation": 0.0, "wind": wind}], key=("date",))
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*), MAX(wind) FROM weather")).one() == (1, 5.0)
+
+
+def test_rewrite_with_fewer_series_removes_stale_rows(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+    as_of = datetime(2020, 12, 1)
+    two_series = pd.concat([forecast_rows(1.0), forecast_rows(1.0).assign(series_id="b")])
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=as_of, forecasts=two_series, scores=score_rows(1.0))
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=as_of, forecasts=forecast_rows(3.0), scores=score_rows(3.0))
+    with engine.connect() as conn:
+        rows = db.read_forecasts(conn, dataset="sales")
+    assert set(rows["series_id"]) == {"a"} and len(rows) == 3
+
+
+def test_write_failure_leaves_nothing(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+    bad = forecast_rows(1.0)
+    bad.loc[2, "step"] = 0  # violates CHECK (step >= 1) after two good rows
+    with pytest.raises(sa.exc.IntegrityError):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=bad, scores=score_rows(1.0))
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales").empty
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM model_scores")).scalar_one() == 0
+
+
+def test_unreachable_database_error_hides_password() -> None:
+    url = "postgresql+psycopg://app:s3cr3t-SENTINEL@127.0.0.1:1/prod"
+    engine = db.make_engine(Settings(forecasting_database_url=url))
+    with pytest.raises(sa.exc.OperationalError) as caught:
+        with engine.connect():
+            pass
+    error = db.connect_error(engine, caught.value)
+    assert "s3cr3t-SENTINEL" not in str(error)
+    assert "127.0.0.1:1/prod" in str(error)

@@ -1,0 +1,94 @@
+"""The nightly flow end to end under a real Prefect API, real MLflow and real databases."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from mlflow.tracking import MlflowClient
+
+from flows.nightly import nightly, predict
+from forecasting import db
+from forecasting.validate import ValidationFailed
+from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+
+def forecasts(engine: sa.Engine, **kwargs: object) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return db.read_forecasts(conn, dataset="sales", **kwargs)
+
+
+def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) -> None:
+    load_sales(engine)
+    config = tiny_config()
+    first = nightly(config=config)
+    rows = forecasts(engine)
+    as_of = pd.Timestamp("2019-12-01")
+    assert first["as_of"] == str(as_of)
+    assert len(rows) == len(SERIES) * config.horizon == first["forecast_rows"]
+    assert (pd.to_datetime(rows["ts"]) > as_of).all()
+    expected_ts = [as_of + pd.DateOffset(months=k) for k in range(1, config.horizon + 1)]
+    assert sorted(pd.to_datetime(rows["ts"]).unique()) == expected_ts
+    assert rows["model"].eq(first["champion"]).all()
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("sales")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["parent_run_id"]]
+    assert len(parents) == 1 and parents[0].data.tags["dataset"] == "sales"
+    assert parents[0].info.run_name == "sales 2019-12-01 nightly"
+    assert sorted(r.data.tags["model"] for r in children) == sorted(config.candidates)
+    for child in children:
+        assert {"mae", "rmse", "smape", "mase"} <= set(child.data.metrics)
+    lstm = next(r for r in children if r.data.tags["model"] == "lstm")
+    history = client.get_metric_history(lstm.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(len(history))) or [m.step for m in history] == list(range(1, len(history) + 1))
+    champion = client.get_model_version_by_alias("sales-forecaster", "champion")
+    assert str(champion.version) == first["model_version"]
+    assert rows["model_version"].eq(str(champion.version)).all()
+    assert rows["mlflow_run_id"].eq(champion.run_id).all()
+
+    # A rerun of the same as_of replaces rows: same count, same values, no duplicates.
+    second = nightly(config=config)
+    again = forecasts(engine)
+    assert len(again) == len(rows)
+    pd.testing.assert_series_equal(again["value"], rows["value"])
+    assert second["as_of"] == first["as_of"]
+
+    # predict: the registered champion, no training, the same rows as the run wrote.
+    predicted = predict(config=config)
+    after_predict = forecasts(engine)
+    assert predicted["forecast_rows"] == len(rows)
+    assert predicted["model_version"] == str(client.get_model_version_by_alias("sales-forecaster", "champion").version)
+    pd.testing.assert_series_equal(after_predict["value"], again["value"], check_exact=False, rtol=1e-5)
+
+
+def test_past_as_of_uses_no_later_data(engine: sa.Engine, env: dict[str, str]) -> None:
+    load_sales(engine)
+    config = tiny_config()
+    as_of = "2018-12-01"
+    nightly(config=config, as_of=as_of)
+    before = forecasts(engine, as_of=pd.Timestamp(as_of))
+    assert len(before) == len(SERIES) * config.horizon
+    assert (pd.to_datetime(before["ts"]) > pd.Timestamp(as_of)).all()
+
+    # Change every value after as_of; the forecast for as_of must not move.
+    changed = synthetic_sales()
+    later = pd.to_datetime(changed["month"]) > pd.Timestamp(as_of)
+    changed.loc[later, "turnover"] *= 10
+    load_sales(engine, changed)
+    nightly(config=config, as_of=as_of)
+    after = forecasts(engine, as_of=pd.Timestamp(as_of))
+    pd.testing.assert_series_equal(after["value"], before["value"])
+
+
+def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, env: dict[str, str]) -> None:
+    frame = synthetic_sales()
+    frame = frame[~((frame["series_id"] == "s2") & (frame["month"] == pd.Timestamp("2017-03-01").date()))]
+    load_sales(engine, frame)
+    with pytest.raises(ValidationFailed, match="series 's2': missing_timestamps at 2017-03-01"):
+        nightly(config=tiny_config())
+    assert forecasts(engine).empty

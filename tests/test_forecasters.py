@@ -1,0 +1,131 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from forecasting.backtest import split_at_origin
+from forecasting.forecasters import load_forecaster, make_forecaster
+from forecasting.metrics import mae
+from tests.forecast_fixtures import HORIZON, SEASON, make_panel, one_torch_thread, tiny_training  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PANEL = make_panel(4, 96, noise=0.3)
+TRAIN, TEST = split_at_origin(PANEL, cut=HORIZON)
+
+
+def _fit(cell: str, **overrides):
+    f = make_forecaster(cell, freq="MS", horizon=HORIZON, season_length=SEASON,
+                        training=tiny_training(**overrides))
+    return f.fit(TRAIN)
+
+
+def _error(forecast: pd.DataFrame) -> float:
+    joined = forecast.merge(TEST, on=["series_id", "ts"], suffixes=("_hat", ""))
+    assert len(joined) == len(TEST)
+    return mae(joined["value"], joined["value_hat"])
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_each_cell_learns_sine_plus_trend_better_than_naive(cell):
+    naive = make_forecaster("naive", freq="MS", horizon=HORIZON, season_length=SEASON,
+                            training=tiny_training()).fit(TRAIN)
+    f = _fit(cell, residual="last_value")  # the net must learn the seasonal shape itself
+    forecast = f.predict(TRAIN)
+    assert list(forecast.columns) == ["series_id", "step", "ts", "value"]
+    assert len(forecast) == 4 * HORIZON and forecast["value"].dtype == np.float64
+    assert _error(forecast) < 0.7 * _error(naive.predict(TRAIN))
+
+
+def test_recursive_strategy_forecasts_the_horizon_and_learns():
+    f = _fit("gru", strategy="recursive", max_epochs=15)
+    assert f.torch_module.members[0].head.out_features == 1
+    forecast = f.predict(TRAIN)
+    assert forecast["step"].tolist() == list(range(1, HORIZON + 1)) * 4
+    naive = make_forecaster("naive", freq="MS", horizon=HORIZON, season_length=SEASON,
+                            training=tiny_training()).fit(TRAIN)
+    assert _error(forecast) < _error(naive.predict(TRAIN))
+
+
+def test_same_data_config_and_seed_give_identical_forecasts():
+    a = _fit("lstm", max_epochs=4, ensemble=2).predict(TRAIN)
+    b = _fit("lstm", max_epochs=4, ensemble=2).predict(TRAIN)
+    pd.testing.assert_frame_equal(a, b)
+    c = _fit("lstm", max_epochs=4, ensemble=2, seed=8).predict(TRAIN)
+    assert not np.allclose(a["value"], c["value"])
+
+
+def test_save_load_round_trip_gives_the_same_forecast(tmp_path, monkeypatch):
+    f = _fit("gru", max_epochs=3, ensemble=2, num_layers=2, dropout=0.1)
+    f.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forecaster.json", "weights.pt"]
+    seen = {}
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    g = load_forecaster(tmp_path)
+    assert seen["weights_only"] is True
+    pd.testing.assert_frame_equal(f.predict(TRAIN), g.predict(TRAIN))
+    assert g.params == f.params and g.history == f.history
+
+
+def test_history_callback_params_and_example_input():
+    epochs = []
+    f = make_forecaster("rnn", freq="MS", horizon=HORIZON, season_length=SEASON,
+                        training=tiny_training(max_epochs=3, patience=5))
+    f.fit(TRAIN, on_epoch=lambda e, tr, va: epochs.append((e, tr, va)))
+    assert [e for e, _, _ in epochs] == [1, 2, 3]
+    assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va} for e, tr, va in epochs]
+    x = f.example_input(TRAIN)
+    assert x.shape == (1, 36, 3) and x.dtype == np.float32  # [1, window, value+sin+cos]
+    out = f.torch_module(torch.from_numpy(x))
+    assert out.shape == (1, HORIZON)
+    assert f.params["input_window"] == 36 and f.params["cell"] == "rnn"
+    assert f.params["strategy"] == "direct" and f.params["epochs_trained"] == 3
+
+
+def test_covariates_are_extra_inputs():
+    panel = PANEL.assign(price=np.sin(np.arange(len(PANEL))) + 5.0)
+    train, _ = split_at_origin(panel, cut=HORIZON)
+    for strategy in ("direct", "recursive"):
+        f = make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON, covariates=["price"],
+                            training=tiny_training(max_epochs=2, strategy=strategy)).fit(train)
+        assert f.example_input(train).shape == (1, 36, 4)
+        assert np.isfinite(f.predict(train)["value"]).all()
+    with pytest.raises(ValueError, match=r"`panel` lacks columns \['price'\]"):
+        f.predict(TRAIN)
+
+
+def test_series_unseen_in_training_are_forecast():
+    f = _fit("gru", max_epochs=2)
+    other = make_panel(1, 40, seed=3).assign(series_id="new")
+    out = f.predict(other)
+    assert out["series_id"].unique().tolist() == ["new"] and np.isfinite(out["value"]).all()
+
+
+def test_bad_input_names_parameter_series_and_value():
+    with pytest.raises(ValueError, match=r"`name` \('transformer'\) is not a known model"):
+        make_forecaster("transformer", freq="MS", horizon=3, season_length=12, training=tiny_training())
+    with pytest.raises(ValueError, match=r"`horizon` \(0\) must be an integer >= 1"):
+        make_forecaster("gru", freq="MS", horizon=0, season_length=12, training=tiny_training())
+    short = pd.concat([TRAIN, make_panel(1, 20).assign(series_id="tiny")], ignore_index=True)
+    with pytest.raises(ValueError, match=r"series 'tiny' has 20 observations, fewer than `input_window \+ horizon` \(42\)"):
+        _fit_on(short)
+    nan = TRAIN.copy()
+    nan.loc[nan.index[100], "value"] = np.nan
+    with pytest.raises(ValueError, match=r"`value` of series 's1' is NaN at ts 2010-11-01"):
+        _fit_on(nan)
+    fitted = _fit("gru", max_epochs=1)
+    with pytest.raises(ValueError, match=r"series 's0' has 10 observations, fewer than `input_window` \(36\)"):
+        fitted.predict(TRAIN.groupby("series_id").tail(10))
+    with pytest.raises(ValueError, match="not fitted"):
+        make_forecaster("gru", freq="MS", horizon=3, season_length=12, training=tiny_training()).predict(TRAIN)
+
+
+def _fit_on(panel):
+    return make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON,
+                           training=tiny_training(max_epochs=1)).fit(panel)

@@ -1,0 +1,89 @@
+"""MLflow registry and promotion against a real MLflow store (no Prefect, no database)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from forecasting import pipeline, tracking
+from forecasting.config import Settings
+from tests.flow_fixtures import tiny_config
+
+CONFIG = tiny_config()
+
+
+def seasonal_panel() -> pd.DataFrame:
+    t = np.arange(60)
+    frames = [pd.DataFrame({"series_id": sid, "ts": pd.date_range("2015-01-01", periods=60, freq="MS"),
+                            "value": 100.0 * (i + 1) + 10 * np.sin(2 * np.pi * t / 12)})
+              for i, sid in enumerate(["a", "b"])]
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tracking.connect(Settings())
+
+
+def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mase: float | None = None) -> pipeline.Promotion:
+    """Backtest `name`, optionally pretend its MASE was `claimed_mase`, and register it."""
+    experiment = tracking.experiment_id(client, CONFIG.name)
+    parent = tracking.start_run(client, experiment=experiment, name="parent", tags={})
+    result = pipeline.backtest_candidate(CONFIG, panel, name)
+    comparison = pipeline.compare([result])
+    if claimed_mase is not None:
+        comparison.scores.loc[comparison.scores["series_id"].isna(), "mase"] = claimed_mase
+    run_id = pipeline.log_candidate(client, experiment=experiment, parent_run_id=parent, config=CONFIG,
+                                    result=result, panel=panel, as_of=panel["ts"].max())
+    fitted = pipeline.fit_final(CONFIG, panel, name)
+    return pipeline.register_and_promote(client, config=CONFIG, panel=panel, comparison=comparison,
+                                         fitted=fitted, champion_run_id=run_id, parent_run_id=parent)
+
+
+def test_alias_moves_only_when_the_new_model_beats_the_current_champion(client: MlflowClient) -> None:
+    panel = seasonal_panel()
+    first = promote(client, panel, "seasonal_naive")
+    assert first.promoted and first.version == "1" and first.reason == "no current champion"
+    assert str(tracking.champion_version(client, "sales").version) == "1"
+
+    # naive is far worse on a seasonal series than seasonal naive re-scored on the same window.
+    second = promote(client, panel, "naive")
+    assert not second.promoted and second.version == "1"
+    assert second.forecaster.name == "seasonal_naive"
+    assert second.current_mase is not None and second.new_mase >= second.current_mase
+    assert str(tracking.champion_version(client, "sales").version) == "1"
+    assert client.get_registered_model("sales-forecaster") is not None
+    assert len(client.search_model_versions("name='sales-forecaster'")) == 2  # both registered
+
+    # A new model that beats the current champion's re-score takes the alias.
+    third = promote(client, panel, "naive", claimed_mase=0.0)
+    assert third.promoted and third.version == "3"
+    assert str(tracking.champion_version(client, "sales").version) == "3"
+    parent_tags = client.get_run(client.get_model_version("sales-forecaster", "3").run_id).data.tags
+    assert parent_tags["model"] == "naive"
+
+
+def test_registered_model_loads_back_with_the_same_forecast(client: MlflowClient) -> None:
+    panel = seasonal_panel()
+    promotion = promote(client, panel, "lstm")
+    loaded = tracking.load_champion(client, "sales")
+    assert loaded is not None and loaded.forecaster.name == "lstm"
+    assert loaded.quantiles == pytest.approx(promotion.quantiles)
+    expected = promotion.forecaster.predict(panel)
+    pd.testing.assert_frame_equal(loaded.forecaster.predict(panel), expected, rtol=1e-6)
+    version = client.get_model_version("sales-forecaster", loaded.version)
+    assert version.tags["interval_method"] == "split-conformal, |residual| / MASE scale, per step, pooled across series"
+
+
+def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    settings = Settings(mlflow_tracking_uri="http://user:s3cr3t-SENTINEL@127.0.0.1:9/")
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.connect(settings)
+    assert "127.0.0.1:9" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)

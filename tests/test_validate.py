@@ -1,0 +1,105 @@
+"""Validation before training: valid series pass unchanged, each corruption is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forecasting.validate import ValidationFailed, validate
+from tests.flow_fixtures import tiny_config
+
+CONFIG = tiny_config()  # monthly, horizon 6, one backtest window
+WINDOW = 12
+REQUIRED = WINDOW + CONFIG.horizon * 2
+
+
+@st.composite
+def panels(draw: st.DrawFn) -> pd.DataFrame:
+    n_series = draw(st.integers(1, 4))
+    frames = []
+    end = pd.Timestamp("2020-12-01")
+    for i in range(n_series):
+        length = draw(st.integers(REQUIRED, REQUIRED + 30))
+        values = draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=length, max_size=length))
+        ts = pd.date_range(end=end, periods=length, freq="MS")
+        frames.append(pd.DataFrame({"series_id": f"s{i}", "ts": ts, "value": values}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(panels())
+def test_valid_panels_pass_unchanged(panel: pd.DataFrame) -> None:
+    report = validate(panel, CONFIG, input_window=WINDOW, as_of=panel["ts"].max())
+    assert report.problems == [] and report.dropped == []
+    pd.testing.assert_frame_equal(report.panel, panel)
+
+
+def corrupt(panel: pd.DataFrame, check: str, position: int) -> tuple[pd.DataFrame, str, pd.Timestamp]:
+    series = panel[panel["series_id"] == "s0"]
+    index = series.index[1 + position % (len(series) - 2)]
+    at = panel.loc[index, "ts"]
+    panel = panel.copy()
+    if check == "missing_target":
+        panel.loc[index, "value"] = np.nan
+    elif check == "missing_timestamps":
+        panel = panel.drop(index)
+    elif check == "duplicate_timestamps":
+        panel = pd.concat([panel.loc[:index], panel.loc[[index]], panel.loc[index + 1:]], ignore_index=True)
+    elif check == "unsorted":
+        before = series.index[series.index.get_loc(index) - 1]
+        panel.loc[[before, index]] = panel.loc[[index, before]].to_numpy()
+        at = panel.loc[index, "ts"]
+    elif check == "too_short":
+        panel = panel[(panel["series_id"] != "s0") | (panel.index >= series.index[-REQUIRED + 1])]
+        at = series["ts"].iloc[-1]
+    return panel, check, at
+
+
+@settings(max_examples=60, deadline=None)
+@given(panels(), st.sampled_from(["missing_target", "missing_timestamps", "duplicate_timestamps",
+                                   "unsorted", "too_short"]), st.integers(0, 1000))
+def test_corrupted_panels_are_refused_naming_the_check(panel: pd.DataFrame, check: str, position: int) -> None:
+    bad, check, at = corrupt(panel, check, position)
+    with pytest.raises(ValidationFailed) as caught:
+        validate(bad, CONFIG, input_window=WINDOW, as_of=panel["ts"].max())
+    named = [(p.series_id, p.check) for p in caught.value.problems]
+    assert ("s0", check) in named
+    assert f"dataset 'sales', series 's0': {check}" in str(caught.value)
+
+
+def test_error_names_an_example_timestamp() -> None:
+    ts = pd.date_range("2018-01-01", periods=REQUIRED + 2, freq="MS")
+    panel = pd.DataFrame({"series_id": "a", "ts": ts.delete(5), "value": 1.0})
+    with pytest.raises(ValidationFailed, match=r"series 'a': missing_timestamps at 2018-06-01 00:00:00: 1 timestamp"):
+        validate(panel, CONFIG, input_window=WINDOW, as_of=None)
+
+
+def test_drop_policy_forecasts_the_others_and_lists_the_dropped() -> None:
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    good = pd.DataFrame({"series_id": "good", "ts": ts, "value": 1.0})
+    bad = pd.DataFrame({"series_id": "bad", "ts": ts, "value": [np.nan] + [1.0] * (REQUIRED - 1)})
+    config = tiny_config(validation={"policy": "drop"})
+    report = validate(pd.concat([bad, good], ignore_index=True), config, input_window=WINDOW, as_of=None)
+    assert report.dropped == ["bad"]
+    assert set(report.panel["series_id"]) == {"good"}
+
+
+def test_fill_policy_interpolates_gaps_and_nan() -> None:
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    values = np.arange(REQUIRED, dtype=float)
+    panel = pd.DataFrame({"series_id": "a", "ts": ts, "value": values}).drop(index=4)
+    panel.loc[7, "value"] = np.nan
+    report = validate(panel, tiny_config(validation={"policy": "fill"}), input_window=WINDOW, as_of=None)
+    assert report.filled == {"a": 2}
+    assert len(report.panel) == REQUIRED
+    np.testing.assert_allclose(report.panel["value"].to_numpy(), values)
+
+
+def test_series_ending_before_as_of_is_named() -> None:
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    panel = pd.DataFrame({"series_id": "late", "ts": ts, "value": 1.0})
+    with pytest.raises(ValidationFailed, match="series 'late': ends_before_as_of"):
+        validate(panel, CONFIG, input_window=WINDOW, as_of=ts[-1] + pd.DateOffset(months=2))

@@ -1,0 +1,75 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.forecast_fixtures import make_panel
+from forecasting.windows import (
+    Scaler,
+    build_features,
+    calendar_features,
+    check_panel,
+    gather_windows,
+    last_windows,
+    season_position,
+    window_starts,
+)
+
+
+def test_season_position_is_month_of_year_for_monthly_data():
+    ts = pd.date_range("2021-03-01", periods=14, freq="MS")
+    assert season_position(ts, freq="MS", season_length=12).tolist() == [(2 + i) % 12 for i in range(14)]
+    daily = pd.date_range("2024-01-01", periods=8, freq="D")  # a Monday
+    pos = season_position(daily, freq="D", season_length=7)
+    assert pos[0] == pos[7] and len(set(pos[:7])) == 7
+
+
+def test_calendar_features_are_unit_circle_float32():
+    feats = calendar_features(np.arange(12), 12)
+    assert feats.shape == (12, 2) and feats.dtype == np.float32
+    np.testing.assert_allclose((feats**2).sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_by", ["std", "seasonal_diff"])
+def test_scaler_round_trip_and_log_only_for_non_negative(scale_by):
+    panel = make_panel(2, 48)
+    scaler = Scaler.fit(panel, scale_by=scale_by, season_length=12)
+    assert scaler.log
+    values = panel.loc[panel.series_id == "s1", "value"].to_numpy()
+    np.testing.assert_allclose(scaler.unscale(scaler.scale(values, "s1"), "s1"), values, rtol=1e-10)
+    restored = Scaler.from_dict(scaler.to_dict())
+    assert restored == scaler
+    negative = panel.assign(value=panel["value"] - 100)
+    assert not Scaler.fit(negative).log
+    with pytest.raises(ValueError, match=r"`scaling` \('log'\) needs values >= 0; series 's0'"):
+        Scaler.fit(negative, scaling="log")
+
+
+def test_windows_split_train_and_validation_and_gather_float32():
+    panel = make_panel(3, 40)
+    feats = build_features(panel, Scaler.fit(panel), freq="MS", season_length=12)
+    assert feats.data.dtype == torch.float32 and feats.data.shape == (120, 3)  # value, sin, cos
+    train, val = window_starts(feats, input_window=12, horizon=4, val_steps=4)
+    # per series 40 - 16 + 1 = 25 windows: the last 4 validate, the first 21 train
+    assert len(train) == 3 * 21 and len(val) == 3 * 4
+    assert set(train).isdisjoint(val)
+    batch = gather_windows(feats.data, torch.as_tensor(val[:5]), 16)
+    assert batch.shape == (5, 16, 3) and batch.dtype == torch.float32
+    # validation windows end exactly at the end of each series
+    ends = {int(s) + 16 for s in val}
+    assert {40, 80, 120} <= ends and max(ends) == 120
+    last = last_windows(feats, 12)
+    assert last.shape == (3, 12, 3)
+    torch.testing.assert_close(last[1], feats.data[80 - 12:80])
+
+
+def test_check_panel_names_parameter_series_and_value():
+    panel = make_panel(2, 30)
+    bad = panel.copy()
+    bad.loc[35, "value"] = np.nan
+    with pytest.raises(ValueError, match=r"`value` of series 's1' is NaN at ts"):
+        check_panel(bad)
+    with pytest.raises(ValueError, match=r"series 's0' has 30 observations, fewer than `input_window \+ horizon` \(40\)"):
+        check_panel(panel, min_length=40)
+    with pytest.raises(ValueError, match=r"`panel` lacks columns \['price'\]"):
+        check_panel(panel, covariates=["price"])
