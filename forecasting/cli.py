@@ -17,7 +17,7 @@ from rich.table import Table
 
 from forecasting.config import ConfigError, Settings
 
-console = Console()
+console = Console(soft_wrap=True)  # long commands stay copyable when not a TTY
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIGS = (PROJECT_ROOT / "configs" / "sales.yaml", PROJECT_ROOT / "configs" / "weather.yaml")
 

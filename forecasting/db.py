@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 FORECASTS = "forecasts"
 MODEL_SCORES = "model_scores"
+ACTUALS = "actuals"
 AGGREGATE_KEY = ""  # model_scores.series_key of the aggregate row (its series_id is NULL)
 
 # SQLite has no timestamp type; store 'YYYY-MM-DD HH:MM:SS' text so that analysts can write
@@ -112,15 +113,14 @@ def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) ->
     check_identifier(name, key="table")
     metadata = sa.MetaData()
     overrides = []
-    if name in (FORECASTS, MODEL_SCORES):
-        overrides = [sa.Column("as_of", TIMESTAMP)]
-        if name == FORECASTS:
-            overrides.append(sa.Column("ts", TIMESTAMP))
+    timestamps = {FORECASTS: ("as_of", "ts", "created_at"), MODEL_SCORES: ("as_of", "created_at"),
+                  ACTUALS: ("ts", "loaded_at")}
+    overrides = [sa.Column(column, TIMESTAMP) for column in timestamps.get(name, ())]
     try:
         return sa.Table(name, metadata, *overrides, autoload_with=conn)
     except sa.exc.NoSuchTableError:
         where = f"dataset {dataset!r}: " if dataset else ""
-        hint = " (run `forecasting init-db`)" if name in (FORECASTS, MODEL_SCORES) else ""
+        hint = " (run `forecasting init-db`)" if name in (FORECASTS, MODEL_SCORES, ACTUALS) else ""
         raise DataError(f"{where}table {name!r} does not exist{hint}") from None
 
 
@@ -241,6 +241,7 @@ def write_run(
     as_of: datetime,
     forecasts: pd.DataFrame,
     scores: pd.DataFrame | None,
+    actuals: pd.DataFrame | None = None,
 ) -> tuple[int, int]:
     """Replace the forecasts (and scores, unless None) of one (dataset, as_of), in the caller's transaction.
 
@@ -252,6 +253,8 @@ def write_run(
     scores_table = reflect_table(conn, MODEL_SCORES)
     as_of = pd.Timestamp(as_of).to_pydatetime()
     created_at = datetime.now().replace(microsecond=0)
+    if actuals is not None:
+        write_actuals(conn, dataset=dataset, panel=actuals, created_at=created_at)
     tables = [forecasts_table] if scores is None else [forecasts_table, scores_table]
     for table in tables:
         conn.execute(
@@ -269,6 +272,24 @@ def write_run(
     score_rows = to_records(score_frame, dataset=dataset, as_of=as_of, created_at=created_at)
     n_scores = upsert(conn, scores_table, score_rows, key=("dataset", "as_of", "model", "series_key"))
     return n_forecasts, n_scores
+
+
+def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, created_at: datetime) -> int:
+    """Upsert the observations that can match a stored forecast: ts after its oldest as_of.
+
+    Older observations can never join a forecast, so a nightly run writes only the recent tail
+    of each series, not the whole history again.
+    """
+    forecasts_table = reflect_table(conn, FORECASTS)
+    oldest = conn.execute(
+        sa.select(sa.func.min(forecasts_table.c.as_of)).where(forecasts_table.c.dataset == dataset)
+    ).scalar_one()
+    if oldest is None:
+        return 0
+    recent = panel.loc[panel["ts"] > pd.Timestamp(oldest), ["series_id", "ts", "value"]]
+    recent = recent[recent["value"].notna()]
+    rows = to_records(recent, dataset=dataset, loaded_at=created_at)
+    return upsert(conn, reflect_table(conn, ACTUALS), rows, key=("dataset", "series_id", "ts"))
 
 
 def to_records(frame: pd.DataFrame, **constants: Any) -> list[dict[str, Any]]:

@@ -42,3 +42,15 @@ CREATE TABLE IF NOT EXISTS model_scores (
     CONSTRAINT model_scores_key UNIQUE (dataset, as_of, model, series_key),
     CONSTRAINT model_scores_aggregate CHECK ((series_key = '') = (series_id IS NULL))
 );
+
+-- The actuals the pipeline read, kept so that `forecast_accuracy` stays a plain SQL view
+-- whatever each dataset's source table is called. Each run upserts the observations that can
+-- match a stored forecast (ts after the dataset's oldest forecast as_of).
+CREATE TABLE IF NOT EXISTS actuals (
+    dataset    VARCHAR(64)      NOT NULL,
+    series_id  VARCHAR(255)     NOT NULL,
+    ts         TIMESTAMP        NOT NULL,
+    value      DOUBLE PRECISION NOT NULL,
+    loaded_at  TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT actuals_key PRIMARY KEY (dataset, series_id, ts)
+);

@@ -1,0 +1,54 @@
+-- Views for analysts, created by `forecasting init-db` on SQLite and PostgreSQL.
+-- DROP + CREATE keeps them idempotent and lets a new release change their columns.
+
+-- Per dataset and series, the rows of the newest as_of.
+DROP VIEW IF EXISTS latest_forecasts;
+CREATE VIEW latest_forecasts AS
+SELECT f.*
+FROM forecasts f
+JOIN (
+    SELECT dataset, series_id, MAX(as_of) AS as_of
+    FROM forecasts
+    GROUP BY dataset, series_id
+) newest
+  ON newest.dataset = f.dataset AND newest.series_id = f.series_id AND newest.as_of = f.as_of;
+
+-- Every past forecast joined to its actual once that has landed (and been read by a run).
+DROP VIEW IF EXISTS forecast_accuracy;
+CREATE VIEW forecast_accuracy AS
+SELECT
+    f.dataset,
+    f.series_id,
+    f.as_of,
+    f.ts,
+    f.step,
+    f.model,
+    f.model_version,
+    f.value AS forecast,
+    a.value AS actual,
+    a.value - f.value AS error,
+    CASE WHEN a.value = 0 THEN NULL ELSE ABS(a.value - f.value) / ABS(a.value) END
+        AS absolute_percentage_error,
+    CASE WHEN a.value BETWEEN f.lower AND f.upper THEN 1 ELSE 0 END AS inside_interval
+FROM forecasts f
+JOIN actuals a
+  ON a.dataset = f.dataset AND a.series_id = f.series_id AND a.ts = f.ts;
+
+-- Per dataset and model: backtest MASE over the last 10 runs (as_of) and how often it won.
+DROP VIEW IF EXISTS model_leaderboard;
+CREATE VIEW model_leaderboard AS
+SELECT
+    dataset,
+    model,
+    COUNT(*) AS runs,
+    AVG(mase) AS mean_mase,
+    MIN(mase) AS best_mase,
+    SUM(CASE WHEN is_champion THEN 1 ELSE 0 END) AS times_champion,
+    MAX(as_of) AS last_as_of
+FROM (
+    SELECT s.*, DENSE_RANK() OVER (PARTITION BY dataset ORDER BY as_of DESC) AS recency
+    FROM model_scores s
+    WHERE series_id IS NULL
+) recent
+WHERE recency <= 10
+GROUP BY dataset, model;
