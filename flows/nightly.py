@@ -131,9 +131,9 @@ def forecast(config: DatasetConfig, promotion: pipeline.Promotion, panel: pd.Dat
 
 @task(name="write", **IO_RETRIES)
 def write_results(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
-                  scores: pd.DataFrame | None) -> tuple[int, int]:
+                  scores: pd.DataFrame | None, actuals: pd.DataFrame) -> tuple[int, int]:
     written = pipeline.write(db.make_engine(Settings()), config=config, as_of=as_of,
-                             forecasts=forecasts, scores=scores)
+                             forecasts=forecasts, scores=scores, actuals=actuals)
     get_run_logger().info("wrote %d forecast rows and %d score rows for as_of %s", *written, as_of)
     return written
 
@@ -184,7 +184,7 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
             rows = forecast(config, promotion, panel)
         with timer.stage("write"):
             n_forecasts, n_scores = write_results(config, effective_as_of, rows,
-                                                  pipeline.score_rows(comparison, run_ids))
+                                                  pipeline.score_rows(comparison, run_ids), panel)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
         finish_tracking(client, parent, comparison, summary)
@@ -236,7 +236,7 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     champion = load_champion(config)
     rows = pipeline.forecast(champion.forecaster, config=config, panel=report.panel,
                              quantiles=champion.quantiles, version=champion.version, run_id=champion.run_id)
-    n_forecasts, _ = write_results(config, effective_as_of, rows, None)
+    n_forecasts, _ = write_results(config, effective_as_of, rows, None, report.panel)
     return {"dataset": config.name, "as_of": str(effective_as_of), "model": champion.forecaster.name,
             "model_version": champion.version, "forecast_rows": n_forecasts}
 

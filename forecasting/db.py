@@ -115,7 +115,8 @@ def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) ->
     overrides = []
     timestamps = {FORECASTS: ("as_of", "ts", "created_at"), MODEL_SCORES: ("as_of", "created_at"),
                   ACTUALS: ("ts", "loaded_at")}
-    overrides = [sa.Column(column, TIMESTAMP) for column in timestamps.get(name, ())]
+    overrides = [sa.Column(column, TIMESTAMP, primary_key=name == ACTUALS and column == "ts")
+                 for column in timestamps.get(name, ())]
     try:
         return sa.Table(name, metadata, *overrides, autoload_with=conn)
     except sa.exc.NoSuchTableError:

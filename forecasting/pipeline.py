@@ -308,11 +308,16 @@ def write(
     as_of: pd.Timestamp,
     forecasts: pd.DataFrame,
     scores: pd.DataFrame | None,
+    actuals: pd.DataFrame | None = None,
 ) -> tuple[int, int]:
-    """All rows of one (dataset, as_of) in one transaction: visible together or not at all."""
+    """All rows of one (dataset, as_of) in one transaction: visible together or not at all.
+
+    `actuals` (the panel the run read) feed the `forecast_accuracy` view.
+    """
     try:
         with engine.begin() as conn:
-            return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts, scores=scores)
+            return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
+                                scores=scores, actuals=actuals)
     except db.CONNECTION_ERRORS as exc:
         raise db.connect_error(engine, exc) from None  # its text may hold the URL
 

@@ -1,0 +1,81 @@
+"""Analyst views on SQLite and PostgreSQL: two runs, actuals arriving in between."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from forecasting import db
+
+
+def forecast(series_id: str, as_of: str, values: list[float]) -> pd.DataFrame:
+    ts = pd.date_range(as_of, periods=len(values) + 1, freq="MS")[1:]
+    return pd.DataFrame({"series_id": series_id, "ts": ts, "step": range(1, len(values) + 1),
+                         "value": values, "lower": [v - 5 for v in values], "upper": [v + 5 for v in values],
+                         "model": "lstm", "model_version": "1", "mlflow_run_id": "run"})
+
+
+def scores(champion: str, mase: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": m, "series_id": None, "mae": 1.0, "rmse": 1.0, "smape": 1.0, "mase": v,
+                          "is_champion": m == champion, "mlflow_run_id": "run"} for m, v in mase.items()])
+
+
+def actuals(until: str, extra: dict[str, float] | None = None) -> pd.DataFrame:
+    ts = pd.date_range("2019-01-01", until, freq="MS")
+    frame = pd.DataFrame({"series_id": "a", "ts": ts, "value": 1.0})
+    for when, value in (extra or {}).items():
+        frame.loc[frame["ts"] == pd.Timestamp(when), "value"] = value
+    return frame
+
+
+@pytest.fixture
+def two_runs(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.init_db(conn)  # views too are idempotent
+    with engine.begin() as conn:  # night 1: as_of 2020-03, series a and b
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 3, 1),
+                     forecasts=pd.concat([forecast("a", "2020-03-01", [10.0, 20.0]),
+                                          forecast("b", "2020-03-01", [7.0, 8.0])]),
+                     scores=scores("lstm", {"lstm": 0.9, "naive": 1.2}), actuals=actuals("2020-03-01"))
+    with engine.begin() as conn:  # night 2: the 2020-04 actual of a (12) has landed; b is gone
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 4, 1),
+                     forecasts=forecast("a", "2020-04-01", [21.0, 31.0]),
+                     scores=scores("naive", {"lstm": 1.0, "naive": 0.8}),
+                     actuals=actuals("2020-04-01", {"2020-04-01": 12.0}))
+    return engine
+
+
+def query(engine: sa.Engine, sql: str) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql(sa.text(sql), conn)
+
+
+def test_latest_forecasts_has_the_newest_as_of_per_series(two_runs: sa.Engine) -> None:
+    latest = query(two_runs, "SELECT series_id, as_of, ts, value FROM latest_forecasts ORDER BY series_id, ts")
+    assert latest["series_id"].tolist() == ["a", "a", "b", "b"]
+    assert pd.to_datetime(latest["as_of"]).dt.strftime("%Y-%m").tolist() == ["2020-04", "2020-04", "2020-03", "2020-03"]
+    assert latest["value"].tolist() == [21.0, 31.0, 7.0, 8.0]
+
+
+def test_forecast_accuracy_joins_landed_actuals_only(two_runs: sa.Engine) -> None:
+    accuracy = query(two_runs, "SELECT * FROM forecast_accuracy")
+    assert len(accuracy) == 1  # only a's 2020-04 forecast (step 1 of night 1) has an actual
+    row = accuracy.iloc[0]
+    assert (row["series_id"], int(row["step"]), row["model"]) == ("a", 1, "lstm")
+    assert pd.Timestamp(row["as_of"]) == pd.Timestamp("2020-03-01")
+    assert (row["forecast"], row["actual"], row["error"]) == (10.0, 12.0, 2.0)
+    assert row["absolute_percentage_error"] == pytest.approx(2 / 12)
+    assert int(row["inside_interval"]) == 1
+
+
+def test_model_leaderboard_counts_runs_and_wins(two_runs: sa.Engine) -> None:
+    board = query(two_runs, "SELECT * FROM model_leaderboard ORDER BY model").set_index("model")
+    assert board.loc["lstm", "runs"] == 2 and board.loc["naive", "runs"] == 2
+    assert board.loc["lstm", "mean_mase"] == pytest.approx(0.95)
+    assert board.loc["naive", "mean_mase"] == pytest.approx(1.0)
+    assert board.loc["lstm", "times_champion"] == 1 and board.loc["naive", "times_champion"] == 1
+    assert pd.Timestamp(board.loc["lstm", "last_as_of"]) == pd.Timestamp("2020-04-01")
