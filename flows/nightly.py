@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
+import requests
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -23,17 +25,25 @@ from forecasting import db, pipeline, tracking
 from forecasting.config import DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.train import configure_torch_threads
-from forecasting.validate import ValidationReport, validate
+from forecasting.validate import ValidationReport, observed_rows, validate
+
+
+# What can pass by itself: a database or tracking server that is down, busy or unreachable.
+TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, tracking.TrackingError, ConnectionError,
+             TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O trouble; never bad input (ValueError: config, data, validation)."""
+    """Retry I/O trouble only; never bad input, bad SQL, permissions or bugs."""
     try:
         state.result()
-    except (ValueError, LookupError):
-        return False
-    except Exception:
+    except TRANSIENT:
         return True
+    except MlflowException as exc:  # MLflow wraps failed HTTP calls; other codes are real errors
+        return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or (
+            "API request to" in str(exc))
+    except Exception:
+        return False
     return False
 
 
@@ -111,16 +121,21 @@ def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forec
     return pipeline.fit_final(config, panel, name)
 
 
-@task(name="register-promote", **IO_RETRIES)
-def register_and_promote(client: Any, config: DatasetConfig, panel: pd.DataFrame,
-                         comparison: pipeline.Comparison, fitted: Forecaster,
-                         champion_run_id: str, parent: str) -> pipeline.Promotion:
-    promotion = pipeline.register_and_promote(
+@task(name="register", **IO_RETRIES)
+def register(client: Any, config: DatasetConfig, panel: pd.DataFrame,
+             comparison: pipeline.Comparison, fitted: Forecaster,
+             champion_run_id: str, parent: str) -> pipeline.Promotion:
+    promotion = pipeline.register_and_decide(
         client, config=config, panel=panel, comparison=comparison, fitted=fitted,
         champion_run_id=champion_run_id, parent_run_id=parent,
     )
-    get_run_logger().info("promotion: %s (%s)", "promoted" if promotion.promoted else "kept", promotion.reason)
+    get_run_logger().info("promotion: %s (%s)", promotion.decision, promotion.reason)
     return promotion
+
+
+@task(name="promote", **IO_RETRIES)
+def promote(client: Any, config: DatasetConfig, promotion: pipeline.Promotion) -> None:
+    pipeline.promote(client, config=config, promotion=promotion)
 
 
 @task(name="forecast", **COMPUTE)
@@ -163,7 +178,7 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
         panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
     with timer.stage("validate"):
         report = validate_series(config, panel, effective_as_of)
-    panel = report.panel
+    loaded, panel = panel, report.panel
     with timer.stage("tracking"):
         client, experiment, parent = start_tracking(config, effective_as_of, report)
     try:
@@ -177,14 +192,17 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
         comparison = compare(results)
         with timer.stage("fit-champion"):
             fitted = fit_champion(config, panel, comparison.champion)
-        with timer.stage("register-promote"):
-            promotion = register_and_promote(client, config, panel, comparison, fitted,
-                                             run_ids[comparison.champion], parent)
+        with timer.stage("register"):
+            promotion = register(client, config, panel, comparison, fitted,
+                                 run_ids[comparison.champion], parent)
         with timer.stage("forecast"):
             rows = forecast(config, promotion, panel)
         with timer.stage("write"):
-            n_forecasts, n_scores = write_results(config, effective_as_of, rows,
-                                                  pipeline.score_rows(comparison, run_ids), panel)
+            scores = pipeline.score_rows(comparison, run_ids, champion=promotion.forecaster.name)
+            n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
+                                                  observed_rows(loaded, report))
+        with timer.stage("register"):  # only now: the alias never points past what was written
+            promote(client, config, promotion)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
         finish_tracking(client, parent, comparison, summary)
@@ -234,9 +252,15 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
     report = validate_series(config, panel, effective_as_of)
     champion = load_champion(config)
+    if champion.trained_through is not None and champion.trained_through > effective_as_of:
+        raise ValueError(
+            f"dataset {config.name!r}: champion v{champion.version} was trained on data through "
+            f"{champion.trained_through}, after as_of {effective_as_of}; a forecast for that date "
+            f"would use later data. Use `forecasting run --as-of` (or backfill) for past dates"
+        )
     rows = pipeline.forecast(champion.forecaster, config=config, panel=report.panel,
                              quantiles=champion.quantiles, version=champion.version, run_id=champion.run_id)
-    n_forecasts, _ = write_results(config, effective_as_of, rows, None, report.panel)
+    n_forecasts, _ = write_results(config, effective_as_of, rows, None, observed_rows(panel, report))
     return {"dataset": config.name, "as_of": str(effective_as_of), "model": champion.forecaster.name,
             "model_version": champion.version, "forecast_rows": n_forecasts}
 

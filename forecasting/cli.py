@@ -15,7 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from forecasting.config import ConfigError, Settings
+from forecasting.config import ConfigError, Settings, redact_url
 
 console = Console(soft_wrap=True)  # long commands stay copyable when not a TTY
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = Settings()
     console.print(f"\ndemo finished in {time.perf_counter() - started:.0f}s\n")
     console.print("Look at the runs and the registry in the MLflow UI:")
-    console.print(f"  mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}   # then open http://127.0.0.1:5000")
+    console.print(f"  mlflow ui --backend-store-uri {redact_url(settings.mlflow_tracking_uri)}   # then open http://127.0.0.1:5000")
     console.print("Query the forecasts:")
     url = settings.database_url
     if url.startswith("sqlite:///"):
@@ -190,7 +190,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         mark = "champion of backtest" if model == min(summary["mase"], key=summary["mase"].get) else ""
         table.add_row(model, f"{mase:.4f}", "" if ratio is None or pd.isna(ratio) else f"{ratio:.3f}x", mark)
     console.print(table)
-    decision = "promoted to champion" if summary["promoted"] else "current champion kept"
+    decision = {"promoted": "promoted to champion", "refreshed": "champion refreshed with newer weights",
+                "kept": "current champion kept", "backfill": "backfill: alias untouched"}[summary["decision"]]
     console.print(
         f"champion: [bold]{summary['champion']}[/] version {summary['model_version']} ({decision}); "
         f"rows written: {summary['forecast_rows']} forecasts, {summary['score_rows']} scores"

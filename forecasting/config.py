@@ -237,12 +237,12 @@ def redact_url(url: str) -> str:
 
 def scrub(text: str, url: str) -> str:
     """`text` without the password of `url` (plain or percent-encoded): for error messages."""
-    from urllib.parse import quote, urlsplit
+    from urllib.parse import quote, unquote, urlsplit
 
     try:
         password = urlsplit(url).password or ""
     except ValueError:
         password = ""
-    for secret in {password, quote(password, safe="")} - {""}:
+    for secret in {password, unquote(password), quote(unquote(password), safe="")} - {""}:
         text = text.replace(secret, "***")
     return text

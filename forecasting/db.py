@@ -174,7 +174,9 @@ def to_long_frame(
     else:
         out["series_id"] = pd.Series(config.name, index=frame.index, dtype=object)
     try:
-        out["ts"] = pd.to_datetime(frame[source.time_column]).astype("datetime64[ns]")
+        # Time-zone aware columns (PostgreSQL timestamptz) become naive UTC; naive ones stay.
+        ts = pd.to_datetime(frame[source.time_column], utc=True).dt.tz_localize(None)
+        out["ts"] = ts.astype("datetime64[ns]")
     except (ValueError, TypeError) as exc:
         raise DataError(
             f"dataset {config.name!r}: column {source.time_column!r} (time_column) "

@@ -61,12 +61,20 @@ def add_intervals(
     forecast: pd.DataFrame, panel: pd.DataFrame, quantiles: pd.Series, *, season_length: int
 ) -> pd.DataFrame:
     """lower/upper on forecast rows (series_id, step, value) from the series' full-history scale."""
-    scales = {
-        sid: mase_scale(g["value"].to_numpy(), season_length) for sid, g in panel.groupby("series_id", sort=False)
-    }
+    scales = {sid: series_scale(g["value"].to_numpy(), season_length)
+              for sid, g in panel.groupby("series_id", sort=False)}
     half = forecast["step"].map(quantiles).to_numpy() * forecast["series_id"].map(scales).to_numpy()
-    half = np.where(np.isfinite(half), half, np.nan)
     return forecast.assign(lower=forecast["value"] - half, upper=forecast["value"] + half)
+
+
+def series_scale(values: np.ndarray, season_length: int) -> float:
+    """The MASE scale; for a series too short or seasonally constant, its mean absolute step;
+    for a constant series 0 (its interval is the point: nothing in its history varies)."""
+    scale = mase_scale(values, season_length)
+    if np.isfinite(scale) and scale > 0:
+        return scale
+    steps = np.abs(np.diff(values))
+    return float(steps.mean()) if len(steps) else 0.0
 
 
 def coverage(residuals: pd.DataFrame, *, horizon: int, level: float) -> float:

@@ -21,7 +21,6 @@ from forecasting import db, intervals, tracking
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
-from forecasting.metrics import score
 from forecasting.plots import forecast_vs_actual
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,13 @@ def parse_as_of(as_of: str | datetime | None) -> pd.Timestamp | None:
     if as_of is None or as_of == "":
         return None
     try:
-        return pd.Timestamp(as_of)
+        parsed = pd.Timestamp(as_of)
     except (ValueError, TypeError):
         raise ValueError(
             f"`as_of` ({as_of!r}) is not an ISO 8601 date or date-time, e.g. 2017-12-01"
         ) from None
+    # Source timestamps are compared as naive UTC (see db.to_long_frame).
+    return parsed.tz_convert("UTC").tz_localize(None) if parsed.tzinfo is not None else parsed
 
 
 def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.Timestamp]:
@@ -139,23 +140,6 @@ def compare(results: list[CandidateResult]) -> Comparison:
     return Comparison(choose_champion(scores), scores, predictions, results)
 
 
-def rescore(
-    forecaster: Forecaster, config: DatasetConfig, panel: pd.DataFrame, origins: list[pd.Timestamp]
-) -> tuple[float, pd.DataFrame]:
-    """Aggregate backtest MASE (and predictions) of a fitted model at the same origins, no refit."""
-    frames = []
-    for origin in origins:
-        history = panel[panel["ts"] <= origin]
-        forecast = forecaster.predict(history)
-        actual = panel[["series_id", "ts", "value"]].rename(columns={"value": "y"})
-        merged = forecast.merge(actual, on=["series_id", "ts"], how="inner")
-        frames.append(merged.rename(columns={"value": "yhat"}).assign(origin=origin, model=forecaster.name))
-    predictions = pd.concat(frames, ignore_index=True)
-    scores = score(predictions, panel, season_length=config.season_length)
-    aggregate = scores[scores["series_id"].isna()]
-    return float(aggregate["mase"].iloc[0]), predictions
-
-
 # ----------------------------------------------------------------------------------- tracking
 
 
@@ -196,13 +180,15 @@ def log_candidate(
 @dataclass
 class Promotion:
     forecaster: Forecaster  # the model that makes tonight's forecast
-    version: str
-    run_id: str
-    promoted: bool
+    version: str  # its registered version
+    run_id: str  # the MLflow run that logged it
+    quantiles: list[float]  # its interval half-width per step, in MASE-scale units
+    new_version: str  # tonight's registered version (may differ from `version` when kept)
+    promoted: bool  # move the `champion` alias to new_version (after the write succeeds)
+    decision: str  # promoted | refreshed | kept | backfill
+    reason: str
     new_mase: float
     current_mase: float | None
-    reason: str
-    quantiles: list[float]  # interval half-width per step, in MASE-scale units (see intervals)
 
 
 def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
@@ -213,7 +199,36 @@ def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecast
     ).fit(panel)
 
 
-def register_and_promote(
+def same_settings(forecaster: Forecaster, config: DatasetConfig) -> bool:
+    return (forecaster.training == config.training
+            and tuple(forecaster.covariates) == tuple(config.source.covariates)
+            and forecaster.season_length == config.season_length)
+
+
+def rescore_current(
+    current: Forecaster, config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison
+) -> float:
+    """The current champion's MASE at tonight's origins, refitted at each origin.
+
+    Its registered weights have learnt from data inside tonight's backtest window, so scoring
+    them there would be in-sample and the alias would never move. Refitting its model and
+    settings at each origin scores it exactly as the candidates were scored; when tonight's
+    comparison already ran that model with those settings, its score is reused.
+    """
+    aggregate = comparison.scores[comparison.scores["series_id"].isna()].set_index("model")
+    if current.name in aggregate.index and same_settings(current, config):
+        return float(aggregate.loc[current.name, "mase"])
+    result = run_backtest(
+        panel, candidates=[current.name], freq=config.freq, horizon=config.horizon,
+        season_length=current.season_length, training=current.training,
+        windows=config.backtest.windows, retrain=config.backtest.retrain,
+        covariates=current.covariates,
+    )
+    scores = result.scores
+    return float(scores.loc[scores["series_id"].isna(), "mase"].iloc[0])
+
+
+def register_and_decide(
     client: MlflowClient,
     *,
     config: DatasetConfig,
@@ -223,39 +238,57 @@ def register_and_promote(
     champion_run_id: str,
     parent_run_id: str,
 ) -> Promotion:
-    """Register the refitted champion and move `champion` to it only if it wins.
+    """Register the refitted champion and decide whether `champion` moves to it.
 
-    The alias moves only when the new model's backtest MASE beats the current champion
-    re-scored at the same origins; otherwise the current champion makes the forecast.
+    - no current champion, or one that cannot forecast this config's horizon: promote;
+    - a backfill (the current champion was trained on data after this as_of): the alias stays
+      and this night's own model forecasts, so no later data leaks into a past night;
+    - otherwise the new model is promoted only if its backtest MASE beats the current champion
+      re-scored at the same origins (see rescore_current). The same model with the same
+      settings ties by construction: it is refreshed, i.e. promoted with the newer weights.
+      When kept, the current champion makes the forecast.
+    The alias itself is moved by `promote`, after the forecast rows are written.
     """
     name = comparison.champion
     version = tracking.log_and_register(client, fitted, run_id=champion_run_id, dataset=config.name, panel=panel)
     aggregate = comparison.scores[comparison.scores["series_id"].isna()].set_index("model")
     new_mase = float(aggregate.loc[name, "mase"])
-    current = tracking.load_champion(client, config.name)
-    origins = sorted(pd.to_datetime(comparison.predictions["origin"].unique()))
     own = comparison.predictions[comparison.predictions["model"] == name]
     residuals = intervals.scaled_residuals(own, panel, season_length=config.season_length)
     quantiles = intervals.step_quantiles(residuals, horizon=config.horizon, level=config.interval_level).tolist()
-    tracking.set_interval_quantiles(client, config.name, version, quantiles, level=config.interval_level)
+    as_of = panel["ts"].max()
+    tracking.tag_version(client, config.name, version, quantiles=quantiles,
+                         level=config.interval_level, trained_through=as_of)
+    current = tracking.load_champion(client, config.name)
+
+    def new(decision: str, reason: str, current_mase: float | None = None) -> Promotion:
+        return Promotion(fitted, version, champion_run_id, quantiles, version,
+                         decision in ("promoted", "refreshed"), decision, reason, new_mase, current_mase)
+
     if current is None:
-        promotion = Promotion(fitted, version, champion_run_id, True, new_mase, None,
-                              "no current champion", quantiles)
+        promotion = new("promoted", "no current champion")
+    elif current.forecaster.horizon != config.horizon or current.forecaster.freq != config.freq:
+        promotion = new("promoted", f"current champion v{current.version} forecasts "
+                        f"{current.forecaster.horizon} x {current.forecaster.freq!r}, the config now "
+                        f"{config.horizon} x {config.freq!r}")
+    elif current.trained_through is not None and current.trained_through > as_of:
+        promotion = new("backfill", f"current champion v{current.version} was trained through "
+                        f"{current.trained_through}, after as_of {as_of}: alias untouched, "
+                        "forecast by this night's model")
     else:
-        current_mase, _ = rescore(current.forecaster, config, panel, origins)
+        current_mase = rescore_current(current.forecaster, config, panel, comparison)
+        versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
         if new_mase < current_mase:
-            promotion = Promotion(fitted, version, champion_run_id, True, new_mase, current_mase,
-                                  f"new MASE {new_mase:.4f} < current v{current.version} {current_mase:.4f}",
-                                  quantiles)
+            promotion = new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", current_mase)
+        elif name == current.forecaster.name and same_settings(current.forecaster, config):
+            promotion = new("refreshed", f"same model and settings as {versus}: retrained on data "
+                            f"through {as_of}", current_mase)
         else:
-            promotion = Promotion(current.forecaster, current.version, current.run_id, False,
-                                  new_mase, current_mase,
-                                  f"new MASE {new_mase:.4f} >= current v{current.version} {current_mase:.4f}",
-                                  current.quantiles)
-    if promotion.promoted:
-        tracking.set_champion(client, config.name, version)
+            promotion = Promotion(current.forecaster, current.version, current.run_id, current.quantiles,
+                                  version, False, "kept", f"new {name} MASE {new_mase:.4f} >= {versus}",
+                                  new_mase, current_mase)
     tracking.set_tags(client, parent_run_id, {
-        "promotion.decision": "promoted" if promotion.promoted else "kept",
+        "promotion.decision": promotion.decision,
         "promotion.reason": promotion.reason,
         "promotion.new_version": version,
         "promotion.forecast_version": promotion.version,
@@ -265,6 +298,12 @@ def register_and_promote(
         **({"promotion_current_mase": promotion.current_mase} if promotion.current_mase is not None else {}),
     })
     return promotion
+
+
+def promote(client: MlflowClient, *, config: DatasetConfig, promotion: Promotion) -> None:
+    """Move `champion` to tonight's version if the decision says so (after the write)."""
+    if promotion.promoted:
+        tracking.set_champion(client, config.name, promotion.new_version)
 
 
 # ----------------------------------------------------------------------------------- forecast
@@ -291,12 +330,13 @@ def forecast(
     return rows[["series_id", "ts", "step", "value", "lower", "upper", "model", "model_version", "mlflow_run_id"]]
 
 
-def score_rows(comparison: Comparison, run_ids: dict[str, str]) -> pd.DataFrame:
-    """model_scores rows: every candidate, per series and aggregate, flagged champion."""
+def score_rows(comparison: Comparison, run_ids: dict[str, str], *, champion: str) -> pd.DataFrame:
+    """model_scores rows: every candidate, per series and aggregate; `champion` (the model that
+    made the forecast, which may be a kept champion rather than the backtest's winner) flagged."""
     scores = comparison.scores[["model", "series_id", "mae", "rmse", "smape", "mase"]].copy()
     coverage = {r.name: r.coverage for r in comparison.results}
     scores["interval_coverage"] = scores["model"].map(coverage).where(scores["series_id"].isna())
-    scores["is_champion"] = scores["model"] == comparison.champion
+    scores["is_champion"] = scores["model"] == champion
     scores["mlflow_run_id"] = scores["model"].map(run_ids)
     return scores
 
@@ -329,6 +369,7 @@ class RunSummary:
     champion: str
     model_version: str
     promoted: bool
+    decision: str  # promoted | refreshed | kept | backfill
     mase: dict[str, float]
     mase_vs_seasonal_naive: dict[str, float]
     forecast_rows: int
@@ -357,6 +398,7 @@ def summarise(
         champion=promotion.forecaster.name,
         model_version=promotion.version,
         promoted=promotion.promoted,
+        decision=promotion.decision,
         mase={k: round(float(v), 6) for k, v in table["mase"].items()},
         mase_vs_seasonal_naive={k: round(float(v), 6) for k, v in ratio.items()},
         forecast_rows=forecast_rows,

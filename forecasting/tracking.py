@@ -194,25 +194,36 @@ class RegisteredForecaster:
     version: str
     run_id: str  # the MLflow run that logged the model
     quantiles: list[float]  # interval half-widths per step, calibrated on its backtest
+    trained_through: pd.Timestamp | None  # the last timestamp of the data it was fitted on
 
 
 INTERVAL_TAG = "interval_quantiles"
+TRAINED_THROUGH_TAG = "trained_through"
 
 
-def set_interval_quantiles(
-    client: MlflowClient, dataset: str, version: str, quantiles: list[float], *, level: float
+def tag_version(
+    client: MlflowClient, dataset: str, version: str, *, quantiles: list[float], level: float,
+    trained_through: pd.Timestamp,
 ) -> None:
+    """What a later night needs of a version: its interval quantiles and its data's end."""
     name = registered_model_name(dataset)
     client.set_model_version_tag(name, version, INTERVAL_TAG, json.dumps(quantiles))
     client.set_model_version_tag(name, version, "interval_level", str(level))
     client.set_model_version_tag(name, version, "interval_method", intervals.METHOD)
+    client.set_model_version_tag(name, version, TRAINED_THROUGH_TAG, str(trained_through))
 
 
 def log_and_register(
     client: MlflowClient, forecaster: Forecaster, *, run_id: str, dataset: str, panel: pd.DataFrame
 ) -> str:
-    """Log the fitted forecaster to `run_id`, register it, return the new version number."""
+    """Log the fitted forecaster to `run_id`, register it, return the new version number.
+
+    Idempotent per run, so that a retry after a later failure registers no second version.
+    """
     name = registered_model_name(dataset)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return str(max(int(v.version) for v in existing))
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp) / "forecaster"
         forecaster.save(files)
@@ -227,6 +238,14 @@ def log_and_register(
     client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, subdir)
     client.set_model_version_tag(name, version, "model", forecaster.name)
     return version
+
+
+def _requirements() -> list[str]:
+    """Pinned from what is installed: MLflow would otherwise infer them by importing the model
+    in a subprocess, several seconds per model logged."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in ("torch", "numpy", "pandas", "statsmodels", "mlflow")]
 
 
 def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
@@ -245,6 +264,7 @@ def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name
         signature=infer_signature(example, output),
         input_example=example,
         extra_files=[str(p) for p in sorted(files.iterdir())],
+        pip_requirements=_requirements(),
         registered_model_name=name,
         await_registration_for=60,
     )
@@ -258,6 +278,8 @@ def _log_pyfunc(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, nam
         python_model=ForecasterPyfunc(),
         artifacts={"forecaster": str(files)},
         signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=_requirements(),
         registered_model_name=name,
         await_registration_for=60,
     )
@@ -287,7 +309,9 @@ def load_version(client: MlflowClient, dataset: str, version: str) -> Registered
     quantiles = json.loads(model_version.tags.get(INTERVAL_TAG, "[]"))
     if len(quantiles) != forecaster.horizon:  # registered before intervals: no interval
         quantiles = [float("nan")] * forecaster.horizon
-    return RegisteredForecaster(forecaster, str(version), model_version.run_id, quantiles)
+    trained = model_version.tags.get(TRAINED_THROUGH_TAG)
+    return RegisteredForecaster(forecaster, str(version), model_version.run_id, quantiles,
+                                pd.Timestamp(trained) if trained else None)
 
 
 def load_champion(client: MlflowClient, dataset: str) -> RegisteredForecaster | None:

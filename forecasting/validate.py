@@ -51,6 +51,13 @@ class ValidationReport:
     filled: dict[str, int] = field(default_factory=dict)  # series -> values filled under `fill`
 
 
+def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
+    """The rows the source really holds for the series kept: what `actuals` may record
+    (never values filled in by the `fill` policy)."""
+    kept = loaded[loaded["series_id"].isin(report.panel["series_id"].unique()) & loaded["value"].notna()]
+    return kept.drop_duplicates(["series_id", "ts"], keep="last")
+
+
 def min_length(config: DatasetConfig, input_window: int) -> int:
     """Enough history for one training window plus every backtest window."""
     return input_window + config.horizon * (config.backtest.windows + 1)
@@ -143,7 +150,8 @@ def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:
     filled = group.set_index("ts").reindex(index)
     before = int(filled["value"].isna().sum())
     numeric = filled.columns.drop("series_id")
-    filled[numeric] = filled[numeric].interpolate(method="linear")  # per step: the grid is regular.ffill().bfill()
+    # Linear per step (the grid is regular); ends without a neighbour take the nearest value.
+    filled[numeric] = filled[numeric].interpolate(method="linear").ffill().bfill()
     filled["series_id"] = series_id
     filled = filled.rename_axis("ts").reset_index()
     return filled[group.columns], before

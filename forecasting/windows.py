@@ -223,8 +223,9 @@ def window_starts(features: SeriesFeatures, *, input_window: int, horizon: int,
     """Start rows of the training and validation windows (input_window + horizon rows each).
 
     Validation windows are those whose target ends in the last `val_steps` steps of a series;
-    training windows have targets that end before them. A series with a single window gives it
-    to validation.
+    training windows have targets that end before the first validation target begins, so early
+    stopping judges on steps no training window has seen. A series with a single window gives
+    it to validation.
     """
     total = input_window + horizon
     train, val = [], []
@@ -233,7 +234,9 @@ def window_starts(features: SeriesFeatures, *, input_window: int, horizon: int,
         if last < start:
             continue
         first_val = max(start, last - val_steps + 1)
-        train.append(np.arange(start, first_val, dtype=np.int64))
+        # The first validation target starts at first_val + input_window; a training target
+        # (horizon rows) must end before it.
+        train.append(np.arange(start, first_val - horizon + 1, dtype=np.int64))
         val.append(np.arange(first_val, last + 1, dtype=np.int64))
     cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, np.int64)  # noqa: E731
     return cat(train), cat(val)

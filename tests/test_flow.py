@@ -63,14 +63,25 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     after_predict = forecasts(engine)
     assert predicted["forecast_rows"] == len(rows)
     assert predicted["model_version"] == str(client.get_model_version_by_alias("sales-forecaster", "champion").version)
-    pd.testing.assert_series_equal(after_predict["value"], again["value"], check_exact=False, rtol=1e-5)
+    same = ["series_id", "as_of", "ts", "step", "model", "model_version", "mlflow_run_id"]
+    pd.testing.assert_frame_equal(after_predict[same], again[same])
+    for column in ("value", "lower", "upper"):
+        pd.testing.assert_series_equal(after_predict[column], again[column], check_exact=False, rtol=1e-5)
+    assert (after_predict["lower"] <= after_predict["value"]).all()
+    assert (after_predict["value"] <= after_predict["upper"]).all()
 
 
 def test_past_as_of_uses_no_later_data(engine: sa.Engine, env: dict[str, str]) -> None:
     load_sales(engine)
     config = tiny_config()
     as_of = "2018-12-01"
-    nightly(config=config, as_of=as_of)
+    latest = nightly(config=config)  # tonight's champion has learnt from data after as_of
+    past = nightly(config=config, as_of=as_of)
+    assert past["decision"] == "backfill" and past["model_version"] != latest["model_version"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("sales-forecaster", "champion").version) == latest["model_version"]
+    with pytest.raises(ValueError, match="after as_of 2018-12-01 00:00:00; a forecast for that date would use later data"):
+        predict(config=config, as_of=as_of)
     before = forecasts(engine, as_of=pd.Timestamp(as_of))
     assert len(before) == len(SERIES) * config.horizon
     assert (pd.to_datetime(before["ts"]) > pd.Timestamp(as_of)).all()

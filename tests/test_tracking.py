@@ -41,8 +41,10 @@ def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mas
     run_id = pipeline.log_candidate(client, experiment=experiment, parent_run_id=parent, config=CONFIG,
                                     result=result, panel=panel, as_of=panel["ts"].max())
     fitted = pipeline.fit_final(CONFIG, panel, name)
-    return pipeline.register_and_promote(client, config=CONFIG, panel=panel, comparison=comparison,
-                                         fitted=fitted, champion_run_id=run_id, parent_run_id=parent)
+    promotion = pipeline.register_and_decide(client, config=CONFIG, panel=panel, comparison=comparison,
+                                             fitted=fitted, champion_run_id=run_id, parent_run_id=parent)
+    pipeline.promote(client, config=CONFIG, promotion=promotion)
+    return promotion
 
 
 def test_alias_moves_only_when_the_new_model_beats_the_current_champion(client: MlflowClient) -> None:
@@ -56,6 +58,7 @@ def test_alias_moves_only_when_the_new_model_beats_the_current_champion(client: 
     assert not second.promoted and second.version == "1"
     assert second.forecaster.name == "seasonal_naive"
     assert second.current_mase is not None and second.new_mase >= second.current_mase
+    assert second.decision == "kept" and second.new_version == "2"
     assert str(tracking.champion_version(client, "sales").version) == "1"
     assert client.get_registered_model("sales-forecaster") is not None
     assert len(client.search_model_versions("name='sales-forecaster'")) == 2  # both registered
@@ -66,6 +69,27 @@ def test_alias_moves_only_when_the_new_model_beats_the_current_champion(client: 
     assert str(tracking.champion_version(client, "sales").version) == "3"
     parent_tags = client.get_run(client.get_model_version("sales-forecaster", "3").run_id).data.tags
     assert parent_tags["model"] == "naive"
+
+
+def test_same_model_and_settings_is_refreshed_not_stuck(client: MlflowClient) -> None:
+    """A neural champion's own weights have seen the backtest window; it is re-scored by
+    refitting, so the same model retrained on newer data ties and takes the alias."""
+    panel = seasonal_panel()
+    first = promote(client, panel[panel["ts"] <= "2019-06-01"], "gru")
+    second = promote(client, panel, "gru")
+    assert first.decision == "promoted" and second.decision == "refreshed"
+    assert second.current_mase == pytest.approx(second.new_mase)
+    assert str(tracking.champion_version(client, "sales").version) == "2"
+    assert tracking.load_champion(client, "sales").trained_through == panel["ts"].max()
+
+
+def test_backfill_leaves_the_alias_and_forecasts_with_its_own_model(client: MlflowClient) -> None:
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")  # trained through 2019-12
+    past = promote(client, panel[panel["ts"] <= "2018-12-01"], "naive")
+    assert past.decision == "backfill" and not past.promoted
+    assert past.forecaster.name == "naive" and past.version == "2"
+    assert str(tracking.champion_version(client, "sales").version) == "1"
 
 
 def test_registered_model_loads_back_with_the_same_forecast(client: MlflowClient) -> None:

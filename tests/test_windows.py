@@ -50,9 +50,16 @@ def test_windows_split_train_and_validation_and_gather_float32():
     feats = build_features(panel, Scaler.fit(panel), freq="MS", season_length=12)
     assert feats.data.dtype == torch.float32 and feats.data.shape == (120, 3)  # value, sin, cos
     train, val = window_starts(feats, input_window=12, horizon=4, val_steps=4)
-    # per series 40 - 16 + 1 = 25 windows: the last 4 validate, the first 21 train
-    assert len(train) == 3 * 21 and len(val) == 3 * 4
+    # per series 40 - 16 + 1 = 25 windows: the last 4 validate; the 3 before them are left out
+    # because their targets would overlap validation targets; the first 18 train
+    assert len(train) == 3 * 18 and len(val) == 3 * 4
     assert set(train).isdisjoint(val)
+    for series_start in (0, 40, 80):  # no training target reaches into a validation target
+        mine_train = [s for s in train if series_start <= s < series_start + 40]
+        mine_val = [s for s in val if series_start <= s < series_start + 40]
+        last_train_target = max(mine_train) + 12 + 4 - 1
+        first_val_target = min(mine_val) + 12
+        assert last_train_target < first_val_target
     batch = gather_windows(feats.data, torch.as_tensor(val[:5]), 16)
     assert batch.shape == (5, 16, 3) and batch.dtype == torch.float32
     # validation windows end exactly at the end of each series

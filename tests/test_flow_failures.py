@@ -1,0 +1,82 @@
+"""The bad night: unreachable database or MLflow, a transient error, a backfill, a rerun."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from flows.nightly import backfill, nightly
+from forecasting import db, pipeline, tracking
+from tests.flow_fixtures import SERIES, load_sales, tiny_config
+
+pytestmark = pytest.mark.usefixtures("prefect")
+SENTINEL = "s3cr3t-SENTINEL"
+
+
+def test_unreachable_database_fails_clearly_within_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", f"postgresql+psycopg://app:{SENTINEL}@127.0.0.1:1/prod")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    started = time.perf_counter()
+    with pytest.raises(db.DatabaseError) as caught:
+        nightly(config=tiny_config())
+    assert time.perf_counter() - started < 60  # three retries with 1, 2, 4 s backoff
+    message = str(caught.value)
+    assert "127.0.0.1:1/prod is not usable" in message and SENTINEL not in message
+
+
+def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, env: dict[str, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    load_sales(engine)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:{SENTINEL}@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    started = time.perf_counter()
+    with pytest.raises(tracking.TrackingError) as caught:
+        nightly(config=tiny_config())
+    assert time.perf_counter() - started < 60
+    assert "127.0.0.1:9" in str(caught.value) and SENTINEL not in str(caught.value)
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales").empty
+
+
+def test_transient_database_error_is_retried(engine: sa.Engine, env: dict[str, str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    load_sales(engine)
+    real_load, calls = pipeline.load, []
+
+    def flaky_load(*args, **kwargs):  # connection refused once, then the server is back
+        calls.append(1)
+        if len(calls) == 1:
+            raise db.DatabaseError("database postgresql://x is not usable: connection refused")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load", flaky_load)
+    summary = nightly(config=tiny_config())
+    assert len(calls) == 2 and summary["forecast_rows"] == len(SERIES) * 6
+
+
+def test_backfill_touches_only_its_dates_and_reruns_change_nothing(engine: sa.Engine, env: dict[str, str]) -> None:
+    load_sales(engine)
+    config = tiny_config()
+    nightly(config=config, as_of="2019-06-01")
+    with engine.connect() as conn:
+        other_before = db.read_forecasts(conn, dataset="sales", as_of=pd.Timestamp("2019-06-01"))
+    summaries = backfill(config=config, start="2019-02-01", end="2019-03-01")
+    assert [s["as_of"] for s in summaries] == ["2019-02-01 00:00:00", "2019-03-01 00:00:00"]  # oldest first
+    with engine.connect() as conn:
+        everything = db.read_forecasts(conn, dataset="sales")
+        other_after = db.read_forecasts(conn, dataset="sales", as_of=pd.Timestamp("2019-06-01"))
+    assert pd.to_datetime(everything["as_of"]).value_counts().to_dict() == {
+        pd.Timestamp(d): len(SERIES) * 6 for d in ("2019-02-01", "2019-03-01", "2019-06-01")}
+    pd.testing.assert_frame_equal(other_after, other_before)
+    for _, group in everything.groupby("as_of"):  # each as_of forecasts from its own next step
+        assert (pd.to_datetime(group["ts"]) > pd.to_datetime(group["as_of"])).all()
+    backfill(config=config, start="2019-02-01", end="2019-03-01")
+    with engine.connect() as conn:
+        again = db.read_forecasts(conn, dataset="sales")
+    # Same rows and values; model_version and mlflow_run_id name the newest run that wrote them.
+    provenance = ["created_at", "model_version", "mlflow_run_id"]
+    pd.testing.assert_frame_equal(again.drop(columns=provenance), everything.drop(columns=provenance))
