@@ -154,13 +154,15 @@ def write_results(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.Data
 
 
 @task(name="finish-tracking", **IO_RETRIES)
-def finish_tracking(client: Any, parent: str, comparison: pipeline.Comparison,
-                    summary: pipeline.RunSummary) -> None:
-    tracking.log_frame(client, parent, comparison.table(), "comparison.csv")
-    tracking.log_metrics(client, parent, {"forecast_rows": summary.forecast_rows,
-                                          **{f"stage_seconds_{k}": v for k, v in summary.stage_seconds.items()}})
-    tracking.set_tags(client, parent, {"champion": summary.champion, "model_version": summary.model_version})
-    tracking.end_run(client, parent)
+def finish_tracking(client: Any, parent: str, config: DatasetConfig, comparison: pipeline.Comparison,
+                    panel: pd.DataFrame, rows: pd.DataFrame, summary: pipeline.RunSummary) -> None:
+    pipeline.log_night(
+        client, parent, config=config, comparison=comparison, panel=panel, forecast_rows=rows,
+        metrics={"forecast_rows": summary.forecast_rows,
+                 **{f"stage_seconds_{k.replace(':', '_')}": v for k, v in summary.stage_seconds.items()}},
+        tags={"champion": summary.champion, "model_version": summary.model_version,
+              "dropped_series": ",".join(summary.dropped_series) or "-"},
+    )
 
 
 def _artifact_key(dataset: str, what: str) -> str:
@@ -205,7 +207,7 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
             promote(client, config, promotion)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
-        finish_tracking(client, parent, comparison, summary)
+        finish_tracking(client, parent, config, comparison, panel, rows, summary)
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error, not MLflow's
             tracking.end_run(client, parent, status="FAILED")
@@ -224,7 +226,7 @@ def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pi
         key=_artifact_key(config.name, "outcome"),
         markdown=(f"# {config.name} as of {summary.as_of}\n\n"
                   f"- champion: **{summary.champion}** (version {summary.model_version}, "
-                  f"{'promoted' if summary.promoted else 'kept current'})\n"
+                  f"{summary.decision})\n"
                   f"- forecast rows written: {summary.forecast_rows}; score rows: {summary.score_rows}\n"
                   f"- dropped series: {dropped}\n"),
         description=f"{config.name} nightly outcome",

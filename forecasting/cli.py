@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from forecasting.config import ConfigError, Settings, redact_url
@@ -29,7 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (ConfigError, ValueError, RuntimeError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        config = getattr(args, "config", None)
+        where = f"{config}: " if config is not None and str(config) not in str(exc) else ""
+        console.print(f"[bold red]error:[/] {escape(f'{where}{exc}')}", highlight=False)
         return 2
 
 

@@ -156,11 +156,16 @@ def _require_columns(
     config: DatasetConfig, where: str, wanted: Iterable[str], available: Iterable[str]
 ) -> None:
     available = list(available)
+    keys = {config.source.time_column: "source.time_column",
+            config.source.target_column: "source.target_column",
+            **{c: "source.covariates" for c in config.source.covariates}}
+    if config.source.id_column:
+        keys[config.source.id_column] = "source.id_column"
     missing = [c for c in wanted if c not in available]
     if missing:
+        named = ", ".join(f"`{keys.get(c, '?')}` ({c!r})" for c in missing)
         raise DataError(
-            f"dataset {config.name!r}: column(s) {missing} not found in {where}; "
-            f"available: {available}"
+            f"dataset {config.name!r}: {named} not found in {where}; available columns: {available}"
         )
 
 

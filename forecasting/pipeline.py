@@ -21,7 +21,7 @@ from forecasting import db, intervals, tracking
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
-from forecasting.plots import forecast_vs_actual
+from forecasting.plots import forecast_vs_actual, forecast_with_intervals, loss_curves
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +164,45 @@ def log_candidate(
         experiment=experiment,
         name=f"{config.name} {as_of:%Y-%m-%d} {result.name}",
         tags={"dataset": config.name, "as_of": str(as_of), "model": result.name, "role": "candidate"},
-        params={**forecaster.params, "backtest_windows": config.backtest.windows,
-                "backtest_retrain": config.backtest.retrain},
+        # Hyper-parameters only; what training did (epochs) is a metric of the fitted model.
+        params={**{k: v for k, v in forecaster.params.items() if k != "epochs_trained"},
+                "backtest_windows": config.backtest.windows, "backtest_retrain": config.backtest.retrain,
+                "interval_method": intervals.METHOD, "interval_level": config.interval_level},
         parent_run_id=parent_run_id,
     )
-    tracking.log_history(client, run_id, result.backtest.histories.get(result.name, []))
-    tracking.log_metrics(client, run_id, {**result.aggregate, "fit_seconds": result.fit_seconds})
+    history = result.backtest.histories.get(result.name, [])
+    tracking.log_history(client, run_id, history)
+    tracking.log_metrics(client, run_id, {**result.aggregate, "fit_seconds": result.fit_seconds,
+                                          "epochs_trained": len(history)})
     predictions = result.backtest.predictions
     figure = forecast_vs_actual(panel, predictions, title=f"{config.name} {result.name} backtest")
     tracking.log_figure(client, run_id, figure, "forecast_vs_actual.png")
+    if history:
+        curves = loss_curves(history, title=f"{config.name} {result.name}: loss per epoch")
+        tracking.log_figure(client, run_id, curves, "loss_curves.png")
     tracking.end_run(client, run_id)
     return run_id
+
+
+def log_night(
+    client: MlflowClient,
+    parent_run_id: str,
+    *,
+    config: DatasetConfig,
+    comparison: Comparison,
+    panel: pd.DataFrame,
+    forecast_rows: pd.DataFrame,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> None:
+    """The parent run's review: models x metrics, the forecast with intervals, the outcome."""
+    tracking.log_frame(client, parent_run_id, comparison.table(), "comparison.csv")
+    figure = forecast_with_intervals(panel, forecast_rows, title=f"{config.name}: forecast of "
+                                     f"{forecast_rows['model'].iloc[0]} with {config.interval_level:.0%} interval")
+    tracking.log_figure(client, parent_run_id, figure, "forecast.png")
+    tracking.log_metrics(client, parent_run_id, metrics)
+    tracking.set_tags(client, parent_run_id, tags)
+    tracking.end_run(client, parent_run_id)
 
 
 @dataclass

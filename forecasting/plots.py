@@ -44,3 +44,36 @@ def forecast_vs_actual(
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def forecast_with_intervals(
+    panel: pd.DataFrame, forecast: pd.DataFrame, *, title: str, n_series: int = 4, context: int = 48
+) -> Figure:
+    """Tonight's forecast after the last `context` actuals, with its interval as a band."""
+    chosen = sample_series(forecast["series_id"], n_series)
+    figure, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.4 * len(chosen)), squeeze=False)
+    for ax, series_id in zip(axes[:, 0], chosen):
+        actual = panel[panel["series_id"] == series_id].tail(context)
+        mine = forecast[forecast["series_id"] == series_id]
+        ax.plot(actual["ts"], actual["value"], color="black", linewidth=1, label="actual")
+        ax.plot(mine["ts"], mine["value"], linewidth=1.5, label="forecast")
+        ax.fill_between(mine["ts"], mine["lower"], mine["upper"], alpha=0.25, label="interval")
+        ax.set_title(str(series_id), fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def loss_curves(history: list[dict], *, title: str) -> Figure:
+    """Train and validation loss per epoch (ensemble members one after another)."""
+    figure, ax = plt.subplots(figsize=(6, 3.2))
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (scaled)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

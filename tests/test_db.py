@@ -100,7 +100,7 @@ def test_missing_table_and_column_are_named(small_sales: sa.Engine) -> None:
     with small_sales.connect() as conn:
         with pytest.raises(db.DataError, match="dataset 'sales': table 'nope' does not exist"):
             db.read_dataset(conn, missing_table)
-        with pytest.raises(db.DataError, match=r"column\(s\) \['revenue'\] not found in sales"):
+        with pytest.raises(db.DataError, match=r"`source.target_column` \('revenue'\) not found in sales"):
             db.read_dataset(conn, missing_column)
 
 
