@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from forecasting import db, pipeline, tracking
+from forecasting import db, pipeline, progress, tracking
 from forecasting.config import DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.train import configure_torch_threads
@@ -95,7 +95,10 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
 
 @task(name="backtest", **COMPUTE)
 def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.CandidateResult:
-    result = pipeline.backtest_candidate(config, panel, name)
+    budget = config.training.max_epochs * config.training.ensemble * (
+        config.backtest.windows if config.backtest.retrain else 1)
+    with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
+        result = pipeline.backtest_candidate(config, panel, name, on_epoch=bar)
     get_run_logger().info(
         "%s: backtest MASE %.4f in %.1fs", name, result.aggregate["mase"], result.fit_seconds
     )

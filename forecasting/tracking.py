@@ -79,12 +79,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Opens the experiment in the UI's "Model training" view (runs, metrics, models), not GenAI's.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, dataset: str) -> str:
     experiment = client.get_experiment_by_name(dataset)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(dataset, artifact_location=_artifact_location(dataset))
+        return client.create_experiment(
+            dataset, artifact_location=_artifact_location(dataset), tags=EXPERIMENT_KIND
+        )
     except MlflowException:  # created meanwhile by a concurrent run
         found = client.get_experiment_by_name(dataset)
         if found is None:

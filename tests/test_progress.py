@@ -1,0 +1,21 @@
+"""Progress bars show at a terminal and stay silent elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from forecasting import progress
+
+
+def test_silent_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "interactive", lambda: False)
+    with progress.epochs("sales gru", 3) as on_epoch:
+        assert on_epoch is None
+
+
+def test_epoch_bar_advances_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "interactive", lambda: True)
+    with progress.epochs("sales gru", 2) as on_epoch:
+        assert on_epoch is not None
+        on_epoch("gru", 0, 0.5, 0.6)
+        on_epoch("gru", 1, 0.4, 0.5)
