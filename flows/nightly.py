@@ -178,7 +178,15 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     """Load, validate, backtest every candidate, promote a champion, write the next n steps."""
     config = load_config(config)
     configure_torch_threads()
-    timer = pipeline.StageTimer()
+    # load, validate, tracking, one per candidate and its logging, fit, register, forecast,
+    # write, promote
+    total = 3 + 2 * len(config.candidates) + 5
+    with progress.stages(f"{config.name} nightly", total) as on_stage:
+        return _nightly(config, as_of, pipeline.StageTimer(on_stage))
+
+
+def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipeline.StageTimer) -> dict[str, Any]:
+    """The body of `nightly`, each stage timed (and shown on the progress bar at a terminal)."""
     with timer.stage("load"):
         panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
     with timer.stage("validate"):

@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 class StageTimer:
     """Wall seconds per stage of a run, printed at the end (the speed target is per stage)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_start = on_start  # e.g. a progress bar over the stages
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.on_start is not None:
+            self.on_start(name)
         start = time.perf_counter()
         try:
             yield

@@ -19,3 +19,19 @@ def test_epoch_bar_advances_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
         assert on_epoch is not None
         on_epoch("gru", 0, 0.5, 0.6)
         on_epoch("gru", 1, 0.4, 0.5)
+
+
+def test_epoch_bars_nest_under_the_stage_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "interactive", lambda: True)
+    with progress.stages("sales nightly", 2) as on_stage:
+        on_stage("load")
+        display = progress._active
+        assert display is not None and len(display.tasks) == 1
+        with progress.epochs("sales gru", 2) as on_epoch:
+            assert on_epoch is not None and len(display.tasks) == 2
+            on_epoch("gru", 0, 0.5, 0.6)
+            assert display.tasks[1].completed == 1
+        assert len(display.tasks) == 1  # the finished network's bar is gone
+        on_stage("backtest:gru")
+        assert display.tasks[0].completed == 1
+    assert progress._active is None
