@@ -49,7 +49,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL to an empty database of each backend; PostgreSQL gets a schema of its own."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'forecasting.db'}"
-    base: sa.URL = request.getfixturevalue("pg_database")
+    return pg_schema_url(request.getfixturevalue("pg_database"))
+
+
+@pytest.fixture
+def pg_url(pg_database: sa.URL) -> str:
+    """For the tests that only PostgreSQL can run (a URL with a password, roles)."""
+    return pg_schema_url(pg_database)
+
+
+def pg_schema_url(base: sa.URL) -> str:
+    """A fresh schema in the session's database, first on the search_path of the URL."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     engine = sa.create_engine(base)
     with engine.begin() as conn:
@@ -90,7 +100,7 @@ def prefect() -> Iterator[None]:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _pg_passed
-    if report.when == "call" and report.passed and "[postgresql" in report.nodeid:
+    if report.when == "call" and report.passed and ("[postgresql" in report.nodeid or "_pg" in report.nodeid):
         _pg_passed += 1
 
 
