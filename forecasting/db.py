@@ -214,11 +214,6 @@ def _numeric(
     return converted.astype("float64")
 
 
-def last_timestamp(conn: Connection, config: DatasetConfig) -> datetime | None:
-    frame = read_dataset(conn, config)
-    return None if frame.empty else frame["ts"].max().to_pydatetime()
-
-
 # -------------------------------------------------------------------------------------- write
 
 
