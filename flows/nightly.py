@@ -3,26 +3,41 @@
 Retries (with backoff) are on the database and MLflow tasks only, and only for errors that can
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
+
+Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
+$FORECASTING_DASK_ADDRESS read when this module is imported, which is how deployments get it)
+the compute tasks go to the cluster: every candidate's backtest at once (a network as one task,
+a per-series baseline as one task per shard of series), the champion's final fit, and the
+forecast, one task per shard. Database and MLflow tasks stay in the flow's process, so workers
+never need the database or tracking URLs; each worker process sets torch's threads once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
 import re
+import sys
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
 import requests
 from mlflow.exceptions import MlflowException
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed
+from prefect.task_runners import TaskRunner
 
-from forecasting import db, pipeline, progress, tracking
-from forecasting.config import DatasetConfig, Settings, load_config
+from forecasting import db, pipeline, progress, shards, tracking
+from forecasting.config import BASELINES, DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.train import configure_torch_threads
 from forecasting.validate import ValidationReport, observed_rows, validate
@@ -51,6 +66,8 @@ IO_RETRIES: dict[str, Any] = dict(
     retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=is_transient, cache_policy=NO_CACHE
 )
 COMPUTE: dict[str, Any] = dict(cache_policy=NO_CACHE)
+WARNED_STATE = "Completed with dropped series"  # a COMPLETED run that left series out
+LOCAL_CLUSTER = "local"  # the address meaning: start a Dask LocalCluster for the run
 
 
 @task(name="load", **IO_RETRIES)
@@ -95,6 +112,7 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
 
 @task(name="backtest", **COMPUTE)
 def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.CandidateResult:
+    _torch_threads_on_worker()
     budget = config.training.max_epochs * config.training.ensemble * (
         config.backtest.windows if config.backtest.retrain else 1)
     with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
@@ -121,6 +139,7 @@ def compare(results: list[pipeline.CandidateResult]) -> pipeline.Comparison:
 
 @task(name="fit-champion", **COMPUTE)
 def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
+    _torch_threads_on_worker()
     return pipeline.fit_final(config, panel, name)
 
 
@@ -143,6 +162,7 @@ def promote(client: Any, config: DatasetConfig, promotion: pipeline.Promotion) -
 
 @task(name="forecast", **COMPUTE)
 def forecast(config: DatasetConfig, promotion: pipeline.Promotion, panel: pd.DataFrame) -> pd.DataFrame:
+    _torch_threads_on_worker()
     return pipeline.forecast(promotion.forecaster, config=config, panel=panel, quantiles=promotion.quantiles,
                              version=promotion.version, run_id=promotion.run_id)
 
@@ -168,21 +188,102 @@ def finish_tracking(client: Any, parent: str, config: DatasetConfig, comparison:
     )
 
 
+# ---------------------------------------------------------------------------------- scale-out
+
+
+def task_runner(address: str | None) -> TaskRunner | None:
+    """Where a flow's submitted tasks run: None (no address) is Prefect's default, and the flows
+    then call every task in their own process, one after another; LOCAL_CLUSTER a Dask
+    LocalCluster of single-threaded worker processes, one per core, started for the flow run and
+    closed after it; anything else the address of a running Dask scheduler (tcp://host:8786)."""
+    if not address:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if address == LOCAL_CLUSTER:
+        return DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(address=address)
+
+
+def on_dask(flow_: Flow[..., Any], address: str | None = None) -> Flow[..., Any]:
+    """`flow_` with its compute tasks on the Dask scheduler at `address` (None: a local cluster)."""
+    return flow_.with_options(task_runner=task_runner(address or LOCAL_CLUSTER))
+
+
+def _cluster() -> Any | None:
+    """The Dask client of this flow run's task runner; None when its tasks run here."""
+    runner = FlowRunContext.get().task_runner
+    dask = sys.modules.get("prefect_dask.task_runners")  # imported by whoever made a DaskTaskRunner
+    return runner.client if dask is not None and isinstance(runner, dask.DaskTaskRunner) else None
+
+
+def _threads(client: Any) -> int:
+    """Tasks the cluster runs at once: the number of shards per-series work is split into."""
+    return max(1, sum(client.nthreads().values()))
+
+
+def _submit(task_: Any, *args: Any) -> Any:
+    """task_.submit(*args) to the cluster, naming the Prefect API the workers must report to.
+
+    A submitted task carries this process's Prefect settings. Without PREFECT_API_URL this
+    process runs a temporary local Prefect API: naming it lets local workers report there
+    rather than each start one of its own on the same database. (Remote workers cannot reach
+    it: a remote cluster needs PREFECT_API_URL set to a server that both sides reach.)
+    """
+    if PREFECT_API_URL.value():
+        return task_.submit(*args)
+    with temporary_settings(updates={PREFECT_API_URL: str(FlowRunContext.get().client.api_url)}):
+        return task_.submit(*args)
+
+
+@functools.cache
+def _torch_threads_on_worker() -> None:
+    """Once per Dask worker process: torch gets OMP_NUM_THREADS threads (Dask's nanny sets 1), so
+    that workers x threads per worker, sized to the cores, never oversubscribe them. Elsewhere
+    nothing: the flow set torch's threads for its own process."""
+    try:
+        get_worker = sys.modules["distributed"].get_worker
+        get_worker()
+    except (KeyError, ValueError):  # distributed not loaded, or not inside a worker
+        return
+    configure_torch_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+
+
 def _artifact_key(dataset: str, what: str) -> str:
     # Prefect artifact keys allow lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower())
 
 
-@flow(name="nightly-forecast")
-def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) -> dict[str, Any]:
-    """Load, validate, backtest every candidate, promote a champion, write the next n steps."""
+@flow(name="nightly-forecast", task_runner=task_runner(Settings().forecasting_dask_address))
+def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) -> Any:
+    """Load, validate, backtest every candidate, promote a champion, write the next n steps.
+
+    Calling it returns the run summary (a dict); see `_final_state` for the run's state.
+    """
     config = load_config(config)
     configure_torch_threads()
     # load, validate, tracking, one per candidate and its logging, fit, register, forecast,
     # write, promote
     total = 3 + 2 * len(config.candidates) + 5
     with progress.stages(f"{config.name} nightly", total) as on_stage:
-        return _nightly(config, as_of, pipeline.StageTimer(on_stage))
+        summary = _nightly(config, as_of, pipeline.StageTimer(on_stage))
+    return _final_state(config, summary)
+
+
+def _final_state(config: DatasetConfig, summary: dict[str, Any]) -> Any:
+    """The summary; when validation dropped series, inside a state that says so.
+
+    Prefect has no 'warning' state type: the run is COMPLETED (the other series were written)
+    under the name WARNED_STATE, with the dropped series in its message, so the UI and
+    `prefect flow-run ls` show at a glance that a night was not whole.
+    """
+    dropped = summary["dropped_series"]
+    if not dropped:
+        return summary
+    shown = ", ".join(dropped[:20]) + (f" and {len(dropped) - 20} more" if len(dropped) > 20 else "")
+    return Completed(data=summary, name=WARNED_STATE, message=(
+        f"dataset {config.name!r}: {len(dropped)} series dropped by validation (policy 'drop'), "
+        f"not forecast: {shown}; see model_scores rows with status 'dropped'"))
 
 
 def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipeline.StageTimer) -> dict[str, Any]:
@@ -196,22 +297,23 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
         client, experiment, parent = start_tracking(config, effective_as_of, report)
     try:
         results, run_ids = [], {}
-        for name in config.candidates:
-            with timer.stage(f"backtest:{name}"):
-                result = backtest(config, panel, name)
+        for result in _backtests(config, panel, timer):
             with timer.stage("tracking"):
-                run_ids[name] = log_candidate(client, experiment, parent, config, result, panel, effective_as_of)
+                run_ids[result.name] = log_candidate(client, experiment, parent, config, result, panel,
+                                                     effective_as_of)
             results.append(result)
         comparison = compare(results)
         with timer.stage("fit-champion"):
-            fitted = fit_champion(config, panel, comparison.champion)
+            fitted = _here_or_on_cluster(fit_champion, config, panel, comparison.champion)
         with timer.stage("register"):
             promotion = register(client, config, panel, comparison, fitted,
                                  run_ids[comparison.champion], parent)
         with timer.stage("forecast"):
-            rows = forecast(config, promotion, panel)
+            rows = _forecast(config, promotion, panel)
         with timer.stage("write"):
-            scores = pipeline.score_rows(comparison, run_ids, champion=promotion.forecaster.name)
+            dropped = [p for p in report.problems if p.series_id in report.dropped]
+            scores = pipeline.score_rows(comparison, run_ids, champion=promotion.forecaster.name,
+                                         dropped=dropped)
             n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
                                                   observed_rows(loaded, report))
         with timer.stage("register"):  # only now: the alias never points past what was written
@@ -225,6 +327,45 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
         raise
     _publish(config, comparison, summary)
     return dataclasses.asdict(summary)
+
+
+def _backtests(config: DatasetConfig, panel: pd.DataFrame,
+               timer: pipeline.StageTimer) -> Iterator[pipeline.CandidateResult]:
+    """Each candidate's backtest, in config.candidates order.
+
+    Here: one after another, each as it is needed. On a Dask cluster: all submitted at once, a
+    network as one task (a global model: trained on every series), a per-series baseline as one
+    task per shard of series (joined into what one task would give), then collected in order.
+    """
+    client = _cluster()
+    if client is None:
+        for name in config.candidates:
+            with timer.stage(f"backtest:{name}"):
+                result = backtest(config, panel, name)
+            yield result
+        return
+    parts = shards.split(panel, _threads(client))
+    futures = {name: [_submit(backtest, config, part, name) for part in (parts if name in BASELINES else [panel])]
+               for name in config.candidates}
+    for name, submitted in futures.items():
+        with timer.stage(f"backtest:{name}"):  # on a cluster: the wait for its last shard
+            done = [future.result() for future in submitted]
+            result = done[0] if len(done) == 1 else shards.join_backtests(config, panel, done)
+        yield result
+
+
+def _here_or_on_cluster(task_: Any, *args: Any) -> Any:
+    """task_(*args), in this process or, when the flow runs on a Dask cluster, as a task there."""
+    return task_(*args) if _cluster() is None else _submit(task_, *args).result()
+
+
+def _forecast(config: DatasetConfig, promotion: pipeline.Promotion, panel: pd.DataFrame) -> pd.DataFrame:
+    """The forecast rows; on a Dask cluster one task per shard of series, joined in panel order."""
+    client = _cluster()
+    if client is None:
+        return forecast(config, promotion, panel)
+    futures = [_submit(forecast, config, promotion, part) for part in shards.split(panel, _threads(client))]
+    return pd.concat([future.result() for future in futures], ignore_index=True)
 
 
 def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pipeline.RunSummary) -> None:
@@ -278,9 +419,13 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
             "model_version": champion.version, "forecast_rows": n_forecasts}
 
 
-@flow(name="backfill")
+@flow(name="backfill", task_runner=task_runner(Settings().forecasting_dask_address))
 def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str, Any]]:
-    """The nightly flow for every as_of from start to end at the dataset's freq, oldest first."""
+    """The nightly flow for every as_of from start to end at the dataset's freq, oldest first.
+
+    Under a Dask task runner every night runs on that one cluster (a subflow would otherwise
+    keep its own task runner).
+    """
     config = load_config(config)
     first, last = pipeline.parse_as_of(start), pipeline.parse_as_of(end)
     if first is None or last is None or first > last:
@@ -288,4 +433,6 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     dates = pd.date_range(first, last, freq=config.freq)
     if len(dates) == 0:
         raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
-    return [nightly(config, as_of=date.to_pydatetime()) for date in dates]
+    client = _cluster()
+    night = nightly if client is None else nightly.with_options(task_runner=task_runner(client.scheduler.address))
+    return [night(config, as_of=date.to_pydatetime()) for date in dates]

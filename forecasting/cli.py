@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="forecasting",
         description="Nightly RNN/LSTM/GRU forecasting: SQL in, Prefect + MLflow, forecasts back to SQL. "
         "Database: $FORECASTING_DATABASE_URL (default sqlite:///forecasting.db); "
-        "MLflow: $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db).",
+        "MLflow: $MLFLOW_TRACKING_URI (default sqlite:///mlflow.db); "
+        "Dask: $FORECASTING_DASK_ADDRESS (default: none, everything runs in this process).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -59,14 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, handler, help)
         sub.add_argument("--config", required=True, type=Path, help="dataset config (YAML)")
         sub.add_argument("--as-of", default=None, help="use data up to this ISO date/date-time (default: the last timestamp)")
+        if name == "run":
+            add_dask_option(sub)
     sub = command("backfill", cmd_backfill, "Run the flow for every as_of from --start to --end at the dataset's freq, oldest first.")
     sub.add_argument("--config", required=True, type=Path, help="dataset config (YAML)")
     sub.add_argument("--start", required=True, help="first as_of (ISO date)")
     sub.add_argument("--end", required=True, help="last as_of (ISO date)")
+    add_dask_option(sub)
     command("demo", cmd_demo, "init-db, load-demo, then run both demo configs (the main job on embedded defaults).")
     sub = command("serve", cmd_serve, "Serve the deployments of prefect.yaml on their schedules from one process.")
     sub.add_argument("--prefect-yaml", type=Path, default=PROJECT_ROOT / "prefect.yaml")
     return parser
+
+
+def add_dask_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="train the candidates and run the per-series shards on a Dask cluster: the scheduler at "
+        "ADDRESS (tcp://host:8786), or without ADDRESS a local cluster of one worker process per core "
+        "(default: $FORECASTING_DASK_ADDRESS; unset, everything runs in this process)",
+    )
+
+
+def on_cluster(flow: Any, args: argparse.Namespace) -> Any:
+    """The flow on the cluster that `--dask` names; without it, as the environment configured it."""
+    if args.dask is None:
+        return flow
+    from flows.nightly import on_dask
+
+    console.print(f"Dask: {'a local cluster' if args.dask == 'local' else args.dask}")
+    return on_dask(flow, args.dask)
 
 
 # ------------------------------------------------------------------------------------ handlers
@@ -79,10 +102,12 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     engine = db.make_engine(settings)
     try:
         with engine.begin() as conn:
-            db.init_db(conn)
+            migrated = db.init_db(conn)
     except db.CONNECTION_ERRORS as exc:
         raise db.connect_error(engine, exc) from None  # its text may hold the URL
     console.print(f"schema applied to {settings.safe_database_url}")
+    for name in migrated:
+        console.print(f"migrated: {name}")
     return 0
 
 
@@ -101,7 +126,7 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.nightly import nightly
 
-    summary = nightly(config=str(args.config), as_of=args.as_of)
+    summary = on_cluster(nightly, args)(config=str(args.config), as_of=args.as_of)
     print_summary(summary)
     return 0
 
@@ -120,7 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_backfill(args: argparse.Namespace) -> int:
     from flows.nightly import backfill
 
-    summaries = backfill(config=str(args.config), start=args.start, end=args.end)
+    summaries = on_cluster(backfill, args)(config=str(args.config), start=args.start, end=args.end)
     for summary in summaries:
         console.print(f"{summary['as_of']}: champion {summary['champion']}, {summary['forecast_rows']} rows")
     return 0

@@ -219,6 +219,9 @@ class Settings(BaseSettings):
 
     forecasting_database_url: str = "sqlite:///forecasting.db"
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    # Unset: every task runs in the flow's process, as always. "local": training and per-series
+    # shards run on a Dask LocalCluster started for the run; else a scheduler, tcp://host:8786.
+    forecasting_dask_address: str | None = None
 
     @property
     def database_url(self) -> str:

@@ -8,6 +8,7 @@ every value is a bound parameter.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,39 @@ class DatabaseError(RuntimeError):
 
 class DataError(ValueError):
     """The source data does not match the dataset config; names the dataset, series and value."""
+
+
+class OutputNotWritable(RuntimeError):
+    """The output tables refuse writes: read-only database or role, no privilege, disk full.
+
+    Not a DatabaseError on purpose: retrying cannot help, so the flow fails at once.
+    """
+
+
+# Why a database refuses a write, by PostgreSQL SQLSTATE and by SQLite message.
+_REFUSED_SQLSTATES = {
+    "42501": "the role lacks a privilege (GRANT INSERT, UPDATE, DELETE on the output tables)",
+    "25006": "the transaction is read-only (default_transaction_read_only or a standby)",
+    "53100": "the disk is full",
+    "53400": "a configured limit was reached",
+}
+_REFUSED_SQLITE = {
+    "readonly database": "the database file or its directory is read-only",
+    "database or disk is full": "the disk (or max_page_count) is full",
+}
+
+
+def write_refusal(exc: BaseException) -> str | None:
+    """Why the database refused a write, or None when `exc` is something else."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _REFUSED_SQLSTATES:
+        return f"{_REFUSED_SQLSTATES[sqlstate]} ({str(orig).strip().splitlines()[0]})"
+    text = str(orig)
+    for needle, reason in _REFUSED_SQLITE.items():
+        if needle in text:
+            return f"{reason} ({text.strip().splitlines()[0]})"
+    return None
 
 
 def make_engine(settings: Settings | None = None, *, url: str | None = None) -> Engine:
@@ -101,12 +135,29 @@ def apply_sql(conn: Connection, path: Path) -> int:
     return len(statements)
 
 
-def init_db(conn: Connection) -> None:
-    """Create the pipeline's tables and views; safe to run any number of times."""
-    for name in ("schema.sql", "views.sql"):
-        path = SQL_DIR / name
-        if path.exists():
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+
+
+def init_db(conn: Connection) -> list[str]:
+    """Create or upgrade the pipeline's tables and views; safe to run any number of times.
+
+    schema.sql always describes the current tables, so a new database gets it whole and every
+    migration is recorded as applied; a database created by an older release gets the
+    migrations it has not had, in file-name order. Returns the migrations applied now.
+    """
+    existed = sa.inspect(conn).has_table(FORECASTS)
+    apply_sql(conn, SQL_DIR / "schema.sql")
+    done = set(conn.execute(sa.text("SELECT name FROM schema_migrations")).scalars())
+    applied = []
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        if path.name in done:
+            continue
+        if existed:
             apply_sql(conn, path)
+            applied.append(path.name)
+        conn.execute(sa.text("INSERT INTO schema_migrations (name) VALUES (:name)"), {"name": path.name})
+    apply_sql(conn, SQL_DIR / "views.sql")
+    return applied
 
 
 def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) -> sa.Table:
@@ -218,23 +269,173 @@ def _numeric(
 
 
 def upsert(
-    conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]
+    conn: Connection,
+    table: sa.Table,
+    rows: pd.DataFrame | Sequence[dict[str, Any]],
+    *,
+    key: Sequence[str],
 ) -> int:
-    """INSERT ... ON CONFLICT (key) DO UPDATE, batched by the driver; returns rows sent."""
-    if not rows:
+    """INSERT ... ON CONFLICT (key) DO UPDATE of `rows` (a frame, or dicts with the same keys).
+
+    Runs in the caller's transaction and returns the number of rows sent. A key that occurs
+    more than once in `rows` ends with its last row, as one INSERT per row would leave it.
+    PostgreSQL (psycopg): the rows are COPYed into a temporary staging table, then moved with
+    one INSERT ... SELECT (see `_pg_upsert`); a frame skips the dicts altogether. SQLite
+    (in-process, no round trips) and other PostgreSQL drivers: one executemany of INSERT ...
+    ON CONFLICT. Values must already have their column's type (a float into an INTEGER column
+    is rounded, as PostgreSQL's assignment cast does).
+    """
+    if len(rows) == 0:
         return 0
     dialect = conn.dialect.name
+    if dialect == "postgresql" and conn.dialect.driver == "psycopg":
+        frame = rows if isinstance(rows, pd.DataFrame) else _records_frame(rows)
+        _pg_upsert(conn, table, frame, key=key)
+        return len(rows)
     if dialect == "postgresql":
         stmt: Any = postgresql.insert(table)
     elif dialect == "sqlite":
         stmt = sqlite.insert(table)
     else:
         raise DatabaseError(f"dialect {dialect!r} is not supported (use sqlite or postgresql)")
-    columns = rows[0].keys()
-    updates = {c: stmt.excluded[c] for c in columns if c not in key}
-    stmt = stmt.on_conflict_do_update(index_elements=list(key), set_=updates)
-    conn.execute(stmt, list(rows))
-    return len(rows)
+    records = to_records(rows) if isinstance(rows, pd.DataFrame) else list(rows)
+    updates = {c: stmt.excluded[c] for c in records[0] if c not in key}
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(key), set_=updates), records)
+    return len(records)
+
+
+_PG_COPY_CHUNK = 50_000  # rows turned into Python values at a time while COPYing
+# What binary COPY can write into each column type (else the whole COPY goes as text).
+_PG_BINARY = {"bool": "bool", "int2": "int", "int4": "int", "int8": "int", "float4": "float",
+              "float8": "float", "text": "str", "varchar": "str", "bpchar": "str",
+              "timestamp": "timestamp", "date": "date"}
+
+
+def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: Sequence[str]) -> None:
+    """COPY `frame` into a staging table, then move it into `table` with one INSERT ... SELECT.
+
+    The staging table is TEMP, under a fresh name (upsert may run several times in one
+    transaction, on the same table too), with the target's column types but none of its
+    constraints (NOT NULL and CHECK fire in the INSERT and name the real table); it is dropped
+    after the INSERT, and ON COMMIT anyway. COPY goes through the caller's psycopg connection,
+    so it is part of the caller's transaction: an error anywhere leaves nothing behind. The
+    INSERT is a plain one while no key exists yet, else ON CONFLICT (`_insert_if_all_new`).
+    ON CONFLICT DO UPDATE refuses to touch a row twice in one statement, so of the rows that
+    share a key only the last is sent (keys holding a NULL never conflict: all are kept).
+    """
+    import contextlib
+    import uuid
+
+    import psycopg  # the driver of postgresql+psycopg URLs; only this path needs it
+
+    key = list(key)
+    repeated = frame.duplicated(subset=key, keep="last") & frame[key].notna().all(axis=1)
+    if repeated.any():
+        frame = frame[~repeated.to_numpy()]
+    driver = conn.connection.driver_connection
+    # Under AUTOCOMMIT every statement would commit (and drop the staging table): one block.
+    with driver.transaction() if driver.autocommit else contextlib.nullcontext():
+        quote = conn.dialect.identifier_preparer.quote
+        columns = [str(c) for c in frame.columns]
+        names = ", ".join(quote(c) for c in columns)
+        target = conn.dialect.identifier_preparer.format_table(table)
+        staging = f"upsert_{uuid.uuid4().hex}"
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {staging} ON COMMIT DROP AS SELECT {names} FROM {target} WITH NO DATA"
+        )
+        statement = f"COPY {staging} ({names}) FROM STDIN"
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(f"SELECT {names} FROM {staging} LIMIT 0")
+                types = [driver.adapters.types.get(c.type_code) for c in cursor.description]
+                frame, binary = _pg_copy_frame(frame, [t.name if t else None for t in types])
+                if binary:
+                    statement += " (FORMAT BINARY)"
+                with cursor.copy(statement) as copy:
+                    if binary:
+                        copy.set_types([t.oid for t in types])
+                    for start in range(0, len(frame), _PG_COPY_CHUNK):
+                        chunk = frame.iloc[start : start + _PG_COPY_CHUNK]
+                        for row in zip(*(_plain_column(series) for _, series in chunk.items())):
+                            copy.write_row(row)
+        except psycopg.Error as exc:  # the same exception classes as every other statement here
+            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+        insert = f"INSERT INTO {target} ({names}) SELECT {names} FROM {staging}"
+        updates = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in key)
+        on_conflict = f"{insert} ON CONFLICT ({', '.join(quote(k) for k in key)}) " + (
+            f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
+        if not (_unique_on(table, key) and _insert_if_all_new(conn, insert)):
+            conn.exec_driver_sql(on_conflict)
+        conn.exec_driver_sql(f"DROP TABLE {staging}")
+
+
+def _insert_if_all_new(conn: Connection, insert: str) -> bool:
+    """Run a plain INSERT in a savepoint; False, and nothing inserted, if a key already exists.
+
+    A plain INSERT costs about two thirds of INSERT ... ON CONFLICT (which checks the unique
+    index before every row and confirms each insertion); when no key exists yet (a first write,
+    or write_run's rows after its DELETE) it is all the upsert needs. When a key exists, it
+    fails on that row (at once for a rerun, whose first row already exists) and the caller
+    runs ON CONFLICT; a concurrent writer of the same keys ends the same way.
+    """
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(insert)
+    except sa.exc.IntegrityError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "23505":  # unique_violation
+            raise
+        return False
+    return True
+
+
+def _unique_on(table: sa.Table, key: Sequence[str]) -> bool:
+    """Whether `table` (as reflected) has a primary key, unique constraint or index on exactly `key`.
+
+    Only then can a plain INSERT stand in for ON CONFLICT: without one it would never fail, and
+    ON CONFLICT must be the statement that reports the missing constraint.
+    """
+    wanted = set(key)
+    uniques = [c for c in table.constraints if isinstance(c, (sa.PrimaryKeyConstraint, sa.UniqueConstraint))]
+    uniques += [index for index in table.indexes if index.unique]
+    return any({column.name for column in unique.columns} == wanted for unique in uniques)
+
+
+def _pg_copy_frame(frame: pd.DataFrame, types: Sequence[str | None]) -> tuple[pd.DataFrame, bool]:
+    """`frame` with ints for INTEGER and floats for DOUBLE columns, and whether COPY can be binary.
+
+    A float into an integer column is rounded half to even, as PostgreSQL's assignment cast does.
+    Binary COPY needs every column to hold what its type's binary form takes; otherwise the
+    whole COPY goes as text and PostgreSQL parses each value (e.g. an int into a VARCHAR).
+    """
+    binary = True
+    for (name, series), type_name in zip(list(frame.items()), types):
+        want, have = _PG_BINARY.get(type_name or ""), _value_kind(series)
+        if want == "int" and have == "float":
+            frame = frame.assign(**{name: np.rint(series).astype("Int64")})
+        elif want == "float" and have == "int":
+            frame = frame.assign(**{name: series.astype("float64")})
+        elif want is None or have not in (want, "null"):
+            binary = False
+    return frame, binary
+
+
+def _value_kind(series: pd.Series) -> str:
+    """What a column holds: null, bool, int, float, str, timestamp (naive), date or other."""
+    if not series.notna().any():
+        return "null"
+    dtype = series.dtype
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        return "other"
+    if dtype.kind in "biufM":  # numpy and pandas' nullable dtypes alike
+        return {"b": "bool", "i": "int", "u": "int", "f": "float", "M": "timestamp"}[dtype.kind]
+    inferred = pd.api.types.infer_dtype(series, skipna=True)
+    return {"string": "str", "boolean": "bool", "integer": "int", "floating": "float",
+            "mixed-integer-float": "float", "date": "date"}.get(inferred, "other")
+
+
+def _records_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Dicts with the keys of the first one as a frame (None becomes NaN/NaT, read back as None)."""
+    return pd.DataFrame(list(rows), columns=list(rows[0]))
 
 
 def write_run(
@@ -256,14 +457,15 @@ def write_run(
     scores_table = reflect_table(conn, MODEL_SCORES)
     as_of = pd.Timestamp(as_of).to_pydatetime()
     created_at = datetime.now().replace(microsecond=0)
-    if actuals is not None:
-        write_actuals(conn, dataset=dataset, panel=actuals, created_at=created_at)
+    lock_run(conn, dataset=dataset, as_of=as_of)
     tables = [forecasts_table] if scores is None else [forecasts_table, scores_table]
     for table in tables:
         conn.execute(
             sa.delete(table).where(table.c.dataset == dataset, table.c.as_of == as_of)
         )
-    forecast_rows = to_records(forecasts, dataset=dataset, as_of=as_of, created_at=created_at)
+    if actuals is not None:
+        write_actuals(conn, dataset=dataset, panel=actuals, created_at=created_at)
+    forecast_rows = forecasts.assign(dataset=dataset, as_of=as_of, created_at=created_at)
     n_forecasts = upsert(
         conn, forecasts_table, forecast_rows, key=("dataset", "series_id", "as_of", "ts")
     )
@@ -272,9 +474,66 @@ def write_run(
     score_frame = scores.assign(
         series_key=scores["series_id"].where(scores["series_id"].notna(), AGGREGATE_KEY)
     )
-    score_rows = to_records(score_frame, dataset=dataset, as_of=as_of, created_at=created_at)
+    score_rows = score_frame.assign(dataset=dataset, as_of=as_of, created_at=created_at)
     n_scores = upsert(conn, scores_table, score_rows, key=("dataset", "as_of", "model", "series_key"))
     return n_forecasts, n_scores
+
+
+def lock_run(conn: Connection, *, dataset: str, as_of: datetime) -> None:
+    """Serialise writers of the same (dataset, as_of) until the caller's transaction ends.
+
+    Without it, two runs of one night on PostgreSQL (READ COMMITTED) could each delete before
+    the other inserts and leave the union of both sets. With it, the second writer waits, then
+    deletes the first one's rows and writes its own: exactly one set remains. SQLite needs no
+    lock: its first write (write_run's DELETE) takes the database's single write lock, waiting
+    up to busy_timeout, and holds it to the end of the transaction.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b(f"{dataset}\x00{as_of.isoformat()}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)  # pg advisory locks take a signed bigint
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def check_output_writable(conn: Connection, *, dataset: str) -> None:
+    """Raise OutputNotWritable unless a run could write its rows; writes nothing.
+
+    Run before training, so a read-only database or a role without INSERT fails the night in
+    a second rather than after hours of training. It upserts and deletes one probe row per
+    output table (the same statements as write_run, so the same privileges), then rolls back.
+    """
+    probe = {"dataset": dataset, "as_of": datetime(1900, 1, 1)}
+    rows = {
+        FORECASTS: ({**probe, "series_id": "-", "ts": datetime(1900, 1, 2), "step": 1, "value": 0.0,
+                     "model": "-"}, ("dataset", "series_id", "as_of", "ts")),
+        MODEL_SCORES: ({**probe, "model": "-", "series_key": AGGREGATE_KEY, "series_id": None},
+                       ("dataset", "as_of", "model", "series_key")),
+        ACTUALS: ({"dataset": dataset, "series_id": "-", "ts": datetime(1900, 1, 1), "value": 0.0},
+                  ("dataset", "series_id", "ts")),
+    }
+    with conn.begin_nested() if conn.in_transaction() else conn.begin() as transaction:
+        try:
+            for name, (row, key) in rows.items():
+                table = reflect_table(conn, name, dataset=dataset)
+                upsert(conn, table, [row], key=key)
+                conn.execute(sa.delete(table).where(*(table.c[k] == row[k] for k in key)))
+        except sa.exc.DBAPIError as exc:
+            reason = write_refusal(exc)
+            if reason is None:
+                raise
+            raise not_writable(conn.engine, dataset, reason) from None
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
+
+
+def not_writable(engine: Engine, dataset: str, reason: str) -> OutputNotWritable:
+    reason = scrub(reason, engine.url.render_as_string(hide_password=False))
+    return OutputNotWritable(
+        f"dataset {dataset!r}: the output tables ({FORECASTS}, {MODEL_SCORES}, {ACTUALS}) of "
+        f"database {describe(engine)} refuse writes: {reason}. Nothing was written; the source "
+        "tables were only read"
+    )
 
 
 def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, created_at: datetime) -> int:
@@ -291,21 +550,22 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
         return 0
     recent = panel.loc[panel["ts"] > pd.Timestamp(oldest), ["series_id", "ts", "value"]]
     recent = recent[recent["value"].notna()]
-    rows = to_records(recent, dataset=dataset, loaded_at=created_at)
+    rows = recent.assign(dataset=dataset, loaded_at=created_at)
     return upsert(conn, reflect_table(conn, ACTUALS), rows, key=("dataset", "series_id", "ts"))
 
 
 def to_records(frame: pd.DataFrame, **constants: Any) -> list[dict[str, Any]]:
-    """Plain Python values (no numpy scalars, NaN as None) for the driver."""
+    """One dict per row of plain Python values (NaN, NaT and NA as None) for the driver."""
     frame = frame.assign(**constants)
-    records = []
-    for row in frame.to_dict(orient="records"):
-        records.append({k: _plain(v) for k, v in row.items()})
-    return records
+    names = list(frame.columns)
+    columns = [_plain_column(series) for _, series in frame.items()]
+    return [dict(zip(names, values)) for values in zip(*columns)]
 
 
 def _plain(value: Any) -> Any:
-    if value is None:
+    if isinstance(value, np.datetime64):
+        value = pd.Timestamp(value)
+    if value is None or value is pd.NaT or value is pd.NA:
         return None
     if isinstance(value, pd.Timestamp):
         return value.to_pydatetime()
@@ -314,6 +574,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
+
+
+def _plain_column(series: pd.Series) -> list[Any]:
+    """`_plain` of every value of a column, a whole array at a time for the usual dtypes."""
+    dtype = series.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "biu":
+        return series.to_numpy().tolist()
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        values = series.to_numpy()
+        plain = values.tolist()
+        for i in np.flatnonzero(np.isnan(values)).tolist():
+            plain[i] = None
+        return plain
+    if isinstance(dtype, np.dtype) and dtype.kind == "M":  # naive; NaT becomes None
+        return series.to_numpy().astype("datetime64[us]").tolist()
+    values = series.to_numpy(dtype=object, na_value=None)
+    if isinstance(dtype, pd.StringDtype):
+        return values.tolist()
+    return [_plain(v) for v in values]
 
 
 def read_forecasts(conn: Connection, *, dataset: str, as_of: datetime | None = None) -> pd.DataFrame:

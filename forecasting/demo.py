@@ -48,5 +48,5 @@ def load_demo(conn: Connection) -> dict[str, int]:
         ("weather", weather_frame(), ("date",)),
     ):
         table = db.reflect_table(conn, name)
-        written[name] = db.upsert(conn, table, db.to_records(frame), key=key)
+        written[name] = db.upsert(conn, table, frame, key=key)
     return written

@@ -35,6 +35,8 @@ from forecasting.windows import (
     check_horizon,
     check_panel,
     last_windows,
+    series_blocks,
+    tail_rows,
     window_starts,
 )
 
@@ -44,6 +46,7 @@ EpochCallback = Callable[[int, float, float], None]
 CONFIG_FILE = "forecaster.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
+PREDICT_BATCH = 4096  # series per forward pass at predict: bounds the activations' memory
 
 
 def default_input_window(horizon: int, season_length: int) -> int:
@@ -99,11 +102,14 @@ class Forecaster:
                values: np.ndarray) -> pd.DataFrame:
         """Tidy forecasts: series_id, step, ts, value from a [series, horizon] array."""
         h = self.horizon
-        ts = [pd.date_range(t, periods=h + 1, freq=self.freq)[1:] for t in last_ts]
+        last = pd.DatetimeIndex(last_ts).as_unit("ns").asi8 if len(last_ts) else np.empty(0, np.int64)
+        ends, inverse = np.unique(last, return_inverse=True)  # series mostly share their last ts
+        future = np.array([pd.date_range(pd.Timestamp(end), periods=h + 1, freq=self.freq)[1:].as_unit("ns").asi8
+                           for end in ends], np.int64).reshape(len(ends), h)  # [distinct ends, horizon]
         return pd.DataFrame({
             "series_id": np.repeat(np.asarray(series_ids, dtype=object), h),
             "step": np.tile(np.arange(1, h + 1), len(series_ids)),
-            "ts": np.concatenate([t.values for t in ts]) if ts else np.empty(0, "datetime64[ns]"),
+            "ts": future[inverse.reshape(-1)].reshape(-1).astype("datetime64[ns]"),
             "value": np.asarray(values, np.float64).reshape(-1),
         })
 
@@ -118,19 +124,23 @@ class BaselineForecaster(Forecaster):
         return self
 
     def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
+        """Every series at once: naive and seasonal naive as array lookups, ETS one fit per series
+        (in worker processes when there are many; see baselines.ets_many)."""
         check_panel(panel, min_length=1, min_length_name="1")
-        ids, last, rows = [], [], []
-        for sid, group in panel.groupby("series_id", sort=False):
-            y = group["value"].to_numpy(np.float64)
-            if self.name == "naive":
-                rows.append(baselines.naive(y, self.horizon))
-            elif self.name == "seasonal_naive":
-                rows.append(baselines.seasonal_naive(y, self.horizon, self.season_length))
-            else:
-                rows.append(baselines.ets(y, self.horizon, self.season_length, series_id=sid))
-            ids.append(sid)
-            last.append(group["ts"].iloc[-1])
-        return self._frame(ids, last, np.stack(rows))
+        blocks = series_blocks(panel)
+        values = panel["value"].to_numpy(np.float64)
+        values = values if blocks.order is None else values[blocks.order]  # series after series
+        ends = blocks.starts + blocks.lengths  # [series] one past each series' last value
+        if self.name == "naive":
+            rows = baselines.naive_many(values, ends, self.horizon)
+        elif self.name == "seasonal_naive":
+            rows = baselines.seasonal_naive_many(values, blocks.starts, ends, self.horizon, self.season_length)
+        else:
+            histories = [values[a:b] for a, b in zip(blocks.starts, ends)]
+            rows = baselines.ets_many(histories, self.horizon, self.season_length, series_ids=blocks.ids)
+        ts = panel["ts"].to_numpy("datetime64[ns]")
+        last = ends - 1 if blocks.order is None else blocks.order[ends - 1]
+        return self._frame(blocks.ids, list(pd.DatetimeIndex(ts[last])), rows)
 
 
 class NeuralForecaster(Forecaster):
@@ -179,23 +189,29 @@ class NeuralForecaster(Forecaster):
         return self
 
     def _features(self, panel: pd.DataFrame) -> tuple[SeriesFeatures, Scaler]:
+        """Features of the last input_window steps of each series (all a forecast reads)."""
         if self.scaler is None or self.torch_module is None:
             raise ValueError(f"forecaster {self.name!r} is not fitted; call fit() or load_forecaster()")
         check_panel(panel, covariates=self.covariates, min_length=self.input_window,
                     min_length_name="input_window")
         scaler = Scaler.from_dict(self.scaler.to_dict())
-        scaler.add_series(panel)  # series unseen in training are scaled by their own history
-        features = build_features(panel, scaler, freq=self.freq, season_length=self.season_length,
+        blocks = series_blocks(panel)
+        scaler.add_series(panel, blocks=blocks)  # series unseen in training: scaled by their own history
+        recent = panel.iloc[tail_rows(blocks, self.input_window)]
+        features = build_features(recent, scaler, freq=self.freq, season_length=self.season_length,
                                   covariates=self.covariates)
         return features, scaler
 
     @torch.no_grad()
     def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
+        """All series in batches of PREDICT_BATCH windows through the network."""
         features, scaler = self._features(panel)
-        x = last_windows(features, self.input_window)  # [series, window, features]
-        scaled = self.torch_module(x).numpy()  # [series, horizon]
-        values = np.stack([scaler.unscale(scaled[i].astype(np.float64), sid)
-                           for i, sid in enumerate(features.series_ids)])  # [series, horizon]
+        x = last_windows(features, self.input_window)  # [series, window, features] float32
+        scaled = np.concatenate([
+            self.torch_module(x[i:i + PREDICT_BATCH]).numpy()  # [batch, horizon]
+            for i in range(0, len(x), PREDICT_BATCH)
+        ]) if len(x) else np.empty((0, self.horizon), np.float32)  # [series, horizon]
+        values = scaler.unscale_rows(scaled, features.series_ids)  # [series, horizon] float64
         return self._frame(features.series_ids, features.last_ts, values)
 
     def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:

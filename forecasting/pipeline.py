@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import pandas as pd
+import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import Engine
 
@@ -22,8 +23,11 @@ from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import forecast_vs_actual, forecast_with_intervals, loss_curves
+from forecasting.validate import Problem
 
 log = logging.getLogger(__name__)
+
+DETAIL_LENGTH = 1000  # model_scores.detail is VARCHAR(1000)
 
 
 class StageTimer:
@@ -58,10 +62,15 @@ def parse_as_of(as_of: str | datetime | None) -> pd.Timestamp | None:
 
 
 def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.Timestamp]:
-    """The series up to as_of, and the effective as_of: the last timestamp of data used."""
+    """The series up to as_of, and the effective as_of: the last timestamp of data used.
+
+    Also checks that the output tables accept writes, so that a read-only target fails the
+    night now rather than after training (see db.check_output_writable).
+    """
     try:
         with engine.connect() as conn:
             panel = db.read_dataset(conn, config, as_of=as_of)
+            db.check_output_writable(conn, dataset=config.name)
     except db.CONNECTION_ERRORS as exc:
         raise db.connect_error(engine, exc) from None  # its text may hold the URL
     if panel.empty:
@@ -361,14 +370,37 @@ def forecast(
     return rows[["series_id", "ts", "step", "value", "lower", "upper", "model", "model_version", "mlflow_run_id"]]
 
 
-def score_rows(comparison: Comparison, run_ids: dict[str, str], *, champion: str) -> pd.DataFrame:
+def score_rows(
+    comparison: Comparison,
+    run_ids: dict[str, str],
+    *,
+    champion: str,
+    dropped: list[Problem] | None = None,
+) -> pd.DataFrame:
     """model_scores rows: every candidate, per series and aggregate; `champion` (the model that
-    made the forecast, which may be a kept champion rather than the backtest's winner) flagged."""
+    made the forecast, which may be a kept champion rather than the backtest's winner) flagged.
+
+    Each series that validation dropped gets one row too (status 'dropped', NULL scores, the
+    failed checks in `detail`), so an analyst finds in SQL which series have no forecast and why.
+    """
     scores = comparison.scores[["model", "series_id", "mae", "rmse", "smape", "mase"]].copy()
     coverage = {r.name: r.coverage for r in comparison.results}
     scores["interval_coverage"] = scores["model"].map(coverage).where(scores["series_id"].isna())
     scores["is_champion"] = scores["model"] == champion
     scores["mlflow_run_id"] = scores["model"].map(run_ids)
+    scores["status"] = "scored"
+    scores["detail"] = None
+    if dropped:
+        details: dict[str, list[str]] = {}
+        for problem in dropped:
+            at = f" at {problem.example}" if problem.example is not None else ""
+            details.setdefault(problem.series_id, []).append(f"{problem.check}{at}: {problem.detail}")
+        rows = pd.DataFrame({
+            "model": champion, "series_id": list(details),
+            "is_champion": False, "mlflow_run_id": run_ids.get(champion), "status": "dropped",
+            "detail": ["; ".join(checks)[:DETAIL_LENGTH] for checks in details.values()],
+        })
+        scores = pd.concat([scores, rows], ignore_index=True)
     return scores
 
 
@@ -389,8 +421,13 @@ def write(
         with engine.begin() as conn:
             return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
                                 scores=scores, actuals=actuals)
-    except db.CONNECTION_ERRORS as exc:
-        raise db.connect_error(engine, exc) from None  # its text may hold the URL
+    except sa.exc.DBAPIError as exc:
+        reason = db.write_refusal(exc)
+        if reason is not None:  # read-only, no privilege, disk full: a retry cannot help
+            raise db.not_writable(engine, config.name, reason) from None
+        if isinstance(exc, db.CONNECTION_ERRORS):
+            raise db.connect_error(engine, exc) from None  # its text may hold the URL
+        raise
 
 
 @dataclass

@@ -8,9 +8,12 @@ to within one call, in one thread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +66,10 @@ def connect(settings: Settings | None = None) -> MlflowClient:
     uri = settings.mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
+        if uri.startswith("sqlite:///"):
+            _prepare_sqlite_store(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # MlflowException, requests errors, sqlalchemy errors
         # `from None`: the original exception's text may hold the URL with its password.
@@ -72,6 +77,29 @@ def connect(settings: Settings | None = None) -> MlflowClient:
             f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
         ) from None
     return client
+
+
+def _prepare_sqlite_store(uri: str) -> None:
+    """Create a sqlite store's tables once, however many workers start at the same moment.
+
+    MLflow creates and migrates its tables (alembic) in whichever process first opens the
+    store; four flow runs starting together on a fresh `mlflow.db` race on that and fail
+    ("Online migration expected to match one row", "database is locked"). An exclusive file
+    lock beside the database lets the first process migrate while the others wait; it also
+    switches the file to WAL, so that readers never block the runs that log to it.
+    """
+    path = Path(uri.removeprefix("sqlite:///"))
+    if str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")  # persistent: once per file
+            except sqlite3.OperationalError as exc:  # busy: another run holds it; stay as is
+                log.info("MLflow store %s stays in its journal mode: %s", path, exc)
 
 
 def _first_line(exc: BaseException) -> str:

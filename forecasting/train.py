@@ -2,7 +2,8 @@
 
 The windows are start indices into one float32 tensor (forecasting.windows); a batch is gathered
 on the device, split into the input part and the target part, and the loss is taken in scaled
-space. The best weights by validation loss are restored at the end.
+space. The best weights by validation loss are restored at the end. Nothing leaves the device
+per batch: the epoch's loss is summed there and read once (a `.item()` per batch is a CUDA sync).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 from forecasting.config import TrainingConfig
-from forecasting.windows import gather_windows
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,17 @@ def _loss_fn(name: str) -> nn.Module:
     return losses[name]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(net: nn.Module, data: torch.Tensor, starts: torch.Tensor, *, input_window: int,
              horizon: int, loss_fn: nn.Module, batch_size: int) -> float:
     net.eval()
-    total, count = 0.0, 0
+    offsets = torch.arange(input_window + horizon, device=data.device)  # [w+h]
+    total = torch.zeros((), dtype=torch.float64, device=data.device)  # summed like a Python float
     for i in range(0, len(starts), batch_size):
-        batch = gather_windows(data, starts[i:i + batch_size], input_window + horizon)  # [b, w+h, f]
+        batch = data[starts[i:i + batch_size, None] + offsets]  # [b, w+h, f]
         pred = net(batch[:, :input_window])  # [b, horizon]
-        total += loss_fn(pred, batch[:, input_window:, 0]).item() * len(batch)
-        count += len(batch)
-    return total / max(count, 1)
+        total += loss_fn(pred, batch[:, input_window:, 0]) * len(batch)
+    return total.item() / max(len(starts), 1)
 
 
 def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
@@ -76,6 +76,7 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
     val_idx = torch.as_tensor(val_starts, dtype=torch.int64).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=training.learning_rate)
     steps_cap = training.max_batches_per_epoch
+    offsets = torch.arange(input_window + horizon, device=device)  # [w+h]: rows of a window, made once
     best, best_state, bad_epochs, history = float("inf"), None, 0, []
     for epoch in range(1, training.max_epochs + 1):
         net.train()
@@ -83,17 +84,17 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
         if steps_cap is not None:
             order = order[: steps_cap * training.batch_size]
         order = order.to(device)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(order), training.batch_size):
-            batch = gather_windows(data, order[i:i + training.batch_size], input_window + horizon)  # [b, w+h, f]
+            batch = data[order[i:i + training.batch_size, None] + offsets]  # [b, w+h, f]
             pred = net(batch[:, :input_window])  # [b, horizon]
             loss = loss_fn(pred, batch[:, input_window:, 0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
             optimizer.step()
-            total += loss.item() * len(batch)
-        train_loss = total / max(len(order), 1)
+            total += loss.detach() * len(batch)
+        train_loss = total.item() / max(len(order), 1)
         val_loss = (evaluate(net, data, val_idx, input_window=input_window, horizon=horizon,
                              loss_fn=loss_fn, batch_size=4 * training.batch_size)
                     if len(val_idx) else train_loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from forecasting.config import DatasetConfig
@@ -54,8 +55,17 @@ class ValidationReport:
 def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
     """The rows the source really holds for the series kept: what `actuals` may record
     (never values filled in by the `fill` policy)."""
-    kept = loaded[loaded["series_id"].isin(report.panel["series_id"].unique()) & loaded["value"].notna()]
-    return kept.drop_duplicates(["series_id", "ts"], keep="last")
+    if report.panel is loaded:  # no problems: nothing dropped, filled, duplicated or NaN
+        return loaded
+    keep = loaded["series_id"].isin(report.panel["series_id"].unique()).to_numpy(copy=True)
+    # Series that passed every check hold neither NaN targets nor duplicate timestamps; only
+    # the repaired ones (policy `fill`) need the rows the source really holds picked out.
+    repaired = keep & loaded["series_id"].isin(list(report.filled)).to_numpy() if report.filled else None
+    if repaired is not None and repaired.any():
+        part = loaded[repaired]
+        real = part["value"].notna().to_numpy() & ~part.duplicated(["series_id", "ts"], keep="last").to_numpy()
+        keep[np.flatnonzero(repaired)[~real]] = False
+    return loaded[keep]
 
 
 def min_length(config: DatasetConfig, input_window: int) -> int:
@@ -66,39 +76,103 @@ def min_length(config: DatasetConfig, input_window: int) -> int:
 def find_problems(
     panel: pd.DataFrame, *, freq: str, required_length: int, as_of: pd.Timestamp | None = None
 ) -> list[Problem]:
-    problems: list[Problem] = []
+    """Every problem of every series, series in sorted order, checks in a fixed order.
+
+    Series whose timestamps are exactly the `freq` grid from their first to their last (the
+    usual case) are checked for all series at once; only the others go through the checks one
+    series at a time, which name the first offending timestamp.
+    """
     offset = pd.tseries.frequencies.to_offset(freq)
-    for series_id, group in panel.groupby("series_id", sort=True):
-        ts = group["ts"]
-        duplicated = ts[ts.duplicated()]
-        if len(duplicated):
-            problems.append(Problem(series_id, "duplicate_timestamps", duplicated.iloc[0],
-                                    f"{len(duplicated)} timestamp(s) appear more than once"))
-        if not ts.is_monotonic_increasing:
-            position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
-            problems.append(Problem(series_id, "unsorted", ts.iloc[position],
-                                    "rows are not in time order"))
-        missing_target = group.loc[group["value"].isna(), "ts"]
-        if len(missing_target):
-            problems.append(Problem(series_id, "missing_target", missing_target.iloc[0],
-                                    f"{len(missing_target)} NaN/NULL target value(s)"))
-        unique = pd.DatetimeIndex(ts.drop_duplicates().sort_values())
-        expected = pd.date_range(unique[0], unique[-1], freq=offset)
-        off_grid = unique.difference(expected)
-        if len(off_grid):
-            problems.append(Problem(series_id, "off_frequency", off_grid[0],
-                                    f"{len(off_grid)} timestamp(s) not on the {freq!r} grid"))
-        gaps = expected.difference(unique)
-        if len(gaps):
-            problems.append(Problem(series_id, "missing_timestamps", gaps[0],
-                                    f"{len(gaps)} timestamp(s) missing against freq {freq!r}"))
-        if len(expected) < required_length:  # steps spanned; gaps are their own check
-            problems.append(Problem(series_id, "too_short", unique[-1],
-                                    f"{len(expected)} time steps, need at least {required_length} "
-                                    "(input window + horizon x (backtest windows + 1))"))
-        if as_of is not None and unique[-1] < as_of:
-            problems.append(Problem(series_id, "ends_before_as_of", unique[-1],
-                                    f"last observation is before as_of {as_of}"))
+    codes, ids = pd.factorize(panel["series_id"], sort=True)  # the order of groupby(sort=True)
+    ts_column = panel["ts"]
+    if len(ids) == 0 or (codes < 0).any() or not _is_naive_datetime(ts_column):
+        return [p for sid, group in panel.groupby("series_id", sort=True)
+                for p in _series_problems(sid, group, freq=freq, offset=offset,
+                                          required_length=required_length, as_of=as_of)]
+    lengths = np.bincount(codes, minlength=len(ids))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    order = np.argsort(codes, kind="stable")  # rows of each series together, panel order within
+    ts = ts_column.to_numpy("datetime64[ns]").view(np.int64)[order]
+    owner = codes[order]
+    same = owner[1:] == owner[:-1]
+    # a series is clean when sorted, without duplicates, NaN or NaT, and exactly on its grid
+    clean = np.ones(len(ids), bool)
+    clean[owner[1:][same & (ts[1:] <= ts[:-1])]] = False  # unsorted or duplicated
+    clean[codes[panel["value"].isna().to_numpy()]] = False
+    clean[owner[ts == np.iinfo(np.int64).min]] = False  # NaT
+    first, last = ts[starts], ts[starts + lengths - 1]
+    # one grid per distinct (first, last): usually a handful for the whole panel
+    pairs, pair_of = np.unique(np.stack([first, last], axis=1), axis=0, return_inverse=True)
+    by_pair = np.argsort(pair_of.reshape(-1), kind="stable")
+    bounds = np.searchsorted(pair_of.reshape(-1)[by_pair], np.arange(len(pairs) + 1))
+    for p, (begin, end) in enumerate(pairs):
+        members = by_pair[bounds[p]:bounds[p + 1]]
+        members = members[clean[members]]
+        if len(members) == 0:
+            continue
+        expected = pd.date_range(pd.Timestamp(begin), pd.Timestamp(end), freq=offset).as_unit("ns").asi8
+        clean[members[lengths[members] != len(expected)]] = False
+        fits = members[lengths[members] == len(expected)]
+        step = max(1, (1 << 20) // max(len(expected), 1))  # about a million rows at a time
+        for chunk in (fits[i:i + step] for i in range(0, len(fits), step)):
+            grid = ts[starts[chunk][:, None] + np.arange(len(expected))] == expected  # [series, steps]
+            clean[chunk[~grid.all(axis=1)]] = False
+    problems: list[Problem] = []
+    for i, sid in enumerate(ids):
+        if not clean[i]:
+            group = panel.iloc[order[starts[i]:starts[i] + lengths[i]]]
+            problems += _series_problems(sid, group, freq=freq, offset=offset,
+                                         required_length=required_length, as_of=as_of)
+            continue
+        end = pd.Timestamp(int(last[i]))
+        if lengths[i] < required_length:  # clean: the steps spanned are its rows
+            problems.append(Problem(sid, "too_short", end, _too_short(int(lengths[i]), required_length)))
+        if as_of is not None and end < as_of:
+            problems.append(Problem(sid, "ends_before_as_of", end, f"last observation is before as_of {as_of}"))
+    return problems
+
+
+def _is_naive_datetime(column: pd.Series) -> bool:
+    return isinstance(column.dtype, np.dtype) and column.dtype.kind == "M"
+
+
+def _too_short(steps: int, required_length: int) -> str:
+    return (f"{steps} time steps, need at least {required_length} "
+            "(input window + horizon x (backtest windows + 1))")
+
+
+def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: pd.DateOffset,
+                     required_length: int, as_of: pd.Timestamp | None) -> list[Problem]:
+    """The checks of one series, in order, each naming its first offending timestamp."""
+    problems: list[Problem] = []
+    ts = group["ts"]
+    duplicated = ts[ts.duplicated()]
+    if len(duplicated):
+        problems.append(Problem(series_id, "duplicate_timestamps", duplicated.iloc[0],
+                                f"{len(duplicated)} timestamp(s) appear more than once"))
+    if not ts.is_monotonic_increasing:
+        position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
+        problems.append(Problem(series_id, "unsorted", ts.iloc[position],
+                                "rows are not in time order"))
+    missing_target = group.loc[group["value"].isna(), "ts"]
+    if len(missing_target):
+        problems.append(Problem(series_id, "missing_target", missing_target.iloc[0],
+                                f"{len(missing_target)} NaN/NULL target value(s)"))
+    unique = pd.DatetimeIndex(ts.drop_duplicates().sort_values())
+    expected = pd.date_range(unique[0], unique[-1], freq=offset)
+    off_grid = unique.difference(expected)
+    if len(off_grid):
+        problems.append(Problem(series_id, "off_frequency", off_grid[0],
+                                f"{len(off_grid)} timestamp(s) not on the {freq!r} grid"))
+    gaps = expected.difference(unique)
+    if len(gaps):
+        problems.append(Problem(series_id, "missing_timestamps", gaps[0],
+                                f"{len(gaps)} timestamp(s) missing against freq {freq!r}"))
+    if len(expected) < required_length:  # steps spanned; gaps are their own check
+        problems.append(Problem(series_id, "too_short", unique[-1], _too_short(len(expected), required_length)))
+    if as_of is not None and unique[-1] < as_of:
+        problems.append(Problem(series_id, "ends_before_as_of", unique[-1],
+                                f"last observation is before as_of {as_of}"))
     return problems
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,19 +136,48 @@ class Scaler:
             scaler.cov_std[column] = _safe_std(values)
         return scaler
 
-    def add_series(self, panel: pd.DataFrame) -> None:
-        """Fit the statistics of series not seen yet (from the history they come with)."""
-        for sid, values in panel.groupby("series_id", sort=False)["value"]:
-            if sid in self.mean:
-                continue
-            z = self._transform(values.to_numpy(np.float64), sid)
-            self.mean[sid] = float(z.mean())
-            m = self.season_length if len(z) > self.season_length else 1
-            if self.scale_by == "seasonal_diff" and len(z) > m:
-                diff = float(np.mean(np.abs(z[m:] - z[:-m])))
-                self.std[sid] = diff if diff > 1e-8 and math.isfinite(diff) else _safe_std(z)
-            else:
-                self.std[sid] = _safe_std(z)
+    def add_series(self, panel: pd.DataFrame, *, blocks: SeriesBlocks | None = None) -> None:
+        """Fit the statistics of series not seen yet (from the history they come with).
+
+        Vectorised over the new series, a bounded number of rows at a time: per series the
+        mean of the transformed values and the divisor (mean absolute seasonal difference,
+        or the standard deviation).
+        """
+        blocks = blocks or series_blocks(panel)
+        new = np.flatnonzero([sid not in self.mean for sid in blocks.ids])
+        if len(new) == 0:
+            return
+        values = panel["value"].to_numpy(np.float64)
+        for series, rows in blocks.chunks(new):
+            lengths = blocks.lengths[series]
+            z = values[rows]  # [rows] the chunk's series one after another
+            if self.log:
+                bad = np.flatnonzero(z <= -1)
+                if len(bad):
+                    first = series[int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))]
+                    self._transform(values[blocks.rows(np.array([first]))], blocks.ids[first])  # raises
+                z = np.log1p(z)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            owner = np.repeat(np.arange(len(series)), lengths)  # [rows] series of each row
+            mean = np.add.reduceat(z, starts) / lengths
+            std = np.sqrt(np.add.reduceat((z - mean[owner]) ** 2, starts) / lengths)
+            divisor = np.where((std > 1e-8) & np.isfinite(std), std, 1.0)  # _safe_std
+            if self.scale_by == "seasonal_diff":
+                m = np.where(lengths > self.season_length, self.season_length, 1)  # [series]
+                mad = np.full(len(series), np.nan)
+                position = np.arange(len(z)) - starts[owner]  # [rows] step within its series
+                for lag in np.unique(m):
+                    has = position >= lag
+                    diff = np.where(has, np.abs(z - np.roll(z, lag)), 0.0)  # |z_t - z_t-lag|
+                    total = np.bincount(owner, weights=diff, minlength=len(series))
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        mad = np.where(m == lag, total / (lengths - lag), mad)
+                use = (lengths > m) & np.isfinite(mad) & (mad > 1e-8)
+                divisor = np.where(use, mad, divisor)
+            for i, index in enumerate(series):
+                sid = blocks.ids[index]
+                self.mean[sid] = float(mean[i])
+                self.std[sid] = float(divisor[i])
 
     def _transform(self, values: np.ndarray, sid: str) -> np.ndarray:
         if self.log:
@@ -157,6 +186,22 @@ class Scaler:
                                  "trained with log1p scaling (values must be > -1)")
             return np.log1p(values)
         return values
+
+    def scale_rows(self, values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """scale() of many rows at once, given each row's series mean and divisor."""
+        z = np.log1p(values) if self.log else values
+        return (z - mean) / std
+
+    def arrays(self, series_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """mean and divisor of the given series as arrays: [series] each."""
+        return (np.array([self.mean[sid] for sid in series_ids], np.float64),
+                np.array([self.std[sid] for sid in series_ids], np.float64))
+
+    def unscale_rows(self, scaled: np.ndarray, series_ids: Sequence[str]) -> np.ndarray:
+        """unscale() of a [series, steps] array, row i of series_ids[i]."""
+        mean, std = self.arrays(series_ids)
+        z = np.asarray(scaled, np.float64) * std[:, None] + mean[:, None]
+        return np.expm1(z) if self.log else z
 
     def scale(self, values: np.ndarray, sid: str) -> np.ndarray:
         return (self._transform(values, sid) - self.mean[sid]) / self.std[sid]
@@ -195,27 +240,90 @@ class SeriesFeatures:
     last_ts: list[pd.Timestamp]
 
 
+CHUNK_ROWS = 1 << 20  # rows converted at a time: bounds the float64 temporaries to a few MiB
+
+
+@dataclass
+class SeriesBlocks:
+    """Where each series of a long panel lies: its rows, series after series.
+
+    Series come in order of first appearance (as groupby(sort=False)), the rows of a series in
+    panel order. `order` is None when the series are already contiguous (the usual case: panels
+    are sorted by series_id, ts), so that no reordered copy of the panel is ever made.
+    """
+
+    ids: list[str]  # [series]
+    lengths: np.ndarray  # [series]
+    starts: np.ndarray  # [series] first position of each series in block order
+    order: np.ndarray | None  # [rows] panel row of each position; None: the identity
+
+    def rows(self, series: np.ndarray) -> np.ndarray:
+        """Panel row positions of the given series, one series after the other."""
+        lengths = self.lengths[series]
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        positions = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(self.starts[series] - first, lengths)
+        return positions if self.order is None else self.order[positions]
+
+    def chunks(self, series: np.ndarray | None = None,
+               max_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(series, their rows) in runs of whole series of about max_rows (CHUNK_ROWS) rows at most."""
+        max_rows = max_rows or CHUNK_ROWS
+        series = np.arange(len(self.ids)) if series is None else np.asarray(series)
+        ends = np.cumsum(self.lengths[series])
+        begin = 0
+        while begin < len(series):
+            base = ends[begin - 1] if begin else 0
+            end = max(int(np.searchsorted(ends, base + max_rows, side="right")), begin + 1)
+            chunk = series[begin:end]
+            yield chunk, self.rows(chunk)
+            begin = end
+
+
+def series_blocks(panel: pd.DataFrame) -> SeriesBlocks:
+    codes, uniques = pd.factorize(panel["series_id"], sort=False)
+    lengths = np.bincount(codes, minlength=len(uniques)).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    contiguous = bool((codes[1:] >= codes[:-1]).all())  # first-appearance codes only rise
+    order = None if contiguous else np.argsort(codes, kind="stable").astype(np.int64)
+    return SeriesBlocks(list(uniques), lengths, starts, order)
+
+
+def tail_rows(blocks: SeriesBlocks, n: int) -> np.ndarray:
+    """Panel rows of the last `n` rows of each series (all of a shorter one), series after series."""
+    keep = np.minimum(blocks.lengths, n)
+    skip = blocks.lengths - keep
+    first = np.concatenate([[0], np.cumsum(keep)[:-1]]).astype(np.int64)
+    positions = np.arange(int(keep.sum()), dtype=np.int64) + np.repeat(blocks.starts + skip - first, keep)
+    return positions if blocks.order is None else blocks.order[positions]
+
+
 def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_length: int,
                    covariates: Sequence[str] = ()) -> SeriesFeatures:
+    """The one float32 tensor every window is gathered from: [total_steps, features].
+
+    Written in place a bounded number of rows at a time: no float64 copy of the panel and no
+    frame per series. Row order: series after series (first appearance), panel order within.
+    """
     n, f = len(panel), 1 + N_CALENDAR + len(covariates)
     data = np.empty((n, f), dtype=np.float32)  # [total_steps, features]
-    ids, starts, lengths, last_ts = [], [], [], []
-    row = 0
-    for sid, group in panel.groupby("series_id", sort=False):
-        k = len(group)
-        data[row:row + k, 0] = scaler.scale(group["value"].to_numpy(np.float64), sid)
-        pos = season_position(group["ts"], freq=freq, season_length=season_length)
-        data[row:row + k, 1:1 + N_CALENDAR] = calendar_features(pos, season_length)
+    blocks = series_blocks(panel)
+    mean, std = scaler.arrays(blocks.ids)  # [series] each
+    values = panel["value"].to_numpy(np.float64)
+    ts = panel["ts"].to_numpy("datetime64[ns]")
+    extra = [panel[c].to_numpy(np.float64) for c in covariates]
+    for series, rows in blocks.chunks():
+        first = int(blocks.starts[series[0]])
+        out = slice(first, first + len(rows))
+        owner = np.repeat(series, blocks.lengths[series])  # [rows]
+        data[out, 0] = scaler.scale_rows(values[rows], mean[owner], std[owner])
+        pos = season_position(pd.DatetimeIndex(ts[rows]), freq=freq, season_length=season_length)
+        data[out, 1:1 + N_CALENDAR] = calendar_features(pos, season_length)
         for j, column in enumerate(covariates):
-            values = group[column].to_numpy(np.float64)
-            data[row:row + k, 1 + N_CALENDAR + j] = (values - scaler.cov_mean[column]) / scaler.cov_std[column]
-        ids.append(sid)
-        starts.append(row)
-        lengths.append(k)
-        last_ts.append(group["ts"].iloc[-1])
-        row += k
-    return SeriesFeatures(torch.from_numpy(data), ids, np.asarray(starts, np.int64),
-                          np.asarray(lengths, np.int64), last_ts)
+            data[out, 1 + N_CALENDAR + j] = (extra[j][rows] - scaler.cov_mean[column]) / scaler.cov_std[column]
+    last = blocks.starts + blocks.lengths - 1
+    last_rows = last if blocks.order is None else blocks.order[last]
+    return SeriesFeatures(torch.from_numpy(data), blocks.ids, blocks.starts.copy(),
+                          blocks.lengths.copy(), list(pd.DatetimeIndex(ts[last_rows])))
 
 
 def window_starts(features: SeriesFeatures, *, input_window: int, horizon: int,

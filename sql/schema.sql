@@ -25,6 +25,8 @@ CREATE INDEX IF NOT EXISTS forecasts_by_as_of ON forecasts (dataset, as_of);
 -- Backtest scores of every candidate of a run: one row per series and one aggregate row per
 -- model. The aggregate row has series_id NULL; the key uses series_key (series_id, or '' for the
 -- aggregate) because NULLs never collide in a UNIQUE constraint, so they cannot be upserted.
+-- A series that validation dropped (policy `drop`) gets one row with status 'dropped', the
+-- model that forecast the others, NULL scores and the failed check in `detail`.
 CREATE TABLE IF NOT EXISTS model_scores (
     dataset        VARCHAR(64)      NOT NULL,
     as_of          TIMESTAMP        NOT NULL,
@@ -37,6 +39,8 @@ CREATE TABLE IF NOT EXISTS model_scores (
     mase           DOUBLE PRECISION,
     interval_coverage DOUBLE PRECISION,  -- aggregate rows: share of actuals inside the interval
     is_champion    BOOLEAN          NOT NULL DEFAULT FALSE,
+    status         VARCHAR(16)      NOT NULL DEFAULT 'scored',  -- scored | dropped
+    detail         VARCHAR(1000),                               -- why a series was dropped
     mlflow_run_id  VARCHAR(64),
     created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
     CONSTRAINT model_scores_key UNIQUE (dataset, as_of, model, series_key),
@@ -53,4 +57,11 @@ CREATE TABLE IF NOT EXISTS actuals (
     value      DOUBLE PRECISION NOT NULL,
     loaded_at  TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
     CONSTRAINT actuals_key PRIMARY KEY (dataset, series_id, ts)
+);
+
+-- Which files of sql/migrations/ a database has had applied. A new database gets schema.sql
+-- as it is now and every migration marked applied; an older one gets the missing migrations.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name        VARCHAR(128)  NOT NULL PRIMARY KEY,
+    applied_at  TIMESTAMP     NOT NULL DEFAULT CURRENT_TIMESTAMP
 );

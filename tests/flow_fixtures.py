@@ -31,7 +31,7 @@ def load_sales(engine: sa.Engine, frame: pd.DataFrame | None = None) -> None:
     with engine.begin() as conn:
         db.init_db(conn)
         db.apply_sql(conn, db.SQL_DIR / "demo.sql")
-        db.upsert(conn, db.reflect_table(conn, "sales"), db.to_records(frame), key=("series_id", "month"))
+        db.upsert(conn, db.reflect_table(conn, "sales"), frame, key=("series_id", "month"))
 
 
 def tiny_config(**changes: object) -> DatasetConfig:

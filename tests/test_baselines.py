@@ -45,3 +45,40 @@ def test_baseline_forecasters_share_the_interface(name, tmp_path):
     if name == "seasonal_naive":
         expected = panel[panel.series_id == "s0"]["value"].to_numpy()[-12:-9]
         np.testing.assert_allclose(out[out.series_id == "s0"]["value"], expected)
+
+
+def test_ets_many_in_worker_processes_equals_one_by_one(monkeypatch):
+    rng = np.random.default_rng(3)
+    t = np.arange(60)
+    histories = [40 + 0.2 * t + 4 * np.sin(2 * np.pi * t / 12 + i) + rng.standard_normal(60) for i in range(6)]
+    histories.append(np.array([3.0, 4.0, 5.0]))  # falls back to seasonal naive
+    ids = [f"s{i}" for i in range(len(histories))]
+    expected = np.stack([baselines.ets(h, 6, 12) for h in histories])
+    baselines._ETS_MEMO.clear()
+    monkeypatch.setattr(baselines, "PARALLEL_MIN_SERIES", 2)
+    parallel = baselines.ets_many(histories, 6, 12, series_ids=ids, n_workers=2)
+    np.testing.assert_array_equal(parallel, expected)
+    # the same histories again: from the memo, without fitting
+    monkeypatch.setattr(baselines, "_ets", lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
+    np.testing.assert_array_equal(baselines.ets_many(histories, 6, 12, series_ids=ids, n_workers=1), expected)
+
+
+def test_workers_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(baselines.WORKERS_ENV, "3")
+    assert baselines.workers() == 3
+    monkeypatch.setenv(baselines.WORKERS_ENV, "0")
+    with pytest.raises(ValueError, match=r"`FORECASTING_WORKERS` \('0'\) must be an integer >= 1"):
+        baselines.workers()
+    monkeypatch.delenv(baselines.WORKERS_ENV)
+    assert baselines.workers() >= 1
+
+
+def test_naive_and_seasonal_naive_of_many_series_equal_one_by_one():
+    histories = [np.arange(1.0, 30.0), np.array([7.0, 8.0]), np.arange(100.0, 112.0)]
+    values = np.concatenate(histories)
+    ends = np.cumsum([len(h) for h in histories])
+    starts = ends - [len(h) for h in histories]
+    np.testing.assert_array_equal(baselines.naive_many(values, ends, 5),
+                                  np.stack([baselines.naive(h, 5) for h in histories]))
+    np.testing.assert_array_equal(baselines.seasonal_naive_many(values, starts, ends, 5, 12),
+                                  np.stack([baselines.seasonal_naive(h, 5, 12) for h in histories]))

@@ -129,3 +129,42 @@ def test_bad_input_names_parameter_series_and_value():
 def _fit_on(panel):
     return make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON,
                            training=tiny_training(max_epochs=1)).fit(panel)
+
+
+def test_batched_predict_equals_predict_series_by_series(monkeypatch):
+    import forecasting.forecasters as forecasters
+
+    f = _fit("lstm", max_epochs=2)
+    together = f.predict(TRAIN)
+    monkeypatch.setattr(forecasters, "PREDICT_BATCH", 3)  # 4 series: batches of 3 and 1
+    batched = f.predict(TRAIN)
+    one_by_one = pd.concat([f.predict(group) for _, group in TRAIN.groupby("series_id", sort=False)],
+                           ignore_index=True)
+    pd.testing.assert_frame_equal(batched, together, rtol=1e-5)
+    pd.testing.assert_frame_equal(one_by_one, together, rtol=1e-5)
+
+
+def test_predict_reads_only_the_last_input_window_of_a_seen_series():
+    f = _fit("gru", max_epochs=2)
+    recent = TRAIN.groupby("series_id", sort=False).tail(f.input_window).reset_index(drop=True)
+    pd.testing.assert_frame_equal(f.predict(recent), f.predict(TRAIN))
+    # rows of a series need not be contiguous in the panel
+    shuffled = TRAIN.sample(frac=1.0, random_state=0).sort_values("ts", kind="stable")
+    out = f.predict(shuffled).sort_values(["series_id", "step"], ignore_index=True)
+    pd.testing.assert_frame_equal(out, f.predict(TRAIN).sort_values(["series_id", "step"], ignore_index=True))
+
+
+@pytest.mark.parametrize("name", ["naive", "seasonal_naive", "ets"])
+def test_baseline_predict_of_all_series_equals_each_series_alone(name):
+    from forecasting import baselines
+
+    panel = pd.concat([PANEL, make_panel(1, 8, seed=5).assign(series_id="short")], ignore_index=True)
+    f = make_forecaster(name, freq="MS", horizon=HORIZON, season_length=SEASON, training=tiny_training())
+    out = f.fit(panel).predict(panel)
+    single = {"naive": lambda y: baselines.naive(y, HORIZON),
+              "seasonal_naive": lambda y: baselines.seasonal_naive(y, HORIZON, SEASON),
+              "ets": lambda y: baselines.ets(y, HORIZON, SEASON)}[name]
+    for sid, group in panel.groupby("series_id", sort=False):
+        np.testing.assert_allclose(out.loc[out.series_id == sid, "value"], single(group["value"].to_numpy()))
+    ends = panel.groupby("series_id", sort=False)["ts"].max()
+    assert (out.groupby("series_id", sort=False)["ts"].min() == ends + pd.DateOffset(months=1)).all()

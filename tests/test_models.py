@@ -55,3 +55,40 @@ def test_bad_config_names_the_parameter_and_value():
         NetConfig(cell="gru", input_size=3, strategy="both")
     with pytest.raises(ValueError, match=r"`horizon` \(0\) must be >= 1"):
         NetConfig(cell="gru", input_size=3, horizon=0)
+
+
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layers):
+    """The hand-written CPU training path (models.sequence_kernel) is nn.RNN/LSTM/GRU's maths:
+    same outputs and same gradients for the input and every weight and bias (float64)."""
+    from forecasting.models import sequence_kernel
+
+    torch.manual_seed(0)
+    rnn = cls(input_size=4, hidden_size=6, num_layers=layers, batch_first=True).double()
+    x = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)  # [batch, window, features]
+    upstream = torch.randn(5, 9, 6, dtype=torch.float64)
+
+    expected = rnn(x)[0]
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [x, *rnn.parameters()])
+    got = sequence_kernel(rnn, cell, x)
+    got_grads = torch.autograd.grad((got * upstream).sum(), [x, *rnn.parameters()])
+
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for name, g, e in zip(["x", *(n for n, _ in rnn.named_parameters())], got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_training_uses_the_kernel_and_inference_uses_torch(monkeypatch):
+    import forecasting.models as models
+
+    calls = []
+    real = models.sequence_kernel
+    monkeypatch.setattr(models, "sequence_kernel", lambda *a: calls.append(1) or real(*a))
+    net = RecurrentNet(NetConfig(cell="lstm", input_size=3, horizon=4, season_length=12))
+    x = torch.randn(2, 24, 3)
+    trained = net(x)
+    with torch.inference_mode():
+        inferred = net(x)
+    assert calls == [1]
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from forecasting import db
 
 AS_OF = datetime(2020, 12, 1)
-N_SERIES, HORIZON = 5000, 6  # 30,000 rows: a write that takes long enough to be watched
+N_SERIES, HORIZON = 20000, 6  # 120,000 rows: even the bulk COPY path takes well over 0.1 s
 
 
 def big_forecast() -> pd.DataFrame:
@@ -87,7 +87,7 @@ def test_a_writer_killed_mid_write_leaves_none_or_all(engine: sa.Engine, databas
     while not marker.exists() and writer.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert marker.exists(), f"the writer never started writing (exit {writer.poll()})"
-    time.sleep(0.1)  # well inside the write of 30,000 rows (about a second or more)
+    time.sleep(0.1)  # well inside the write of 120,000 rows (about a second or more)
     state = marker.read_text()
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)

@@ -103,3 +103,60 @@ def test_series_ending_before_as_of_is_named() -> None:
     panel = pd.DataFrame({"series_id": "late", "ts": ts, "value": 1.0})
     with pytest.raises(ValidationFailed, match="series 'late': ends_before_as_of"):
         validate(panel, CONFIG, input_window=WINDOW, as_of=ts[-1] + pd.DateOffset(months=2))
+
+
+def _observed_by_definition(loaded: pd.DataFrame, report) -> pd.DataFrame:
+    kept = loaded[loaded["series_id"].isin(report.panel["series_id"].unique()) & loaded["value"].notna()]
+    return kept.drop_duplicates(["series_id", "ts"], keep="last")
+
+
+@pytest.mark.parametrize("policy", ["refuse", "drop", "fill"])
+def test_observed_rows_are_the_source_rows_of_the_kept_series(policy: str) -> None:
+    from forecasting.validate import observed_rows
+
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    clean = pd.concat([pd.DataFrame({"series_id": s, "ts": ts, "value": float(i)}) for i, s in enumerate("abc")],
+                      ignore_index=True)
+    loaded = clean.copy()
+    if policy != "refuse":  # b has a NaN and a duplicate, c a gap
+        loaded.loc[len(ts) + 3, "value"] = np.nan
+        loaded = pd.concat([loaded, loaded.iloc[[len(ts) + 5]].assign(value=9.0)], ignore_index=True)
+        loaded = loaded.drop(index=2 * len(ts) + 4)
+    config = tiny_config(validation={"policy": policy})
+    report = validate(loaded, config, input_window=WINDOW, as_of=None)
+    observed = observed_rows(loaded, report)
+    pd.testing.assert_frame_equal(observed, _observed_by_definition(loaded, report))
+    if policy == "refuse":
+        assert observed is loaded  # nothing to pick out: no copy
+
+
+def test_checks_of_all_series_at_once_equal_series_by_series() -> None:
+    from forecasting.validate import _series_problems, find_problems
+
+    rng = np.random.default_rng(0)
+    for freq in ("D", "MS", "W-MON", "h"):
+        for trial in range(25):
+            n, length = int(rng.integers(1, 6)), int(rng.integers(3, 30))
+            ts = pd.date_range("2020-01-01", periods=length, freq=freq)
+            panel = pd.DataFrame({"series_id": np.repeat([f"s{i}" for i in range(n)], length),
+                                  "ts": np.tile(ts.values, n), "value": rng.normal(size=n * length)})
+            panel = panel[~((panel["series_id"] == "s1") & (panel.index % length < 2))]  # a later start
+            at = panel.index[int(rng.integers(0, len(panel)))]
+            kind = trial % 7
+            if kind == 1:
+                panel.loc[at, "value"] = np.nan
+            elif kind == 2:
+                panel = panel.drop(index=at)
+            elif kind == 3:
+                panel = pd.concat([panel.loc[:at], panel.loc[[at]], panel.loc[at:].iloc[1:]], ignore_index=True)
+            elif kind == 4:
+                panel = panel.sample(frac=1.0, random_state=trial).reset_index(drop=True)
+            elif kind == 5:
+                panel.loc[at, "ts"] = panel.loc[at, "ts"] + pd.Timedelta(minutes=7)
+            as_of = panel["ts"].max() if trial % 2 else None
+            required = int(rng.integers(2, 30))
+            offset = pd.tseries.frequencies.to_offset(freq)
+            expected = [p for sid, group in panel.groupby("series_id", sort=True)
+                        for p in _series_problems(sid, group, freq=freq, offset=offset,
+                                                  required_length=required, as_of=as_of)]
+            assert find_problems(panel, freq=freq, required_length=required, as_of=as_of) == expected

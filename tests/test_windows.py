@@ -80,3 +80,67 @@ def test_check_panel_names_parameter_series_and_value():
         check_panel(panel, min_length=40)
     with pytest.raises(ValueError, match=r"`panel` lacks columns \['price'\]"):
         check_panel(panel, covariates=["price"])
+
+
+def _reference_features(panel, scaler, *, freq, season_length):
+    """The definition, one series at a time."""
+    rows, ids = [], []
+    for sid, group in panel.groupby("series_id", sort=False):
+        pos = season_position(group["ts"], freq=freq, season_length=season_length)
+        rows.append(np.column_stack([scaler.scale(group["value"].to_numpy(np.float64), sid),
+                                     calendar_features(pos, season_length)]))
+        ids.append(sid)
+    return np.concatenate(rows).astype(np.float32), ids
+
+
+@pytest.mark.parametrize("scale_by", ["std", "seasonal_diff"])
+def test_features_of_all_series_at_once_equal_series_by_series(scale_by, monkeypatch):
+    import forecasting.windows as windows
+
+    panel = pd.concat([make_panel(3, 40), make_panel(1, 10, seed=2).assign(series_id="short"),
+                       make_panel(1, 30, seed=4).assign(series_id="flat", value=5.0)], ignore_index=True)
+    shuffled = panel.sample(frac=1.0, random_state=1).sort_values("ts", kind="stable")  # series interleaved
+    monkeypatch.setattr(windows, "CHUNK_ROWS", 7)  # many chunks, split inside series too
+    for frame in (panel, shuffled):
+        scaler = Scaler.fit(frame, scale_by=scale_by, season_length=12)
+        for sid, group in frame.groupby("series_id", sort=False):  # the per-series definition
+            z = np.log1p(group["value"].to_numpy())
+            assert scaler.mean[sid] == pytest.approx(z.mean(), rel=1e-12)
+            m = 12 if len(z) > 12 else 1
+            diff = np.abs(z[m:] - z[:-m]).mean()
+            std = z.std() if z.std() > 1e-8 else 1.0
+            want = diff if scale_by == "seasonal_diff" and diff > 1e-8 else std
+            assert scaler.std[sid] == pytest.approx(want, rel=1e-10)
+        feats = build_features(frame, scaler, freq="MS", season_length=12)
+        expected, ids = _reference_features(frame, scaler, freq="MS", season_length=12)
+        assert feats.series_ids == ids
+        assert feats.lengths.tolist() == frame.groupby("series_id", sort=False).size().tolist()
+        np.testing.assert_allclose(feats.data.numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert feats.last_ts == [g["ts"].iloc[-1] for _, g in frame.groupby("series_id", sort=False)]
+
+
+def test_feature_construction_makes_no_float64_copy_of_the_panel(monkeypatch):
+    import tracemalloc
+
+    import forecasting.windows as windows
+
+    n_series, length = 200, 2000  # 400,000 rows: a float64 [rows, 3] copy alone is 9.6 MB
+    rng = np.random.default_rng(0)
+    panel = pd.DataFrame({"series_id": np.repeat([f"s{i}" for i in range(n_series)], length),
+                          "ts": np.tile(pd.date_range("2015-01-01", periods=length, freq="D").values, n_series),
+                          "value": rng.gamma(2.0, 10.0, n_series * length)})
+    scaler = Scaler.fit(panel, scale_by="seasonal_diff", season_length=7)
+    monkeypatch.setattr(windows, "CHUNK_ROWS", 1 << 16)
+    tracemalloc.start()
+    feats = build_features(panel, scaler, freq="D", season_length=7)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert feats.data.dtype == torch.float32 and feats.data.shape == (n_series * length, 3)
+    rows = n_series * length
+    # the float32 result, the series codes (8 bytes a row) and temporaries of one chunk
+    assert peak < feats.data.nbytes + 8 * rows + 8 * 2**20, peak / 2**20
+    # windows are gathered from it on demand: a batch is a view-sized gather, never all windows
+    starts = torch.as_tensor([0, 5, 2000])
+    batch = gather_windows(feats.data, starts, 35)
+    assert batch.shape == (3, 35, 3) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch[2], feats.data[2000:2035])

@@ -1,0 +1,436 @@
+"""Pipeline overhead: the wall time of `forecasting run` on the sales config, split into its parts.
+
+    .venv/bin/python benchmarks/overhead.py [--repeat 3] [--plain 1] [--config configs/sales.yaml]
+
+Target (issue #7): everything that is not training - Prefect, MLflow, the database, validation -
+is at most 10% of the wall time of the whole `forecasting run` process.
+
+In a temporary directory (its own SQLite database, MLflow sqlite store and PREFECT_HOME, so
+Prefect runs its ephemeral API as a fresh installation would), `forecasting init-db` and
+`forecasting load-demo` write the real aus_retail data, then `forecasting run` runs --repeat
+times, each in its own process. The first run is a first night (fresh Prefect and MLflow
+databases, no champion yet); later runs are the nights after (same as_of, rows replaced).
+
+Each run is `forecasting.cli.main(["run", ...])` in a child process that records, without
+changing what runs:
+- the stages of pipeline.StageTimer (the wall seconds `forecasting run` prints);
+- every Prefect task call (its wall) and the task function inside it (the work), so that
+  Prefect's own per-task time is the difference;
+- `run_backtest` inside each backtest (the models' fit + predict + scores; the rest of the
+  stage is the interval calibration);
+- the process's start and import time, the flow's start-up before the first stage, the work
+  after the last stage (finish-tracking, artifacts) and the exit, from the parent;
+- the peak RSS during each stage (a sampling thread, psutil).
+
+Parts of the process wall time:
+- training: the task functions of backtest:<cell> and fit-champion (the networks);
+- baselines: the task functions of backtest:naive / seasonal_naive / ets (fitting statistical
+  models is model fitting, not pipeline overhead; the issue lists Prefect, MLflow, database and
+  validation as the overhead), shown separately and counted both ways in the verdict;
+- pipeline: load, validate, MLflow tracking/registry, forecast, write (task functions), compare;
+- Prefect: flow start-up (ephemeral API), per-task orchestration, artifacts, flow teardown;
+- python: interpreter start and imports (torch, mlflow, prefect, pandas), and process exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = ("rnn", "lstm", "gru")
+BASELINES = ("naive", "seasonal_naive", "ets")
+TARGET = 0.10
+TRAINING = "training (cells' backtests + fit-champion)"
+
+
+# ====================================================================== child: one instrumented run
+
+
+class Recorder:
+    """What the child process records: stage intervals, task calls, peak RSS per stage."""
+
+    def __init__(self, sample_seconds: float = 0.05) -> None:
+        self.stages: list[tuple[str, float, float]] = []  # name, start, end (time.time)
+        self.tasks: list[tuple[str, float, float, float]] = []  # task, call start, call end, fn seconds
+        self.backtests: list[tuple[str, float]] = []  # candidate, run_backtest seconds
+        self.current = "startup"
+        self.peak_rss: dict[str, int] = defaultdict(int)  # this process
+        self.peak_tree_rss: dict[str, int] = defaultdict(int)  # with child processes
+        self.sample_seconds = sample_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start_sampling(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+
+        def sample() -> None:
+            tick = 0
+            while not self._stop.is_set():
+                stage = self.current
+                rss = me.memory_info().rss
+                self.peak_rss[stage] = max(self.peak_rss[stage], rss)
+                if tick % 4 == 0:  # children (Prefect's server, workers) less often
+                    total = rss
+                    for child in me.children(recursive=True):
+                        try:
+                            total += child.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    self.peak_tree_rss[stage] = max(self.peak_tree_rss[stage], total)
+                tick += 1
+                self._stop.wait(self.sample_seconds)
+
+        self._thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def instrument(recorder: Recorder) -> None:
+    """Patch timers around the real flow; nothing it does changes."""
+    import functools
+
+    from prefect import Task
+
+    import flows.nightly as nightly
+    from forecasting import pipeline
+
+    base = pipeline.StageTimer
+
+    class RecordingTimer(base):  # type: ignore[misc, valid-type]
+        @contextmanager
+        def stage(self, name: str):  # type: ignore[override]
+            recorder.current = name
+            start = time.time()
+            try:
+                with base.stage(self, name):
+                    yield
+            finally:
+                recorder.stages.append((name, start, time.time()))
+                recorder.current = "between stages"
+
+    pipeline.StageTimer = RecordingTimer  # type: ignore[misc]
+
+    fn_seconds: dict[str, float] = {}
+
+    def timed_fn(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                fn_seconds[name] = fn_seconds.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    class TimedTask:
+        """Stands in for a Prefect task in the flow module: times the whole task call."""
+
+        def __init__(self, task: Any) -> None:
+            self.task = task
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            name = self.task.name
+            fn_seconds[name] = 0.0
+            start = time.time()
+            try:
+                return self.task(*args, **kwargs)
+            finally:
+                recorder.tasks.append((name, start, time.time(), fn_seconds.get(name, 0.0)))
+
+        def __getattr__(self, item: str) -> Any:
+            return getattr(self.task, item)
+
+    for attr, value in list(vars(nightly).items()):
+        if isinstance(value, Task):
+            value.fn = timed_fn(value.name, value.fn)
+            setattr(nightly, attr, TimedTask(value))
+
+    real_backtest = pipeline.run_backtest
+
+    @functools.wraps(real_backtest)
+    def run_backtest(panel: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return real_backtest(panel, *args, **kwargs)
+        finally:
+            recorder.backtests.append((",".join(kwargs.get("candidates", ["?"])), time.perf_counter() - start))
+
+    pipeline.run_backtest = run_backtest
+
+
+def child_run(config: str, out: Path) -> None:
+    """Run `forecasting run --config CONFIG` in this process, instrumented; write JSON to `out`."""
+    t_first = time.time()
+    import flows.nightly  # noqa: F401  (what `forecasting run` imports, timed here)
+    from forecasting import cli
+
+    t_imported = time.time()
+    recorder = Recorder()
+    instrument(recorder)
+    summaries: list[dict] = []
+    real_print = cli.print_summary
+
+    def print_summary(summary: dict) -> None:
+        summaries.append(summary)
+        real_print(summary)
+
+    cli.print_summary = print_summary
+    recorder.start_sampling()
+    t_call = time.time()
+    rc = cli.main(["run", "--config", config])
+    t_done = time.time()
+    recorder.current = "after flow"
+    recorder.stop_sampling()
+    import resource
+
+    out.write_text(json.dumps({
+        "rc": rc, "t_first": t_first, "t_imported": t_imported, "t_call": t_call, "t_done": t_done,
+        "stages": recorder.stages, "tasks": recorder.tasks, "backtests": recorder.backtests,
+        "peak_rss": dict(recorder.peak_rss), "peak_tree_rss": dict(recorder.peak_tree_rss),
+        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "summary": summaries[0] if summaries else None,
+    }, default=str))
+
+
+# ====================================================================== parent: runs and tables
+
+
+def bench_env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in list(env):
+        if key.startswith("PREFECT_API") or key == "PREFECT_PROFILE":
+            env.pop(key)  # the ephemeral API, as on a fresh machine
+    env.update({
+        "FORECASTING_DATABASE_URL": f"sqlite:///{workdir / 'forecasting.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "PREFECT_HOME": str(workdir / "prefect"),
+        # Prefect's default (20 s) is too short for a fresh ephemeral server on a busy shared
+        # machine; the time it does take is measured either way.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": env.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    return env
+
+
+def forecasting_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "forecasting.cli", *args]
+
+
+def timed_command(cmd: list[str], *, env: dict[str, str], log: Path) -> float:
+    start = time.time()
+    with log.open("a") as out:
+        done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False)
+    seconds = time.time() - start
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); log {log}:\n{tail}")
+    return seconds
+
+
+def instrumented_run(config: str, *, env: dict[str, str], workdir: Path, index: int) -> dict[str, Any]:
+    out = workdir / f"run{index}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", config, "--out", str(out)]
+    t_spawn = time.time()
+    timed_command(cmd, env=env, log=workdir / f"run{index}.log")
+    t_exit = time.time()
+    record = json.loads(out.read_text())
+    if record["rc"] != 0 or not record["stages"]:
+        tail = "\n".join((workdir / f"run{index}.log").read_text().splitlines()[-20:])
+        raise SystemExit(f"`forecasting run --config {config}` failed (rc {record['rc']}):\n{tail}")
+    record.update(t_spawn=t_spawn, t_exit=t_exit)
+    (workdir / f"run{index}.parent.json").write_text(json.dumps({"t_spawn": t_spawn, "t_exit": t_exit}))
+    return record
+
+
+def saved_run(workdir: Path, index: int) -> dict[str, Any] | None:
+    """A run measured before (its JSON and the parent's timing beside it), or None."""
+    out, parent = workdir / f"run{index}.json", workdir / f"run{index}.parent.json"
+    if not (out.exists() and parent.exists()):
+        return None
+    record = json.loads(out.read_text())
+    record.update(json.loads(parent.read_text()))
+    return record if record["rc"] == 0 and record["stages"] else None
+
+
+def breakdown(r: dict[str, Any]) -> dict[str, float]:
+    """The process wall time of one run, split into parts that add up to it."""
+    stages = r["stages"]
+    first, last = min(s[1] for s in stages), max(s[2] for s in stages)
+    inside = lambda t: any(s[1] <= t[1] and t[2] <= s[2] for s in stages)  # noqa: E731
+    tasks = r["tasks"]
+    fn = defaultdict(float)
+    prefect_tasks = 0.0
+    for name, start, end, seconds in tasks:
+        fn[name if inside((name, start, end)) else f"untimed:{name}"] += seconds
+        prefect_tasks += (end - start) - seconds
+    backtest_fn = {}  # backtest task fn seconds per candidate, in stage order
+    for name, start, end, seconds in tasks:
+        if name == "backtest":
+            stage = next(s[0] for s in stages if s[1] <= start and end <= s[2])
+            backtest_fn[stage.split(":", 1)[1]] = seconds
+    stage_wall = sum(s[2] - s[1] for s in stages)
+    task_call_in_stages = sum(e - s for n, s, e, _ in tasks if inside((n, s, e)))
+    parts = {
+        "python start + imports": r["t_call"] - r["t_spawn"],
+        "prefect flow start-up": first - r["t_call"],
+        TRAINING: sum(backtest_fn.get(c, 0.0) for c in CELLS)
+        + fn.get("fit-champion", 0.0),
+        "baselines' backtests": sum(backtest_fn.get(c, 0.0) for c in BASELINES),
+        "load (database)": fn.get("load", 0.0),
+        "validate": fn.get("validate", 0.0),
+        "MLflow tracking": fn.get("start-tracking", 0.0) + fn.get("log-candidate", 0.0)
+        + fn.get("untimed:finish-tracking", 0.0),
+        "register + promote (MLflow)": fn.get("register", 0.0) + fn.get("promote", 0.0),
+        "forecast": fn.get("forecast", 0.0),
+        "write (database)": fn.get("write", 0.0),
+        "compare": fn.get("untimed:compare", 0.0),
+        "in stages, outside tasks": stage_wall - task_call_in_stages,
+        "prefect per-task orchestration": prefect_tasks,
+        "after last stage, outside tasks (artifacts, teardown)": (r["t_done"] - last) - sum(
+            e - s for n, s, e, _ in tasks if s >= last),
+        "process exit": r["t_exit"] - r["t_done"],
+        "between stages, outside tasks": (last - first) - stage_wall - sum(
+            e - s for n, s, e, _ in tasks if not inside((n, s, e)) and first <= s and e <= last),
+    }
+    parts["unaccounted"] = (r["t_exit"] - r["t_spawn"]) - sum(parts.values())
+    parts["process wall"] = r["t_exit"] - r["t_spawn"]
+    parts["sum of stages"] = stage_wall
+    # intervals: the part of each backtest task that is not run_backtest
+    parts["of backtests: interval calibration"] = sum(backtest_fn.values()) - sum(s for _, s in r["backtests"])
+    return parts
+
+
+def stage_table(r: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """Per stage: wall, task-function work, Prefect's part (wall - work - code outside tasks)."""
+    out: dict[str, list[float]] = {}
+    for name, start, end in r["stages"]:
+        work = sum(sec for _, s, e, sec in r["tasks"] if start <= s and e <= end)
+        calls = sum(e - s for _, s, e, _ in r["tasks"] if start <= s and e <= end)
+        row = out.setdefault(name, [0.0, 0.0, 0.0])
+        row[0] += end - start
+        row[1] += work
+        row[2] += calls - work
+    return {k: tuple(v) for k, v in out.items()}  # type: ignore[misc]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/sales.yaml")
+    parser.add_argument("--repeat", type=int, default=3, help="instrumented runs (the first is a first night)")
+    parser.add_argument("--plain", type=int, default=1,
+                        help="uninstrumented `forecasting run` processes after them, to check the instrumentation")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the databases here (default: a temp dir)")
+    parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--child-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_run:
+        child_run(args.child_run, args.out)
+        return
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = bench_env(workdir)
+        setup = {
+            "init-db": timed_command(forecasting_cmd("init-db"), env=env, log=workdir / "setup.log"),
+            "load-demo": timed_command(forecasting_cmd("load-demo"), env=env, log=workdir / "setup.log"),
+        }
+        print(f"setup: init-db {setup['init-db']:.1f}s, load-demo {setup['load-demo']:.1f}s (not part of a run)")
+        runs = []
+        for i in range(args.repeat):
+            record = instrumented_run(args.config, env=env, workdir=workdir, index=i)
+            runs.append(record)
+            parts = breakdown(record)
+            decision = record["summary"]["decision"] if record["summary"] else "?"
+            print(f"run {i + 1}/{args.repeat}: process {parts['process wall']:.1f}s, stages "
+                  f"{parts['sum of stages']:.1f}s, training {parts[TRAINING]:.1f}s, decision {decision}", flush=True)
+        plain = [timed_command([str(Path(sys.executable).parent / "forecasting"), "run", "--config", args.config],
+                               env=env, log=workdir / "plain.log") for _ in range(args.plain)]
+
+    cold, warm = runs[0], runs[1:] or runs[:1]
+    part_rows = {}
+    for label, group in (("first night", [cold]), ("next nights (median)", warm)):
+        parts = [breakdown(r) for r in group]
+        part_rows[label] = {k: median([p[k] for p in parts]) for k in parts[0]}
+    table = pd.DataFrame(part_rows)
+    totals = table.loc["process wall"]
+    order = [k for k in table.index if k not in ("process wall", "sum of stages",
+                                                  "of backtests: interval calibration")]
+    shares = table.loc[order] / totals
+    table_out = table.loc[order + ["process wall", "sum of stages", "of backtests: interval calibration"]]
+    table_out = pd.concat({"seconds": table_out, "share": shares}, axis=1)
+    print("\nProcess wall time of `forecasting run`, by part:")
+    print(table_out.to_string(float_format=lambda v: f"{v:.3f}"))
+
+    stages = defaultdict(list)
+    for r in warm:
+        for name, row in stage_table(r).items():
+            stages[name].append(row)
+    peaks = defaultdict(list)
+    for r in warm:
+        for name, rss in r["peak_rss"].items():
+            peaks[name].append(rss / 2**20)
+    stage_rows = pd.DataFrame({
+        name: {"wall s": median([v[0] for v in rows]), "task work s": median([v[1] for v in rows]),
+               "prefect s": median([v[2] for v in rows]), "peak RSS MiB": median(peaks.get(name, []))}
+        for name, rows in stages.items()
+    }).T
+    print("\nPer stage, next nights (median of", len(warm), "runs):")
+    print(stage_rows.to_string(float_format=lambda v: f"{v:.2f}"))
+
+    verdicts = []
+    for label, row in part_rows.items():
+        wall = row["process wall"]
+        training = row[TRAINING]
+        baselines = row["baselines' backtests"]
+        startup = row["prefect flow start-up"]
+        overhead = wall - training - baselines
+        verdicts.append(
+            f"{label}: process wall {wall:.1f}s; overhead (not model fitting) {overhead:.1f}s = "
+            f"{overhead / wall:.1%} of the process ({'meets' if overhead / wall <= TARGET else 'misses'} "
+            f"<= 10%); counting the baselines' backtests as overhead too: {(overhead + baselines) / wall:.1%}; "
+            f"without Prefect's flow start-up ({startup:.1f}s): {(overhead - startup) / (wall - startup):.1%}")
+    if plain:
+        verdicts.append(f"uninstrumented `forecasting run` process wall: {', '.join(f'{p:.1f}s' for p in plain)} "
+                        f"(instrumented next nights median {part_rows['next nights (median)']['process wall']:.1f}s)")
+    verdicts.append(f"setup (not in the runs): init-db {setup['init-db']:.1f}s, load-demo {setup['load-demo']:.1f}s")
+    print()
+    for line in verdicts:
+        print(line)
+    if not args.no_results:
+        from results import append_section
+
+        body = (table_out.to_markdown(floatfmt=".3f") + "\n\nPer stage, next nights (median):\n\n"
+                + stage_rows.to_markdown(floatfmt=".2f"))
+        append_section(f"pipeline overhead: `forecasting run --config {args.config}` "
+                       f"({args.repeat} runs)", body, notes=verdicts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shared by the benchmark scripts: the machine they ran on, and a dated section in RESULTS.md.
+
+Every script prints its table and then calls `append_section`, so RESULTS.md keeps the history
+of what was measured, where and with which command (these machines are noisy: a ratio measured
+within one run is the figure to quote, not a lone absolute time).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """One line: CPU count, Python, torch and the git commit measured."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=RESULTS.parent, check=False).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    return (f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, commit {commit}")
+
+
+def append_section(title: str, table: pd.DataFrame | str, *, notes: list[str] | None = None) -> None:
+    """Append '## <UTC date> <title>' with the command, the machine, the table and notes."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = table if isinstance(table, str) else table.to_markdown(floatfmt=".3f")
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    lines = [f"## {stamp} — {title}", "", f"`{command}` on {machine()}", "", body, ""]
+    lines += [f"- {note}" for note in notes or []]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach section is appended by the script that measured it.\n\n")
+    with RESULTS.open("a") as out:
+        out.write("\n".join(lines).rstrip() + "\n\n")

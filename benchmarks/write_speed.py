@@ -1,0 +1,325 @@
+"""Write speed: db.upsert of 1,000,000 forecast rows against a plain COPY of the same rows.
+
+    .venv/bin/python benchmarks/write_speed.py [--url URL] [--series 10000] [--steps 100]
+
+In one run, on a PostgreSQL database that the script creates and drops, `--repeats` times on a
+fresh schema each: (a) a plain binary COPY of the rows into the empty forecasts table, (b)
+`db.upsert` of the same frame into the empty table, (c) `db.upsert` again over the same keys
+with new values (every row conflicts and is updated), (d) what write_run does on a rerun:
+DELETE that (dataset, as_of), then `db.upsert`. Prints medians and the ratios to COPY (target
+for (b): <= 2x) and appends them to RESULTS.md. Once, for before/after: `db.upsert` of
+`db.to_records(frame)` (the dicts write_run passes today), the executemany path that upsert
+replaced on `--old-rows` rows (scaled linearly), and SQLite (in-process executemany, new and
+old) on `--sqlite-rows` rows.
+The rows are synthetic (random walks), which is fine here: only their number and types matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from results import append_section  # noqa: E402
+
+from forecasting import db  # noqa: E402
+
+KEY = ("dataset", "series_id", "as_of", "ts")
+DEFAULT_URL = os.environ.get("FORECASTING_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/postgres")
+
+
+def forecast_frame(
+    n_series: int, steps: int, *, seed: int = 0, created_at: str = "2024-06-01 02:00:00"
+) -> pd.DataFrame:
+    """n_series x steps rows of the forecasts table, as write_run would send them."""
+    rng = np.random.default_rng(seed)
+    ts = pd.date_range("2024-06-01", periods=steps, freq="h")
+    value = 100 + rng.normal(0, 1, (n_series, steps)).cumsum(axis=1).ravel()
+    width = rng.uniform(1, 5, n_series * steps)
+    return pd.DataFrame({
+        "dataset": "bench",
+        "series_id": np.repeat([f"series-{i:06d}" for i in range(n_series)], steps),
+        "as_of": pd.Timestamp("2024-05-31 23:00:00"),
+        "ts": np.tile(ts.to_numpy(), n_series),
+        "step": np.tile(np.arange(1, steps + 1), n_series),
+        "value": value, "lower": value - width, "upper": value + width,
+        "model": "gru", "model_version": "7", "mlflow_run_id": "0123456789abcdef0123456789abcdef",
+        "created_at": pd.Timestamp(created_at),
+    })
+
+
+def plain_copy(conn: sa.Connection, frame: pd.DataFrame) -> None:
+    """The floor: binary COPY of the frame straight into forecasts, no staging, no conflicts."""
+    driver = conn.connection.driver_connection
+    columns = list(frame.columns)
+    types = {"step": "int4", "value": "float8", "lower": "float8", "upper": "float8",
+             "as_of": "timestamp", "ts": "timestamp", "created_at": "timestamp"}
+    with driver.cursor() as cursor, cursor.copy(
+        f"COPY forecasts ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types([types.get(c, "varchar") for c in columns])
+        for start in range(0, len(frame), 50_000):
+            chunk = frame.iloc[start : start + 50_000]
+            values = [s.to_numpy().astype("datetime64[us]").tolist() if s.dtype.kind == "M"
+                      else s.to_numpy(dtype=object).tolist() if s.dtype.kind == "O"
+                      else s.to_numpy().tolist() for _, s in chunk.items()]
+            for row in zip(*values):
+                copy.write_row(row)
+
+
+# The write path before this change (git: forecasting/db.py upsert and to_records), kept here
+# only to measure it: one INSERT ... ON CONFLICT per row through the driver's executemany.
+def old_to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    def plain(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, pd.Timestamp):
+            return value.to_pydatetime()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and np.isnan(value):
+            return None
+        return value
+
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def old_upsert(
+    conn: sa.Connection, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]
+) -> int:
+    stmt: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+    updates = {c: stmt.excluded[c] for c in rows[0].keys() if c not in key}
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(key), set_=updates), list(rows))
+    return len(rows)
+
+
+def timed(engine: sa.Engine, write: Callable[[sa.Connection], Any], *, checkpoint: bool = False) -> float:
+    """Seconds for one write in its own transaction, commit included."""
+    if checkpoint:  # start each PostgreSQL measurement without a pending checkpoint
+        with engine.connect() as conn:
+            try:
+                conn.exec_driver_sql("CHECKPOINT")
+            except sa.exc.DBAPIError:  # not a superuser: measure as is
+                pass
+    start = time.perf_counter()
+    with engine.begin() as conn:
+        write(conn)
+    return time.perf_counter() - start
+
+
+def delete_then_upsert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame) -> None:
+    """What a rerun of one (dataset, as_of) does in write_run: delete its rows, upsert the new ones."""
+    as_of = frame["as_of"].iloc[0].to_pydatetime()
+    conn.execute(sa.delete(table).where(table.c.dataset == frame["dataset"].iloc[0], table.c.as_of == as_of))
+    db.upsert(conn, table, frame, key=KEY)
+
+
+def count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT COUNT(*) FROM forecasts").scalar_one()
+
+
+def bench_engine(url: sa.URL) -> sa.Engine:
+    """The product's engine on the schema `bench` of the bench database."""
+    url = url.update_query_dict({"options": "-csearch_path=bench"})
+    return db.make_engine(url=url.render_as_string(hide_password=False))
+
+
+def fresh_schema(admin_of_bench: sa.Engine, name: str) -> None:
+    with admin_of_bench.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+
+
+def postgres_runs(
+    url: sa.URL, frame: pd.DataFrame, rerun: pd.DataFrame, repeats: int
+) -> dict[str, list[float]]:
+    base = sa.create_engine(url)
+    engine = bench_engine(url)
+    times: dict[str, list[float]] = {"copy": [], "upsert": [], "upsert_rerun": [], "delete_upsert": []}
+    try:
+        for i in range(repeats):
+            fresh_schema(base, "bench")
+            with engine.begin() as conn:
+                db.init_db(conn)
+                table = db.reflect_table(conn, db.FORECASTS)
+            times["copy"].append(timed(engine, lambda conn: plain_copy(conn, frame), checkpoint=True))
+            assert count(engine) == len(frame)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("TRUNCATE forecasts")
+            times["upsert"].append(
+                timed(engine, lambda conn: db.upsert(conn, table, frame, key=KEY), checkpoint=True))
+            assert count(engine) == len(frame)
+            times["upsert_rerun"].append(
+                timed(engine, lambda conn: db.upsert(conn, table, rerun, key=KEY), checkpoint=True))
+            with engine.connect() as conn:
+                changed = conn.exec_driver_sql(
+                    "SELECT COUNT(*) FROM forecasts WHERE model = 'lstm'").scalar_one()
+            assert changed == len(frame) == count(engine), "the rerun did not update every row"
+            times["delete_upsert"].append(timed(engine, lambda conn: delete_then_upsert(conn, table, frame),
+                                                checkpoint=True))
+            assert count(engine) == len(frame)
+            done = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+            print(f"  repeat {i + 1}: {done}", flush=True)
+    finally:
+        engine.dispose()
+        base.dispose()
+    return times
+
+
+def once_postgres(url: sa.URL, frame: pd.DataFrame, old_rows: int) -> dict[str, float]:
+    """The list-of-dicts path (to_records, as write_run calls it today) and the old executemany."""
+    base = sa.create_engine(url)
+    engine = bench_engine(url)
+    out = {}
+    try:
+        fresh_schema(base, "bench")
+        with engine.begin() as conn:
+            db.init_db(conn)
+            table = db.reflect_table(conn, db.FORECASTS)
+        out["records"] = timed(engine, lambda conn: db.upsert(conn, table, db.to_records(frame), key=KEY),
+                               checkpoint=True)
+        assert count(engine) == len(frame)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE forecasts")
+        if old_rows:
+            small = frame.iloc[:old_rows]
+            out["old"] = timed(engine, lambda conn: old_upsert(conn, table, old_to_records(small), key=KEY),
+                               checkpoint=True)
+            assert count(engine) == len(small)
+    finally:
+        engine.dispose()
+        base.dispose()
+    return out
+
+
+def sqlite_runs(frame: pd.DataFrame, rerun: pd.DataFrame) -> dict[str, float]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, upsert, rows in [("new", db.upsert, frame), ("new_rerun", db.upsert, rerun)]:
+            engine = db.make_engine(url=f"sqlite:///{tmp}/new.db")
+            with engine.begin() as conn:
+                db.init_db(conn)
+                table = db.reflect_table(conn, db.FORECASTS)
+            out[label] = timed(engine, lambda conn: upsert(conn, table, rows, key=KEY))
+            engine.dispose()
+        engine = db.make_engine(url=f"sqlite:///{tmp}/old.db")
+        with engine.begin() as conn:
+            db.init_db(conn)
+            table = db.reflect_table(conn, db.FORECASTS)
+        out["old"] = timed(engine, lambda conn: old_upsert(conn, table, old_to_records(frame), key=KEY))
+        assert count(engine) == len(frame)
+        engine.dispose()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help="PostgreSQL server (any database there; the script creates its own)")
+    parser.add_argument("--series", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--old-rows", type=int, default=100_000,
+                        help="rows for the old executemany path (0: skip)")
+    parser.add_argument("--sqlite-rows", type=int, default=100_000, help="rows for SQLite (0: skip)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    frame = forecast_frame(args.series, args.steps)
+    rerun = forecast_frame(args.series, args.steps, seed=1, created_at="2024-06-02 02:00:00")
+    rerun = rerun.assign(model="lstm")  # new values in every row
+    n = len(frame)
+    admin = sa.create_engine(sa.make_url(args.url), isolation_level="AUTOCOMMIT")
+    name = f"forecasting_write_speed_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        version = conn.exec_driver_sql("SHOW server_version").scalar_one()
+    url = sa.make_url(args.url).set(database=name)
+    print(f"{n:,} rows ({args.series:,} series x {args.steps} steps), PostgreSQL {version}, "
+          f"{args.repeats} repeats on a fresh schema", flush=True)
+    try:
+        times = postgres_runs(url, frame, rerun, args.repeats)
+        extra = once_postgres(url, frame, args.old_rows)
+        print("  once: " + ", ".join(f"{k} {v:.2f} s" for k, v in extra.items()), flush=True)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    copy = statistics.median(times["copy"])
+    rows = []
+    for label, key in [("plain COPY (binary) into empty forecasts", "copy"),
+                       ("db.upsert(frame) into empty forecasts", "upsert"),
+                       ("db.upsert(frame) again, all keys conflict", "upsert_rerun"),
+                       ("write_run's rerun: DELETE the as_of's rows + db.upsert(frame)", "delete_upsert")]:
+        ratios = [t / c for t, c in zip(times[key], times["copy"])]
+        rows.append({"PostgreSQL, 1 row = 1 forecast step": label, "rows": n,
+                     "median s": statistics.median(times[key]),
+                     "runs s": " / ".join(f"{t:.2f}" for t in times[key]),
+                     "x COPY (ratio of medians)": statistics.median(times[key]) / copy,
+                     "x COPY (per run)": " / ".join(f"{r:.2f}" for r in ratios)})
+    rows.append({"PostgreSQL, 1 row = 1 forecast step": "db.upsert(db.to_records(frame)), dicts as write_run "
+                 "passes them today, into empty forecasts", "rows": n, "median s": extra["records"],
+                 "runs s": f"{extra['records']:.2f} (1 run)",
+                 "x COPY (ratio of medians)": extra["records"] / copy,
+                 "x COPY (per run)": "-"})
+    if args.old_rows:
+        scale = n / args.old_rows
+        rows.append({"PostgreSQL, 1 row = 1 forecast step": "before: old to_records + executemany INSERT ON "
+                     f"CONFLICT, into empty forecasts, scaled from {args.old_rows:,} rows", "rows": n,
+                     "median s": extra["old"] * scale, "runs s": f"{extra['old']:.2f} x {scale:g} (1 run)",
+                     "x COPY (ratio of medians)": extra["old"] * scale / copy, "x COPY (per run)": "-"})
+    table = pd.DataFrame(rows).set_index("PostgreSQL, 1 row = 1 forecast step")
+    print()
+    print(table.to_markdown(floatfmt=".2f"))
+
+    sqlite_table = None
+    if args.sqlite_rows:
+        part, part_rerun = frame.iloc[: args.sqlite_rows], rerun.iloc[: args.sqlite_rows]
+        lite = sqlite_runs(part, part_rerun)
+        sqlite_table = pd.DataFrame([
+            {"SQLite (file, WAL), executemany": "db.upsert(frame) into empty forecasts", "s": lite["new"]},
+            {"SQLite (file, WAL), executemany": "db.upsert(frame) again, all keys conflict",
+             "s": lite["new_rerun"]},
+            {"SQLite (file, WAL), executemany": "old: to_records + executemany (before)", "s": lite["old"]},
+        ]).set_index("SQLite (file, WAL), executemany")
+        sqlite_table["rows/s"] = (len(part) / sqlite_table["s"]).map("{:,.0f}".format)
+        sqlite_table["rows"] = f"{len(part):,}"  # as text: an all-number table prints them as floats
+        print()
+        print(sqlite_table.to_markdown(floatfmt=".2f"))
+
+    verdict = "met" if statistics.median(times["upsert"]) <= 2 * copy else "NOT met"
+    print(f"\ntarget upsert <= 2x COPY (empty table, medians): {verdict}")
+    if not args.no_record:
+        body = table.to_markdown(floatfmt=".2f")
+        if sqlite_table is not None:
+            body += "\n\n" + sqlite_table.to_markdown(floatfmt=".2f")
+        append_section(
+            f"write speed: upsert vs COPY, {n:,} forecast rows (PostgreSQL {version})", body,
+            notes=[f"target upsert <= 2x COPY (empty table, medians): {verdict}",
+                   "COPY and upsert start from the same DataFrame; times include the conversion "
+                   "to Python values and the commit; a CHECKPOINT precedes each PostgreSQL step",
+                   "upsert = binary COPY into a TEMP staging table, then one plain INSERT ... SELECT "
+                   "(in a savepoint) or, when a key already exists, one INSERT ... SELECT ... ON "
+                   "CONFLICT DO UPDATE; the all-conflict rerun writes new values into every row",
+                   f"synthetic rows (random walks), generated {datetime.now():%Y-%m-%d}; "
+                   "the machine is shared, so the ratios within one run are the figures to quote"])
+
+
+if __name__ == "__main__":
+    main()
