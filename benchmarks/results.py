@@ -26,6 +26,10 @@ def machine() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=RESULTS.parent, check=False).stdout.strip() or "?"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".."],
+                                 capture_output=True, text=True, cwd=RESULTS.parent, check=False).stdout
+        if any(not line.endswith("RESULTS.md") for line in changed.splitlines()):
+            commit += " + uncommitted changes"  # what ran is not exactly that commit
     except OSError:
         commit = "?"
     return (f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "

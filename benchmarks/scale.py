@@ -171,7 +171,8 @@ def main() -> None:
                    "training s": med([p[TRAINING] for p in parts]),
                    "peak MiB": peak, "peak MiB with children": tree, "s / 1000 series": total / n * 1000}
         per_stage[n] = stages
-        peaks[n] = {s: med([r["peak_rss"].get(s, 0) for r in records]) / 2**20 for s in STAGES}
+        peaks[n] = {s: med([r["peak_rss"].get(s, float("nan")) for r in records]) / 2**20
+                    for s in STAGES}  # NaN: the stage was over before the first sample
         tree_peaks[n] = tree
 
     table = pd.DataFrame(rows).T

@@ -23,7 +23,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PARALLEL_MIN_SERIES = 64  # below this, worker start-up (~2 s) costs more than it saves
+PARALLEL_MIN_SERIES = 1000  # below this, spawning workers (2-3 s each: numpy, scipy, statsmodels)
+#   costs more than it saves: 608 monthly series took 4.2 s in one process, 5.3-9.7 s in two
 WORKERS_ENV = "FORECASTING_WORKERS"  # processes for ETS fits; default: the CPUs this process may use
 _ETS_MEMO: OrderedDict[tuple, np.ndarray] = OrderedDict()  # identical history -> identical forecast
 _ETS_MEMO_SIZE = 50_000
@@ -73,17 +74,23 @@ def _ets(history: np.ndarray, horizon: int, season_length: int, *, series_id: st
         attempts.append({"trend": None, "seasonal": "add", "seasonal_periods": season_length})
     attempts.append({"trend": None, "seasonal": None})
     for kwargs in attempts:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                warnings.simplefilter("ignore", RuntimeWarning)
-                fit = ExponentialSmoothing(x, initialization_method="estimated", **kwargs).fit()
-            forecast = np.asarray(fit.forecast(horizon), float)
-            forecast = np.exp(forecast) if log_scale else forecast
-            if np.isfinite(forecast).all():
-                return forecast, False
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            log.debug("ETS %s failed for series %r: %s", kwargs, series_id, exc)
+        # Initial states from the first seasons (heuristic) and no brute-force grid before the
+        # optimiser: on aus_retail 9x faster than estimating the states too, and no less
+        # accurate (mean MASE 0.94 against 0.98 on the last 12 months, 0.99 against 1.00 on the
+        # 12 before). "estimated" stays as the fallback for histories too short for it.
+        for init in ("heuristic", "estimated"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    model = ExponentialSmoothing(x, initialization_method=init, **kwargs)
+                    fit = model.fit(use_brute=False)
+                forecast = np.asarray(fit.forecast(horizon), float)
+                forecast = np.exp(forecast) if log_scale else forecast
+                if np.isfinite(forecast).all():
+                    return forecast, False
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                log.debug("ETS %s (%s) failed for series %r: %s", kwargs, init, series_id, exc)
     return seasonal_naive(y, horizon, season_length), True
 
 

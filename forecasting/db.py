@@ -484,15 +484,33 @@ def lock_run(conn: Connection, *, dataset: str, as_of: datetime) -> None:
 
     Without it, two runs of one night on PostgreSQL (READ COMMITTED) could each delete before
     the other inserts and leave the union of both sets. With it, the second writer waits, then
-    deletes the first one's rows and writes its own: exactly one set remains. SQLite needs no
-    lock: its first write (write_run's DELETE) takes the database's single write lock, waiting
-    up to busy_timeout, and holds it to the end of the transaction.
+    deletes the first one's rows and writes its own: exactly one set remains. On SQLite the
+    database's single write lock does it, taken here at the start of the transaction (see
+    take_write_lock), waiting up to busy_timeout, and held to the end of the transaction.
     """
+    if conn.dialect.name == "sqlite":
+        take_write_lock(conn)
+        return
     if conn.dialect.name != "postgresql":
         return
     digest = hashlib.blake2b(f"{dataset}\x00{as_of.isoformat()}".encode(), digest_size=8).digest()
     key = int.from_bytes(digest, "big", signed=True)  # pg advisory locks take a signed bigint
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def take_write_lock(conn: Connection) -> None:
+    """On SQLite, begin the connection's transaction as a writer (BEGIN IMMEDIATE).
+
+    pysqlite begins transactions DEFERRED. One that reads before it writes (table reflection,
+    a SELECT) holds a read snapshot, and if another process commits meanwhile, its first write
+    fails at once with "database is locked": the busy timeout does not apply to that case.
+    Seen with four flow runs starting together. Taking the write lock first waits up to
+    busy_timeout instead. A no-op on other databases, or once the transaction has begun.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    if not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def check_output_writable(conn: Connection, *, dataset: str) -> None:
@@ -513,6 +531,7 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
     }
     with conn.begin_nested() if conn.in_transaction() else conn.begin() as transaction:
         try:
+            take_write_lock(conn)
             for name, (row, key) in rows.items():
                 table = reflect_table(conn, name, dataset=dataset)
                 upsert(conn, table, [row], key=key)

@@ -120,6 +120,9 @@ class BaselineForecaster(Forecaster):
     kind = "baseline"
 
     def fit(self, panel: pd.DataFrame, *, on_epoch: EpochCallback | None = None) -> BaselineForecaster:
+        # Nothing to fit across series: ETS estimates its parameters per series when it
+        # forecasts (so a night's ETS fitting shows in its forecast stage, and on a Dask cluster
+        # it is split into the forecast's shards).
         check_panel(panel, min_length=1, min_length_name="1")
         return self
 

@@ -70,6 +70,7 @@ def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> t
     try:
         with engine.connect() as conn:
             panel = db.read_dataset(conn, config, as_of=as_of)
+        with engine.connect() as conn:  # a transaction of its own: a writer from its start
             db.check_output_writable(conn, dataset=config.name)
     except db.CONNECTION_ERRORS as exc:
         raise db.connect_error(engine, exc) from None  # its text may hold the URL

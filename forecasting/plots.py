@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on a worker
-
-import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # not pyplot: no global figure state, no display, any thread
 
 
 def sample_series(series_ids: pd.Series, n: int) -> list[str]:
@@ -30,7 +25,8 @@ def forecast_vs_actual(
 ) -> Figure:
     """One panel per sampled series: the last `context` actuals, then yhat at each origin."""
     chosen = sample_series(predictions["series_id"], n_series)
-    figure, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.4 * len(chosen)), squeeze=False)
+    figure = Figure(figsize=(9, 2.4 * len(chosen)))
+    axes = figure.subplots(len(chosen), 1, squeeze=False)
     for ax, series_id in zip(axes[:, 0], chosen):
         actual = panel[panel["series_id"] == series_id].tail(context + predictions["step"].max())
         ax.plot(actual["ts"], actual["value"], color="black", linewidth=1, label="actual")
@@ -51,7 +47,8 @@ def forecast_with_intervals(
 ) -> Figure:
     """Tonight's forecast after the last `context` actuals, with its interval as a band."""
     chosen = sample_series(forecast["series_id"], n_series)
-    figure, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.4 * len(chosen)), squeeze=False)
+    figure = Figure(figsize=(9, 2.4 * len(chosen)))
+    axes = figure.subplots(len(chosen), 1, squeeze=False)
     for ax, series_id in zip(axes[:, 0], chosen):
         actual = panel[panel["series_id"] == series_id].tail(context)
         mine = forecast[forecast["series_id"] == series_id]
@@ -67,7 +64,8 @@ def forecast_with_intervals(
 
 def loss_curves(history: list[dict], *, title: str) -> Figure:
     """Train and validation loss per epoch (ensemble members one after another)."""
-    figure, ax = plt.subplots(figsize=(6, 3.2))
+    figure = Figure(figsize=(6, 3.2))
+    ax = figure.subplots()
     epochs = [row["epoch"] for row in history]
     ax.plot(epochs, [row["train_loss"] for row in history], label="train")
     ax.plot(epochs, [row["val_loss"] for row in history], label="validation")

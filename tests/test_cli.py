@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,27 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in COMMANDS:
         assert command in result.stdout
+
+
+def test_console_script_exits_with_the_commands_code_and_all_its_output(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """The script skips the interpreter's teardown (cli.exit_quickly): the exit code, the output
+    and the work must still all be there."""
+    script = Path(sys.executable).parent / "forecasting"
+    done = subprocess.run([str(script), "init-db"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().startswith("schema applied to ")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfreq: MS\n")
+    failed = subprocess.run([str(script), "run", "--config", str(bad)], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=120)
+    assert failed.returncode == 2
+    assert "bad.yaml" in failed.stdout and "source" in failed.stdout
+    engine = sa.create_engine(env["FORECASTING_DATABASE_URL"])
+    with engine.connect() as conn:  # init-db's transaction was committed before the quick exit
+        assert "forecasts" in sa.inspect(conn).get_table_names()
+    engine.dispose()
 
 
 def test_init_db_twice_then_load_demo(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

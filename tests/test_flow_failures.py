@@ -80,3 +80,42 @@ def test_backfill_touches_only_its_dates_and_reruns_change_nothing(engine: sa.En
     # Same rows and values; model_version and mlflow_run_id name the newest run that wrote them.
     provenance = ["created_at", "model_version", "mlflow_run_id"]
     pd.testing.assert_frame_equal(again.drop(columns=provenance), everything.drop(columns=provenance))
+
+
+def test_candidate_logging_in_the_background_is_retried_and_its_failure_fails_the_night(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates' MLflow runs are logged in a background thread while the next one trains: a
+    transient failure there is retried like any tracking call, and a lasting one still fails the
+    night before anything is written, with the parent run marked FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    load_sales(engine)
+    real_log, calls = pipeline.log_candidate, []
+
+    def flaky_log(*args, **kwargs):
+        calls.append(kwargs["result"].name)
+        if calls.count("lstm") == 1 and kwargs["result"].name == "lstm":
+            raise tracking.TrackingError("MLflow tracking at http://x is not reachable: timed out")
+        return real_log(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "log_candidate", flaky_log)
+    summary = nightly(config=tiny_config())
+    assert calls.count("lstm") == 2 and summary["forecast_rows"] == len(SERIES) * 6
+
+    def broken_log(*args, **kwargs):
+        raise PermissionError("MLflow store refused the write")  # not transient: no retry
+
+    monkeypatch.setattr(pipeline, "log_candidate", broken_log)
+    before = forecasts_of(engine)
+    with pytest.raises(PermissionError, match="refused the write"):
+        nightly(config=tiny_config(), as_of="2019-11-01")
+    pd.testing.assert_frame_equal(forecasts_of(engine), before)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    failed = client.search_runs([client.get_experiment_by_name("sales").experiment_id],
+                                filter_string="tags.role = 'nightly' and tags.as_of = '2019-11-01 00:00:00'")
+    assert [run.info.status for run in failed] == ["FAILED"]
+
+
+def forecasts_of(engine: sa.Engine) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return db.read_forecasts(conn, dataset="sales")

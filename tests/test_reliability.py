@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import mlflow
 import pandas as pd
@@ -116,6 +117,19 @@ def test_four_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, en
     runs = client.search_runs([client.get_experiment_by_name("sales").experiment_id],
                               filter_string="tags.role = 'nightly'")
     assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+    # Each process ended through cli.exit_quickly: its flow run's last log still reached the API.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    nightly_runs = client.search_runs([client.get_experiment_by_name(name).experiment_id
+                                       for name in ("sales", "sales_b", "sales_c")],
+                                      filter_string="tags.role = 'nightly'")
+    flow_run_ids = [UUID(run.data.tags["prefect.flow_run_id"]) for run in nightly_runs]
+    assert len(flow_run_ids) == 4
+    with get_client(sync_client=True) as prefect_client:
+        for flow_run_id in flow_run_ids:
+            logs = prefect_client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            assert any(log.message.startswith("done: RunSummary(") for log in logs), flow_run_id
 
 
 def test_two_writers_of_one_night_leave_exactly_one_set(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,3 +300,36 @@ def test_migrating_an_older_database_adds_the_status_columns(engine: sa.Engine) 
         assert db.init_db(conn) == []
         columns = {c["name"] for c in sa.inspect(conn).get_columns("model_scores")}
     assert {"status", "detail"} <= columns
+
+
+def test_load_waits_for_another_processes_write_on_sqlite_instead_of_failing(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock and commits while our load checks that the
+    outputs are writable: the check waits (busy_timeout) and succeeds. A transaction that read
+    before its first write would fail at once with 'database is locked' when the other commits
+    (a stale WAL snapshot is not retried); seen with four flow runs starting together."""
+    import sqlite3
+
+    path = tmp_path / "forecasting.db"
+    engine = db.make_engine(url=f"sqlite:///{path}")
+    load_sales(engine)
+    holding, released = threading.Event(), threading.Event()
+
+    def other_writer() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO actuals (dataset, series_id, ts, value) VALUES ('other', 'x', '2000-01-01', 1.0)")
+        holding.set()
+        time.sleep(1.5)  # while our load reads and then wants to write
+        other.execute("COMMIT")
+        other.close()
+        released.set()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    assert holding.wait(10)
+    started = time.perf_counter()
+    panel, as_of = pipeline.load(engine, tiny_config(), None)
+    thread.join()
+    assert released.is_set() and time.perf_counter() - started >= 1.0  # it waited for the lock
+    assert len(panel) == len(synthetic_sales()) and as_of == panel["ts"].max()
+    engine.dispose()

@@ -111,3 +111,22 @@ def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.Monkey
     with pytest.raises(tracking.TrackingError) as caught:
         tracking.connect(settings)
     assert "127.0.0.1:9" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)
+
+
+def test_registering_a_baseline_forecasts_only_the_signature_examples_series(
+        client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registration must not forecast the whole panel (at 1,000 series it cost half the night)."""
+    t = np.arange(60)
+    panel = pd.concat([pd.DataFrame({"series_id": f"s{i:02d}", "ts": pd.date_range("2015-01-01", periods=60, freq="MS"),
+                                     "value": 100.0 + i + 10 * np.sin(2 * np.pi * t / 12)}) for i in range(30)],
+                      ignore_index=True)
+    fitted = pipeline.fit_final(CONFIG, panel, "seasonal_naive")
+    seen: list[int] = []
+    predict = type(fitted).predict
+    monkeypatch.setattr(type(fitted), "predict", lambda self, frame: seen.append(frame["series_id"].nunique())
+                        or predict(self, frame))
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, CONFIG.name), name="r", tags={})
+    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=CONFIG.name, panel=panel)
+    assert seen and max(seen) <= 2, seen
+    loaded = tracking.load_version(client, CONFIG.name, version)
+    pd.testing.assert_frame_equal(loaded.forecaster.predict(panel), predict(fitted, panel))
