@@ -196,11 +196,28 @@ def read_dataset(
         query: Any = sa.select(*(table.c[c] for c in wanted))
     else:
         query = sa.text(source.query)
-    result = conn.execute(query)
-    frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+    frame = frame_of(conn.execute(query))
     if source.query is not None:
         _require_columns(config, "source.query", wanted, frame.columns)
     return to_long_frame(frame, config, as_of=as_of)
+
+
+READ_CHUNK_ROWS = 250_000  # rows turned into columns at a time
+
+
+def frame_of(result: sa.CursorResult[Any]) -> pd.DataFrame:
+    """A query's rows as a DataFrame, built a chunk of rows at a time, column by column.
+
+    pd.DataFrame(result.fetchall()) held every Row object at once and built the frame row by
+    row: 7.3M rows (10,000 daily series) took 39 s and peaked at 3.45 GiB. Chunks transposed
+    with zip took 24 s and peaked at 0.94 GiB. Types are settled later (to_long_frame).
+    """
+    keys = list(result.keys())
+    chunks = [pd.DataFrame({key: pd.Series(column) for key, column in zip(keys, zip(*rows))})
+              for rows in result.partitions(READ_CHUNK_ROWS)]
+    if not chunks:
+        return pd.DataFrame(columns=keys)
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
 
 
 def _require_columns(

@@ -77,6 +77,25 @@ def test_read_by_table_and_by_query_agree(small_sales: sa.Engine) -> None:
     assert from_table.loc[0, "value"] == 10.0
 
 
+def test_read_in_chunks_equals_read_at_once(small_sales: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks split inside series, and one chunk whose target is all NULL: the same frame."""
+    with small_sales.begin() as conn:
+        conn.execute(sa.text("UPDATE sales SET turnover = NULL WHERE series_id = 'b' AND month >= :m"),
+                     {"m": datetime(2020, 4, 1).date()})
+    query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, turnover FROM sales ORDER BY series_id DESC, month"})})
+    for config in (SALES, query):
+        with small_sales.connect() as conn:
+            whole = db.read_dataset(conn, config)
+        monkeypatch.setattr(db, "READ_CHUNK_ROWS", 3)  # rows 10-12 (b, Apr-Jun) are the NULLs alone
+        with small_sales.connect() as conn:
+            chunked = db.read_dataset(conn, config)
+        monkeypatch.undo()
+        pd.testing.assert_frame_equal(chunked, whole)
+        assert len(whole) == 12 and whole["value"].isna().sum() == 3
+        assert whole["value"].dtype == "float64" and whole["ts"].dtype == "datetime64[ns]"
+
+
 def test_read_up_to_as_of_drops_later_rows(small_sales: sa.Engine) -> None:
     with small_sales.connect() as conn:
         frame = db.read_dataset(conn, SALES, as_of=datetime(2020, 3, 1))
