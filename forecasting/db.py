@@ -304,6 +304,10 @@ def upsert(
     """
     if len(rows) == 0:
         return 0
+    given = rows.columns if isinstance(rows, pd.DataFrame) else rows[0].keys()
+    unknown = [str(c) for c in given if c not in table.columns]
+    if unknown:  # also what keeps the names spliced into _pg_upsert's SQL to the table's own
+        raise ValueError(f"upsert into {table.name!r}: `rows` hold columns the table has not: {unknown}")
     dialect = conn.dialect.name
     if dialect == "postgresql" and conn.dialect.driver == "psycopg":
         frame = rows if isinstance(rows, pd.DataFrame) else _records_frame(rows)
@@ -352,6 +356,10 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
     driver = conn.connection.driver_connection
     # Under AUTOCOMMIT every statement would commit (and drop the staging table): one block.
     with driver.transaction() if driver.autocommit else contextlib.nullcontext():
+        # Identifiers only, no values, in the SQL text below: the column names were checked
+        # against the table's own (upsert), every name is quoted by the dialect, and the
+        # staging name is a uuid.
+        # Every value travels through COPY; COPY and DDL take no bound identifiers.
         quote = conn.dialect.identifier_preparer.quote
         columns = [str(c) for c in frame.columns]
         names = ", ".join(quote(c) for c in columns)

@@ -173,6 +173,20 @@ def test_upsert_twice_keeps_one_row_per_key_with_newer_value(engine: sa.Engine) 
     assert scores["series_id"].isna().sum() == 1  # the aggregate row
 
 
+def test_upsert_refuses_a_column_the_table_has_not(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+        table = db.reflect_table(conn, "actuals")
+        bad = pd.DataFrame({"dataset": ["d"], "series_id": ["s"], "ts": [datetime(2020, 1, 1)],
+                            "value": [1.0], 'value") FROM actuals; --': [2.0]})
+        with pytest.raises(ValueError, match=r"upsert into 'actuals'.*'value\"\) FROM actuals; --'"):
+            db.upsert(conn, table, bad, key=("dataset", "series_id", "ts"))
+        with pytest.raises(ValueError, match="columns the table has not"):
+            db.upsert(conn, table, [{"dataset": "d", "series_id": "s", "ts": datetime(2020, 1, 1), "nope": 1}],
+                      key=("dataset", "series_id", "ts"))
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM actuals")).scalar_one() == 0
+
+
 def test_upsert_by_itself_updates_in_place(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         db.apply_sql(conn, db.SQL_DIR / "demo.sql")
