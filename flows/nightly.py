@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -265,9 +265,9 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     """
     config = load_config(config)
     configure_torch_threads()
-    # load, validate, tracking, one per candidate, fit, the champion's logging, register,
+    # load, validate, one per candidate, fit, the parent's and champion's logging, register,
     # forecast, the other candidates' logging, write, promote
-    total = 3 + len(config.candidates) + 7
+    total = 2 + len(config.candidates) + 7
     with progress.stages(f"{config.name} nightly", total) as on_stage:
         summary = _nightly(config, as_of, pipeline.StageTimer(on_stage))
     return _final_state(config, summary)
@@ -296,24 +296,30 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
     with timer.stage("validate"):
         report = validate_series(config, panel, effective_as_of)
     loaded, panel = panel, report.panel
-    with timer.stage("tracking"):
-        client, experiment, parent = start_tracking(config, effective_as_of, report)
+    started: Future[tuple[Any, str, str]] | None = None
     try:
         results, logged = [], {}
-        # Each candidate's MLflow run (params, curves, plots: 0.3-0.6 s apiece) is logged in a
-        # background thread while the next candidate trains; registration waits for the
-        # champion's run only, the write for all of them. So tracking adds to the night only
-        # what is left of it by then. One thread: the candidates' runs are logged in order.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-candidate") as background:
+        # MLflow work runs in one background thread while the candidates train: first the
+        # night's parent run, then each candidate's run (params, curves, plots: 0.3-0.6 s
+        # apiece) as soon as its backtest is done. Registration waits for the parent and the
+        # champion's run only, the write for all of them, so tracking adds to the night only
+        # what is left of it by then. One thread: the runs are logged in order.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as background:
+            def in_background(fn: Any, *args: Any) -> Future[Any]:
+                # The flow run's context travels along: these are task runs of this flow.
+                return background.submit(contextvars.copy_context().run, fn, *args)
+
+            started = in_background(start_tracking, config, effective_as_of, report)
             for result in _backtests(config, panel, timer):
-                logged[result.name] = background.submit(
-                    contextvars.copy_context().run,  # the flow run's context: a task run of this flow
-                    log_candidate, client, experiment, parent, config, result, panel, effective_as_of)
+                _fail_fast(started)  # MLflow unreachable: stop before training the next candidate
+                logged[result.name] = in_background(_log_candidate_after, started, config, result, panel,
+                                                    effective_as_of)
                 results.append(result)
             comparison = compare(results)
             with timer.stage("fit-champion"):
                 fitted = _here_or_on_cluster(fit_champion, config, panel, comparison.champion)
-            with timer.stage("tracking"):  # what is left of the champion's logging, if anything
+            with timer.stage("tracking"):  # what is left of the parent's and champion's logging
+                client, experiment, parent = started.result()
                 champion_run_id = logged[comparison.champion].result()
             with timer.stage("register"):
                 promotion = register(client, config, panel, comparison, fitted, champion_run_id, parent)
@@ -333,11 +339,28 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
         finish_tracking(client, parent, config, comparison, panel, rows, summary)
     except BaseException:
-        with contextlib.suppress(Exception):  # keep the original error, not MLflow's
-            tracking.end_run(client, parent, status="FAILED")
+        # The background thread has finished (the executor waits for it): a parent run it
+        # started is marked FAILED. Keep the original error, not MLflow's.
+        if started is not None and started.done() and started.exception() is None:
+            client, _, parent = started.result()
+            with contextlib.suppress(Exception):
+                tracking.end_run(client, parent, status="FAILED")
         raise
     _publish(config, comparison, summary)
     return dataclasses.asdict(summary)
+
+
+def _log_candidate_after(started: Future[tuple[Any, str, str]], config: DatasetConfig,
+                         result: pipeline.CandidateResult, panel: pd.DataFrame, as_of: pd.Timestamp) -> str:
+    """log_candidate under the night's parent run, once `start_tracking` has made it."""
+    client, experiment, parent = started.result()  # its error, if it failed, is this one's too
+    return log_candidate(client, experiment, parent, config, result, panel, as_of)
+
+
+def _fail_fast(started: Future[Any]) -> None:
+    """Raise start_tracking's error as soon as it has failed (after its retries)."""
+    if started.done():
+        started.result()
 
 
 def _backtests(config: DatasetConfig, panel: pd.DataFrame,

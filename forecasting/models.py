@@ -63,11 +63,18 @@ class NetConfig:
 # nn.LSTM on the CPU trains through oneDNN and nn.GRU/nn.RNN through one autograd node per time
 # step; at batch 512, hidden 64 that is ~95% of a training step, and this torch build runs both
 # well below its matrix-product speed. `_SequenceLayer` runs one layer over a whole window
-# without autograd inside. All weights are packed into one matrix W of [input + hidden + 1,
-# gates] rows and each step keeps [x_t, h_t-1, 1] in one row block Z_t, so a step's
+# without autograd inside. All weights are packed into one matrix W of [input + 1 + hidden,
+# gates] rows and each step keeps [x_t, 1, h_t-1] in one row block Z_t, so a step's
 # pre-activations are ONE product Z_t @ W, and in the backward pass one product Z_t^T @ dpre
-# per step accumulates every weight and bias gradient while those rows are in cache. The
-# activations are a few fused in-place ops on buffers allocated once per call. Gate layouts,
+# per step accumulates every weight and bias gradient while those rows are in cache. Those
+# products are most of the time and run near the CPU's peak, so W's known zeros are left out of
+# them: GRU keeps the input and recurrent parts of n apart, so its h rows are zero in the n-input
+# columns (a quarter of W), which take a separate small [x_t, 1] product instead (~25% fewer
+# FLOPs per GRU step). At step 0, h_-1 = 0: only the [x_0, 1] rows are multiplied, and no
+# gradient goes to h_-1. (The [x, 1] part of the whole window as one product before the loop,
+# and its gradients as one after it, would leave only h_t-1 @ W_h per step, but products with
+# input + 1 = 4 rows of depth over window x batch rows are memory-bound here: measured slower.)
+# The activations are a few fused in-place ops on buffers allocated once per call. Gate layouts,
 # parameters and results are nn.LSTM/GRU/RNN's (tests compare them to float precision).
 
 
@@ -84,34 +91,35 @@ def _sigmoid_grad(s: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(s, s, s, value=-1.0, out=out)  # s (1 - s): sigmoid' from sigmoid
 
 
-def _gates(cell: str, hid: int) -> int:
-    # GRU keeps the input and recurrent parts of n apart (n = tanh(W_in x + b_in + r (W_hn h + b_hn))).
-    return {"lstm": 4 * hid, "gru": 4 * hid, "rnn": hid}[cell]
+def _gates(cell: str, hid: int) -> tuple[int, int]:
+    """(gate columns, how many of them - the leading ones - see h_t-1). GRU keeps the input and
+    recurrent parts of n apart (n = tanh(W_in x + b_in + r (W_hn h + b_hn))), n input last."""
+    return {"lstm": (4 * hid, 4 * hid), "gru": (4 * hid, 3 * hid), "rnn": (hid, hid)}[cell]
 
 
 def _pack(cell: str, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
-    """W [input + hidden + 1, gates] with [x_t, h_t-1, 1] @ W = the pre-activations of a step."""
+    """W [input + 1 + hidden, gates] with [x_t, 1, h_t-1] @ W = the pre-activations of a step."""
     n_in, hid = w_ih.shape[1], w_hh.shape[1]
     if cell != "gru":
-        return torch.cat([w_ih.t(), w_hh.t(), (b_ih + b_hh)[None]], dim=0)
-    w = w_ih.new_zeros(n_in + hid + 1, 4 * hid)  # columns: r, z (input + recurrent), n input, n recurrent
-    w[:n_in, :3 * hid] = w_ih.t()
-    w[n_in:-1, :2 * hid] = w_hh[:2 * hid].t()
-    w[n_in:-1, 3 * hid:] = w_hh[2 * hid:].t()
-    w[-1, :3 * hid] = b_ih
-    w[-1, :2 * hid] += b_hh[:2 * hid]
-    w[-1, 3 * hid:] = b_hh[2 * hid:]
+        return torch.cat([w_ih.t(), (b_ih + b_hh)[None], w_hh.t()], dim=0)
+    w = w_ih.new_zeros(n_in + 1 + hid, 4 * hid)  # columns: r, z (input + recurrent), n recurrent, n input
+    w[:n_in, :2 * hid] = w_ih[:2 * hid].t()
+    w[:n_in, 3 * hid:] = w_ih[2 * hid:].t()
+    w[n_in, :2 * hid] = b_ih[:2 * hid] + b_hh[:2 * hid]
+    w[n_in, 2 * hid:3 * hid] = b_hh[2 * hid:]
+    w[n_in, 3 * hid:] = b_ih[2 * hid:]
+    w[n_in + 1:, :3 * hid] = w_hh.t()  # w_hh's rows r, z, n; zero in the n-input columns
     return w
 
 
 def _unpack(cell: str, d_w: torch.Tensor, n_in: int, hid: int) -> tuple[torch.Tensor, ...]:
     """(d_w_ih, d_w_hh, d_b_ih, d_b_hh) from the gradient of the packed W."""
     if cell != "gru":  # one bias sum, two .grad tensors: never hand autograd the same one twice
-        return d_w[:n_in].t().contiguous(), d_w[n_in:-1].t().contiguous(), d_w[-1].clone(), d_w[-1].clone()
-    rz, n_h = slice(0, 2 * hid), slice(3 * hid, 4 * hid)
-    d_w_hh = torch.cat([d_w[n_in:-1, rz], d_w[n_in:-1, n_h]], dim=1).t().contiguous()
-    d_b_hh = torch.cat([d_w[-1, rz], d_w[-1, n_h]])
-    return d_w[:n_in, :3 * hid].t().contiguous(), d_w_hh, d_w[-1, :3 * hid].clone(), d_b_hh
+        return d_w[:n_in].t().contiguous(), d_w[n_in + 1:].t().contiguous(), d_w[n_in].clone(), d_w[n_in].clone()
+    rz, n_x = slice(0, 2 * hid), slice(3 * hid, 4 * hid)
+    d_w_ih = torch.cat([d_w[:n_in, rz], d_w[:n_in, n_x]], dim=1).t().contiguous()
+    d_b_ih = torch.cat([d_w[n_in, rz], d_w[n_in, n_x]])
+    return d_w_ih, d_w[n_in + 1:, :3 * hid].t().contiguous(), d_b_ih, d_w[n_in, :3 * hid].clone()
 
 
 class _SequenceLayer(torch.autograd.Function):
@@ -121,22 +129,29 @@ class _SequenceLayer(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                 b_ih: torch.Tensor, b_hh: torch.Tensor, cell: str) -> torch.Tensor:
         t_len, batch, n_in = x.shape
-        hid = w_hh.shape[1]
-        w = _pack(cell, w_ih, w_hh, b_ih, b_hh)  # [input + hidden + 1, gates]
+        hid, k = w_hh.shape[1], n_in + 1  # Z_t's first k columns, [x_t, 1], see every gate
+        gates, rec = _gates(cell, hid)
+        w = _pack(cell, w_ih, w_hh, b_ih, b_hh)  # [input + 1 + hidden, gates]
         w_fwd = w
         if cell == "lstm":  # double the candidate's pre-activation: one sigmoid gives tanh = 2 s(2a) - 1
             w_fwd = w.clone()
             w_fwd[:, 2 * hid:3 * hid] *= 2.0
-        z = x.new_empty(t_len + 1, batch, n_in + hid + 1)  # row t: [x_t, h_t-1, 1]
+        z = x.new_empty(t_len + 1, batch, k + hid)  # row t: [x_t, 1, h_t-1]
         z[:t_len, :, :n_in] = x
-        z[0, :, n_in:-1] = 0.0
-        z[:, :, -1] = 1.0
-        h_all = z[1:, :, n_in:-1]  # [window, batch, hidden]: h_t, written by step t
-        pre = x.new_empty(t_len, batch, _gates(cell, hid))  # activations, kept for the backward
+        z[:, :, n_in] = 1.0
+        z[0, :, k:] = 0.0
+        h_all = z[:, :, k:]  # [window + 1, batch, hidden]: h_t-1 in row t, written by step t - 1
+        pre = x.new_empty(t_len, batch, gates)  # activations, kept for the backward
         cells = x.new_empty(2, t_len, batch, hid) if cell == "lstm" else None  # c_t and tanh(c_t)
         for t in range(t_len):
-            a = torch.mm(z[t], w_fwd, out=pre[t])  # [batch, gates]
-            h_prev, h = z[t, :, n_in:-1], h_all[t]
+            a, h_prev, h = pre[t], h_all[t], h_all[t + 1]  # a: [batch, gates]
+            if not t:  # h_-1 = 0: the x and bias rows only
+                torch.mm(z[t, :, :k], w_fwd[:k], out=a)
+            elif rec < gates:  # GRU: the h rows are zero in the n-input columns
+                torch.mm(z[t], w_fwd[:, :rec], out=a[:, :rec])
+                torch.mm(z[t, :, :k], w_fwd[:k, rec:], out=a[:, rec:])
+            else:
+                torch.mm(z[t], w_fwd, out=a)
             if cell == "lstm":
                 a.sigmoid_()
                 i, f, g, o = a.chunk(4, 1)
@@ -147,29 +162,33 @@ class _SequenceLayer(torch.autograd.Function):
                 torch.mul(o, tanh_c, out=h)
             elif cell == "gru":
                 rz = a[:, :2 * hid].sigmoid_()
-                n = _tanh_(a[:, 2 * hid:3 * hid].addcmul_(rz[:, :hid], a[:, 3 * hid:]))
+                n = _tanh_(a[:, 3 * hid:].addcmul_(rz[:, :hid], a[:, 2 * hid:3 * hid]))
                 torch.sub(h_prev, n, out=h).mul_(rz[:, hid:]).add_(n)  # n + z (h_prev - n)
             else:
                 _tanh_(torch.mul(a, 1.0, out=h))
         ctx.cell, ctx.n_in = cell, n_in
         ctx.w, ctx.z, ctx.pre, ctx.cells = w, z, pre, cells
-        return h_all
+        return h_all[1:]  # [window, batch, hidden]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cell, n_in, w, z, pre, cells = ctx.cell, ctx.n_in, ctx.w, ctx.z, ctx.pre, ctx.cells
         t_len, batch, gates = pre.shape
-        hid = z.shape[2] - n_in - 1
-        w_x, w_h = w[:n_in].t(), w[n_in:-1].t()  # [gates, input], [gates, hidden]
+        k = n_in + 1
+        hid = z.shape[2] - k
+        rec = _gates(cell, hid)[1]
+        h_all = z[:, :, k:]
+        w_x, w_h = w[:n_in].t(), w[k:, :rec].t()  # [gates, input], [rec, hidden]
         d_w = w.new_zeros(w.shape)
         d_x = z.new_empty(t_len, batch, n_in) if ctx.needs_input_grad[0] else None
         d_pre, tmp = z.new_empty(batch, gates), z.new_empty(batch, hid)
+        d_rec = d_pre[:, :rec]  # [batch, rec]: the gates that see h_t-1
         ones = z.new_ones(batch, hid)
         dh, dc = z.new_zeros(batch, hid), z.new_zeros(batch, hid)
         for t in range(t_len - 1, -1, -1):
             dh += d_out[t]
-            a, h, h_prev = pre[t], z[t + 1, :, n_in:-1], z[t, :, n_in:-1]
+            a, h, h_prev = pre[t], h_all[t + 1], h_all[t]
             if cell == "lstm":
                 i, f, g, o = a.chunk(4, 1)
                 di, df, dg, do = d_pre.chunk(4, 1)
@@ -184,18 +203,28 @@ class _SequenceLayer(torch.autograd.Function):
                 _one_minus_square(g, out=dg, ones=ones).mul_(dc).mul_(i)
                 dc.mul_(f)
             elif cell == "gru":
-                r, zg, n, n_h = a.chunk(4, 1)  # n_h: W_hn h + b_hn
-                dr, dz, dn, dn_h = d_pre.chunk(4, 1)
+                r, zg, n_h, n = a.chunk(4, 1)  # n_h: W_hn h + b_hn
+                dr, dz, dn_h, dn = d_pre.chunk(4, 1)
                 torch.sub(ones, zg, out=dn).mul_(dh).mul_(_one_minus_square(n, out=tmp, ones=ones))
                 torch.sub(h_prev, n, out=dz).mul_(dh).mul_(_sigmoid_grad(zg, out=tmp))
                 _sigmoid_grad(r, out=dr).mul_(dn).mul_(n_h)
                 torch.mul(dn, r, out=dn_h)
             else:
                 _one_minus_square(h, out=d_pre, ones=ones).mul_(dh)
-            d_w.addmm_(z[t].t(), d_pre)  # every weight and bias of this step
             if d_x is not None:
                 torch.mm(d_pre, w_x, out=d_x[t])
-            dh = torch.addmm(dh.mul_(zg), d_pre, w_h) if cell == "gru" else d_pre @ w_h  # [batch, hidden]
+            if not t:  # h_-1 = 0: the x and bias rows only, and no state before it to pass dh to
+                d_w[:k].addmm_(z[t, :, :k].t(), d_pre)
+                break
+            if rec < gates:  # GRU: every weight and bias of this step but the zero block
+                d_w[:, :rec].addmm_(z[t].t(), d_rec)
+                d_w[:k, rec:].addmm_(z[t, :, :k].t(), d_pre[:, rec:])
+            else:
+                d_w.addmm_(z[t].t(), d_pre)  # every weight and bias of this step
+            if cell == "gru":
+                dh.mul_(zg).addmm_(d_rec, w_h)  # [batch, hidden]: through z and through the gates
+            else:
+                torch.mm(d_rec, w_h, out=dh)  # [batch, hidden]
         return (d_x, *_unpack(cell, d_w, n_in, hid), None)
 
 

@@ -5,6 +5,20 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no display, any thread
 
+# Fixed margins instead of tight_layout: tight_layout renders the figure to measure its text,
+# and leaves a layout engine behind that makes savefig render it once more before the real
+# draw - two thirds of a figure's cost (measured with py-spy on a sales night). Panels are
+# stacked 2.4 inches apart with one title each, so fixed fractions fit them all.
+PANEL_INCHES = 2.4
+
+
+def _stacked_margins(figure: Figure, title: str, panels: int) -> None:
+    """The figure's title in its top 0.3 inch, then the panels, each with its own title."""
+    height = PANEL_INCHES * panels
+    figure.suptitle(title, y=1 - 0.08 / height, va="top")
+    figure.subplots_adjust(left=0.08, right=0.98, top=1 - 0.6 / height, bottom=0.35 / height,
+                           hspace=0.55)
+
 
 def sample_series(series_ids: pd.Series, n: int) -> list[str]:
     """Evenly spaced over the sorted ids, so the same series are shown night after night."""
@@ -25,7 +39,7 @@ def forecast_vs_actual(
 ) -> Figure:
     """One panel per sampled series: the last `context` actuals, then yhat at each origin."""
     chosen = sample_series(predictions["series_id"], n_series)
-    figure = Figure(figsize=(9, 2.4 * len(chosen)))
+    figure = Figure(figsize=(9, PANEL_INCHES * len(chosen)))
     axes = figure.subplots(len(chosen), 1, squeeze=False)
     for ax, series_id in zip(axes[:, 0], chosen):
         actual = panel[panel["series_id"] == series_id].tail(context + predictions["step"].max())
@@ -37,8 +51,7 @@ def forecast_vs_actual(
                 ax.fill_between(group["ts"], group["lower"], group["upper"], alpha=0.2)
         ax.set_title(str(series_id), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
-    figure.suptitle(title)
-    figure.tight_layout()
+    _stacked_margins(figure, title, len(chosen))
     return figure
 
 
@@ -47,7 +60,7 @@ def forecast_with_intervals(
 ) -> Figure:
     """Tonight's forecast after the last `context` actuals, with its interval as a band."""
     chosen = sample_series(forecast["series_id"], n_series)
-    figure = Figure(figsize=(9, 2.4 * len(chosen)))
+    figure = Figure(figsize=(9, PANEL_INCHES * len(chosen)))
     axes = figure.subplots(len(chosen), 1, squeeze=False)
     for ax, series_id in zip(axes[:, 0], chosen):
         actual = panel[panel["series_id"] == series_id].tail(context)
@@ -57,8 +70,7 @@ def forecast_with_intervals(
         ax.fill_between(mine["ts"], mine["lower"], mine["upper"], alpha=0.25, label="interval")
         ax.set_title(str(series_id), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
-    figure.suptitle(title)
-    figure.tight_layout()
+    _stacked_margins(figure, title, len(chosen))
     return figure
 
 
@@ -73,5 +85,5 @@ def loss_curves(history: list[dict], *, title: str) -> Figure:
     ax.set_ylabel("loss (scaled)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.15)
     return figure

@@ -42,6 +42,32 @@ def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, 
         assert db.read_forecasts(conn, dataset="sales").empty
 
 
+def test_a_parent_run_that_cannot_start_stops_the_night_before_the_other_candidates_train(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The night's parent MLflow run starts in a background thread while the first candidates
+    train; when it fails for good, the night stops at the next candidate instead of training
+    them all first, and writes nothing."""
+    load_sales(engine)
+    config = tiny_config()
+    real_backtest, trained = pipeline.backtest_candidate, []
+
+    def counting_backtest(config, panel, name, **kwargs):
+        trained.append(name)
+        time.sleep(1.0)  # a candidate takes a while to train; the tiny ones here would not
+        return real_backtest(config, panel, name, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise PermissionError("MLflow store refused the parent run")  # not transient: no retry
+
+    monkeypatch.setattr(pipeline, "backtest_candidate", counting_backtest)
+    monkeypatch.setattr(tracking, "connect", refused)
+    with pytest.raises(PermissionError, match="refused the parent run"):
+        nightly(config=config)
+    assert 1 <= len(trained) < len(config.candidates) and config.candidates[-1] not in trained
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales").empty
+
+
 def test_transient_database_error_is_retried(engine: sa.Engine, env: dict[str, str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     load_sales(engine)

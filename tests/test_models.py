@@ -59,15 +59,16 @@ def test_bad_config_names_the_parameter_and_value():
 
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layers):
+@pytest.mark.parametrize("window", [9, 1])  # 1: the kernel's first step (h_-1 = 0) is special-cased
+def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layers, window):
     """The hand-written CPU training path (models.sequence_kernel) is nn.RNN/LSTM/GRU's maths:
     same outputs and same gradients for the input and every weight and bias (float64)."""
     from forecasting.models import sequence_kernel
 
     torch.manual_seed(0)
     rnn = cls(input_size=4, hidden_size=6, num_layers=layers, batch_first=True).double()
-    x = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)  # [batch, window, features]
-    upstream = torch.randn(5, 9, 6, dtype=torch.float64)
+    x = torch.randn(5, window, 4, dtype=torch.float64, requires_grad=True)  # [batch, window, features]
+    upstream = torch.randn(5, window, 6, dtype=torch.float64)
 
     expected = rnn(x)[0]
     expected_grads = torch.autograd.grad((expected * upstream).sum(), [x, *rnn.parameters()])
