@@ -18,10 +18,11 @@ config's `backtest.windows` origins that ends where the hold-out begins - never 
 NeuralForecast's RNN, LSTM and GRU run in benchmarks/.nf-venv (created on first use, see
 benchmarks/nf_runner.py) with the same input window, horizon, training steps (our budget:
 max_epochs x batches per epoch x ensemble members), windows per step, covariates and torch
-threads; NF's defaults otherwise. Targets, printed as verdicts: champion <= 0.90 x seasonal naive on sales; champion
-better than naive on weather; champion no worse than NF's best RNN-family model on both. On
-weather one 14-day hold-out is mostly noise, so the champion rule is also replayed at each of
-the last --weather-origins origins (rolling_selection): a supplementary table, not the target.
+threads; NF's defaults otherwise. Targets, printed as verdicts: champion <= 0.90 x seasonal
+naive on sales; champion better than naive on weather; champion no worse than NF's best
+RNN-family model on both. On weather one 14-day hold-out is mostly noise, so the champion rule
+is also replayed at each of the last --weather-origins origins (rolling_selection): a
+supplementary table, not the target.
 The tables are appended to benchmarks/RESULTS.md (not with --no-record). On a shared machine
 pass --threads 1: two intra-op threads competing with other processes for 2 cores spin-wait and
 run ~10x slower (measured here), on both sides alike.

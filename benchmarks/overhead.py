@@ -70,7 +70,7 @@ class Recorder:
     def __init__(self, sample_seconds: float = 0.05) -> None:
         self.stages: list[tuple[str, float, float]] = []  # name, start, end (time.time)
         self.tasks: list[tuple[str, float, float, float]] = []  # task, call start, call end, fn seconds
-        self.task_cpu: list[tuple[str, float, float, float]] = []  # task, call start, call end, its thread's CPU s
+        self.task_cpu: list[float] = []  # CPU seconds of the calling thread, one per entry of `tasks`
         self.backtests: list[tuple[str, float]] = []  # candidate, run_backtest seconds
         self.current = "startup"
         self.peak_rss: dict[str, int] = defaultdict(int)  # this process
@@ -160,9 +160,8 @@ def instrument(recorder: Recorder) -> None:
             try:
                 return self.task(*args, **kwargs)
             finally:
-                end = time.time()
-                recorder.tasks.append((name, start, end, fn_seconds.get(name, 0.0)))
-                recorder.task_cpu.append((name, start, end, time.thread_time() - cpu))
+                recorder.tasks.append((name, start, time.time(), fn_seconds.get(name, 0.0)))
+                recorder.task_cpu.append(time.thread_time() - cpu)
 
         def __getattr__(self, item: str) -> Any:
             return getattr(self.task, item)
@@ -284,10 +283,8 @@ def saved_run(workdir: Path, index: int) -> dict[str, Any] | None:
     return record if record["rc"] == 0 and record["stages"] else None
 
 
-# Run in a thread of their own, beside the candidates' training: only the waits for them count.
+# Run in a thread of their own, beside the candidates' training (see `breakdown`).
 BACKGROUND = ("start-tracking", "log-candidate")
-
-
 STALL = "MLflow logging in the background: its CPU seconds (GIL) during the fits"
 
 
@@ -295,7 +292,7 @@ def background_stall(r: dict[str, Any]) -> dict[str, float]:
     """The background thread's CPU seconds per stage of the main thread, spread over each
     task's wall time by overlap (0 for runs recorded before task CPU times were)."""
     out: dict[str, float] = defaultdict(float)
-    for name, start, end, cpu in r.get("task_cpu", []):
+    for (name, start, end, _), cpu in zip(r["tasks"], r.get("task_cpu", [])):
         if name not in BACKGROUND or end <= start:
             continue
         for stage, s, e in r["stages"]:

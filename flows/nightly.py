@@ -3,7 +3,8 @@
 Retries (with backoff) are on the database and MLflow tasks only, and only for errors that can
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
-The one other thread is I/O: it logs each candidate's MLflow run while the next one trains.
+The one other thread logs to MLflow (the night's parent run, then each candidate's run) while
+the candidates train; its waits for I/O overlap the training, its Python work does not (GIL).
 
 Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
 $FORECASTING_DASK_ADDRESS read when this module is imported, which is how deployments get it)
