@@ -18,7 +18,8 @@ config's `backtest.windows` origins that ends where the hold-out begins - never 
 NeuralForecast's RNN, LSTM and GRU run in benchmarks/.nf-venv (created on first use, see
 benchmarks/nf_runner.py) with the same input window, horizon, training steps (our budget:
 max_epochs x batches per epoch x ensemble members), windows per step, covariates and torch
-threads; NF's defaults otherwise. Targets, printed as verdicts: champion <= 0.90 x seasonal
+threads; NF's defaults otherwise (float32: the strongest baseline, whatever --precision gives
+ours). Targets, printed as verdicts: champion <= 0.90 x seasonal
 naive on sales; champion better than naive on weather; champion no worse than NF's best
 RNN-family model on both. On weather one 14-day hold-out is mostly noise, so the champion rule
 is also replayed at each of the last --weather-origins origins (rolling_selection): a
@@ -96,8 +97,11 @@ def seattle_weather_panel(covariates: tuple[str, ...]) -> pd.DataFrame:
     return panel.sort_values("ts", ignore_index=True)
 
 
-def load_bench(name: str) -> Bench:
+def load_bench(name: str, precision: str | None = None) -> Bench:
+    """The dataset as configs/<name>.yaml configures it; `precision` overrides its training's."""
     config = DatasetConfig.from_yaml(CONFIGS / f"{name}.yaml")
+    if precision is not None:
+        config = config.model_copy(update={"training": config.training.model_copy(update={"precision": precision})})
     if name == "sales":
         panel = aus_retail_panel()
     elif name == "weather":
@@ -263,6 +267,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="sales,weather")
     parser.add_argument("--no-nf", action="store_true", help="skip NeuralForecast")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--precision", choices=["float32", "bf16-mixed"], default=None,
+                        help="our training precision (default: the configs'); NF keeps its float32")
     parser.add_argument("--weather-origins", type=int, default=16,
                         help="weather: replay the champion rule at this many last origins (0: skip)")
     args = parser.parse_args()
@@ -270,14 +276,14 @@ def main() -> None:
     threads = configure_torch_threads(args.threads)
     sections, notes = [], []
     for name in args.datasets.split(","):
-        bench = load_bench(name)
+        bench = load_bench(name, args.precision)
         c = bench.config
         n_series = bench.panel["series_id"].nunique()
         table, facts = evaluate(bench, threads=threads, with_nf=not args.no_nf)
         header = (f"{name}: {n_series} series, h={c.horizon}, last {c.horizon} steps held out, season "
                   f"{c.season_length}, input window {bench.input_window}, configs/{name}.yaml training; "
                   f"champion chosen on {facts['selection_windows']} backtest window(s) before the hold-out; "
-                  f"NF steps {facts.get('nf_steps', '-')}; torch threads {threads}")
+                  f"NF steps {facts.get('nf_steps', '-')}; torch threads {threads}; precision {bench.training.precision}")
         print(header)
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
         lines = verdicts(name, table, facts)

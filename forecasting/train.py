@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import platform
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from forecasting.config import TrainingConfig
+from forecasting.sequence_kernel import matmul_precision
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,27 @@ def configure_torch_threads(n: int | None = None) -> int:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """`training.precision` as it applies on `device`: bf16-mixed is the CPU kernel's (a config
+    that asks for it still trains on a CUDA host, in float32, with a warning)."""
+    if precision == "bf16-mixed" and device.type != "cpu":
+        log.warning("`training.precision` ('bf16-mixed') applies to CPU training; on %s the networks "
+                    "train in float32", device.type)
+        return "float32"
+    if precision == "bf16-mixed" and not _native_bf16():
+        log.warning("`training.precision` is 'bf16-mixed' but this CPU has no native bfloat16 products "
+                    "(avx512_bf16 or AMX): they are emulated and may train slower than float32")
+    return precision
+
+
+def _native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bfloat16 in hardware (other CPUs: assume so, warn nothing)."""
+    cpu = torch.cpu
+    if platform.machine().lower() not in ("x86_64", "amd64") or not hasattr(cpu, "_is_avx512_bf16_supported"):
+        return True
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,13 +91,22 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
                   training: TrainingConfig, seed: int, device: torch.device,
                   on_epoch: EpochCallback | None = None) -> list[dict]:
     """Train `net` in place on windows of `data`; return the per-epoch history."""
+    with matmul_precision(effective_precision(training.precision, device)):
+        return _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
+                      training=training, seed=seed, device=device, on_epoch=on_epoch)
+
+
+def _train(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray, val_starts: np.ndarray, *,
+           input_window: int, horizon: int, training: TrainingConfig, seed: int, device: torch.device,
+           on_epoch: EpochCallback | None) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     loss_fn = _loss_fn(training.loss)
     net.to(device)
     data = data.to(device)  # [total_steps, features] float32
     train_idx = torch.as_tensor(train_starts, dtype=torch.int64)
     val_idx = torch.as_tensor(val_starts, dtype=torch.int64).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=training.learning_rate)
+    # fused: one kernel for every parameter's update on the CPU, not ~10 ops per parameter tensor
+    optimizer = torch.optim.Adam(net.parameters(), lr=training.learning_rate, fused=device.type == "cpu")
     steps_cap = training.max_batches_per_epoch
     offsets = torch.arange(input_window + horizon, device=device)  # [w+h]: rows of a window, made once
     best, best_state, bad_epochs, history = float("inf"), None, 0, []

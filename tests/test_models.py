@@ -57,13 +57,26 @@ def test_bad_config_names_the_parameter_and_value():
         NetConfig(cell="gru", input_size=3, horizon=0)
 
 
+@pytest.fixture(params=["fused", "torch_ops"])
+def step_kernels(request, monkeypatch):
+    """Each step's elementwise update through fused_cells.c (built here: this machine has gcc),
+    or through the torch-op fallback used where it cannot be built."""
+    from forecasting import fused_cells
+
+    if request.param == "fused":
+        assert fused_cells.kernels_for(torch.float64) and fused_cells.kernels_for(torch.float32, torch.bfloat16), "fused_cells.c did not build: see the log"
+    else:
+        monkeypatch.setattr(fused_cells, "kernels_for", lambda *dtypes: None)
+    return request.param
+
+
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("window", [9, 1])  # 1: the kernel's first step (h_-1 = 0) is special-cased
-def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layers, window):
+def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layers, window, step_kernels):
     """The hand-written CPU training path (models.sequence_kernel) is nn.RNN/LSTM/GRU's maths:
     same outputs and same gradients for the input and every weight and bias (float64)."""
-    from forecasting.models import sequence_kernel
+    from forecasting.sequence_kernel import sequence_kernel
 
     torch.manual_seed(0)
     rnn = cls(input_size=4, hidden_size=6, num_layers=layers, batch_first=True).double()
@@ -80,12 +93,70 @@ def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layer
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+def test_kernel_last_step_only_matches_torch_in_float32(cell, cls, step_kernels):
+    """What training runs: float32, batch and hidden sizes that fill the vector loops, and only
+    the last hidden state handed back (no gradient of zeros for the other steps)."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(1)
+    rnn = cls(input_size=3, hidden_size=32, num_layers=2, batch_first=True)
+    x = torch.randn(64, 20, 3)  # [batch, window, features]
+    upstream = torch.randn(64, 32)
+
+    expected = rnn(x)[0][:, -1]
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), list(rnn.parameters()))
+    got = sequence_kernel(rnn, cell, x, last_only=True)
+    got_grads = torch.autograd.grad((got * upstream).sum(), list(rnn.parameters()))
+
+    assert got.shape == (64, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, g, e in zip([n for n, _ in rnn.named_parameters()], got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_loading_the_fused_kernels_leaves_float_semantics_alone():
+    """fused_cells.c is compiled with -ffast-math; linked with it, gcc would add crtfastmath.o and
+    turn on flush-to-zero for the whole process on load. Subnormal floats must survive."""
+    from forecasting import fused_cells
+
+    assert fused_cells.library() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # subnormal in float32
+    assert (tiny * 1.0).item() != 0.0
+    assert (tiny + 0.0).item() != 0.0
+
+
+def test_fused_kernels_can_be_switched_off(monkeypatch):
+    from forecasting import fused_cells
+
+    monkeypatch.setenv("FORECASTING_FUSED_CELLS", "0")
+    fused_cells.library.cache_clear()
+    try:
+        assert fused_cells.kernels_for(torch.float32) is None
+    finally:
+        fused_cells.library.cache_clear()
+
+
+def test_fused_kernels_are_built_into_the_cache_directory(monkeypatch, tmp_path):
+    from forecasting import fused_cells
+
+    monkeypatch.setenv("FORECASTING_CACHE_DIR", str(tmp_path))
+    fused_cells.library.cache_clear()
+    try:
+        assert fused_cells.library() is not None
+        built = list(tmp_path.glob("fused_cells-*.so"))
+        assert len(built) == 1
+        assert not [p for p in tmp_path.iterdir() if p not in built]  # no temporary left behind
+    finally:
+        fused_cells.library.cache_clear()
+
+
 def test_training_uses_the_kernel_and_inference_uses_torch(monkeypatch):
     import forecasting.models as models
 
     calls = []
     real = models.sequence_kernel
-    monkeypatch.setattr(models, "sequence_kernel", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(models, "sequence_kernel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     net = RecurrentNet(NetConfig(cell="lstm", input_size=3, horizon=4, season_length=12))
     x = torch.randn(2, 24, 3)
     trained = net(x)
@@ -93,3 +164,129 @@ def test_training_uses_the_kernel_and_inference_uses_torch(monkeypatch):
         inferred = net(x)
     assert calls == [1]
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+def test_bf16_mixed_products_stay_close_to_float32(cell, cls, step_kernels):
+    from forecasting.sequence_kernel import matmul_precision, sequence_kernel
+
+    torch.manual_seed(2)
+    rnn = cls(input_size=3, hidden_size=32, num_layers=2, batch_first=True)
+    x = torch.randn(64, 24, 3, requires_grad=True)  # [batch, window, features]
+    upstream = torch.randn(64, 32)
+
+    def run():
+        out = sequence_kernel(rnn, cell, x, last_only=True)
+        return out, torch.autograd.grad((out * upstream).sum(), [x, *rnn.parameters()])
+
+    exact, exact_grads = run()
+    with matmul_precision("bf16-mixed"):
+        mixed, mixed_grads = run()
+    assert not torch.equal(mixed, exact), "the products did not run in bfloat16"
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=3e-2)
+    for name, g, e in zip(["x", *(n for n, _ in rnn.named_parameters())], mixed_grads, exact_grads):
+        assert g.dtype == torch.float32
+        assert ((g - e).norm() / e.norm()).item() < 3e-2, f"gradient of {name}"
+
+
+def test_matmul_precision_is_set_for_the_fit_only_and_checked():
+    import numpy as np
+
+    from forecasting import sequence_kernel as kernel
+    from forecasting.config import TrainingConfig
+    from forecasting.train import train_network
+
+    with pytest.raises(ValueError, match=r"`precision` \('fp8'\) is unknown"):
+        with kernel.matmul_precision("fp8"):
+            pass
+    seen = []
+    net = RecurrentNet(NetConfig(cell="gru", input_size=3, horizon=4, season_length=12))
+    training = TrainingConfig(max_epochs=2, max_batches_per_epoch=1, batch_size=16, precision="bf16-mixed", device="cpu")
+    train_network(net, torch.randn(120, 3), np.arange(0, 80), np.arange(80, 90), input_window=24, horizon=4,
+                  training=training, seed=0, device=torch.device("cpu"),
+                  on_epoch=lambda *_: seen.append(kernel._MATMUL_DTYPE.get()))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert kernel._MATMUL_DTYPE.get() == torch.float32  # back to the default after the fit
+
+
+
+def test_bf16_mixed_asked_for_on_cuda_trains_in_float32_with_a_warning(caplog):
+    from forecasting.train import effective_precision
+
+    with caplog.at_level("WARNING", logger="forecasting.train"):
+        assert effective_precision("bf16-mixed", torch.device("cuda")) == "float32"
+    assert "applies to CPU training; on cuda the networks train in float32" in caplog.text
+    assert effective_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+    assert effective_precision("float32", torch.device("cuda")) == "float32"
+
+
+def test_buffer_pool_reuses_by_shape_and_stays_under_its_bound():
+    from forecasting.buffers import BufferPool
+
+    pool = BufferPool(max_bytes=3 * 4 * 1000)  # three float32 [1000] buffers
+    cpu = torch.device("cpu")
+    a = pool.take(1000, dtype=torch.float32, device=cpu)
+    pool.give(a)
+    assert pool.take(1000, dtype=torch.float32, device=cpu) is a  # same shape: the same storage
+    assert pool.take(1000, dtype=torch.float32, device=cpu) is not a  # none free: a fresh one
+    assert pool.take(1000, dtype=torch.float64, device=cpu) is not a  # another dtype never shares
+    pool.give(*(torch.empty(1000) for _ in range(5)), None)
+    assert pool.free_bytes == 3 * 4 * 1000  # the two oldest were dropped
+    with pytest.raises(ValueError, match=r"`max_bytes` \(-1\) must be >= 0"):
+        BufferPool(max_bytes=-1)
+
+
+def test_kernel_outputs_survive_later_training_steps():
+    """The kernel's buffers go back to a pool after each backward pass: what it returned must not
+    be one of them (a later step would overwrite a forecast or activation someone still holds)."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(3)
+    rnn = nn.GRU(input_size=3, hidden_size=8, num_layers=2, batch_first=True)
+    x = torch.randn(16, 12, 3)
+    first = sequence_kernel(rnn, "gru", x, last_only=True)
+    first.sum().backward()
+    kept = first.detach().clone()
+    for _ in range(3):
+        sequence_kernel(rnn, "gru", torch.randn(16, 12, 3), last_only=True).sum().backward()
+    torch.testing.assert_close(first.detach(), kept, rtol=0, atol=0)
+
+
+def test_kernel_backward_twice_is_refused_not_wrong():
+    from forecasting.sequence_kernel import sequence_kernel
+
+    rnn = nn.LSTM(input_size=3, hidden_size=8, batch_first=True)
+    out = sequence_kernel(rnn, "lstm", torch.randn(4, 6, 3), last_only=True).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
+
+
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+def test_kernel_takes_a_strided_upstream_gradient(cell, cls, step_kernels):
+    """The gradient arriving at the last hidden state need not be row-major (a transposed
+    product upstream): the fused kernels read rows, so the kernel must hand them rows."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(4)
+    rnn = cls(input_size=3, hidden_size=16, batch_first=True).double()
+    x = torch.randn(8, 7, 3, dtype=torch.float64)
+    upstream = torch.randn(16, 8, dtype=torch.float64).t()  # [batch, hidden], column-major
+    expected = torch.autograd.grad(rnn(x)[0][:, -1], list(rnn.parameters()), upstream)
+    got = torch.autograd.grad(sequence_kernel(rnn, cell, x, last_only=True), list(rnn.parameters()), upstream)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+def test_kernel_lets_nan_through_as_torch_does(cell, cls, step_kernels):
+    """A diverged weight must give NaN (and so NaN losses), not a finite state: fused_cells.c is
+    built with -ffast-math, whose finite-math assumption would clamp NaN away."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    rnn = cls(input_size=3, hidden_size=16, batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0[0, 0] = float("nan")
+    x = torch.randn(8, 5, 3)
+    assert rnn(x)[0][:, -1].isnan().any()
+    assert sequence_kernel(rnn, cell, x, last_only=True).isnan().any()

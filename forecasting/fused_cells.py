@@ -1,0 +1,121 @@
+"""The elementwise part of a recurrent step as one native call (fused_cells.c), built on first use.
+
+forecasting.sequence_kernel runs a recurrent layer as one matrix product per step (torch, near the CPU's
+peak) plus the cell's elementwise update. As torch ops that update is 10-20 small calls per step,
+each a pass over the gates plus its dispatch: ~40% of a training step at batch 512, hidden 64.
+fused_cells.c does it in one vectorised loop per step. It is compiled here, on the machine that
+runs it (-march=native: the widest vector unit it has), once per source/compiler/CPU, into a
+cache directory, and loaded with ctypes; ctypes drops the GIL for the call.
+
+Where it cannot be built (no C compiler, a failed compile or link, a library that will not load)
+or FORECASTING_FUSED_CELLS=0, `library()` returns None, one warning says why, and sequence_kernel
+keeps its torch-op path: the same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_cells.c")
+# -ffast-math lets gcc vectorise the loops (reassociation, no errno; float's exp is inlined in
+# the source); -fno-finite-math-only keeps NaN and infinities as torch has them (a diverging fit
+# must show NaN losses, not a finite constant state). It is given to the compile step only:
+# linked with it, gcc 12 adds crtfastmath.o, which would switch the whole process (torch
+# included) to flush-to-zero on load.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11")
+LINK_LIBS = ("-lm",)
+ENV_SWITCH = "FORECASTING_FUSED_CELLS"
+# (state dtype, products' dtype) -> the C functions' suffix
+VARIANTS = {(torch.float32, torch.float32): "f32", (torch.float64, torch.float64): "f64",
+            (torch.float32, torch.bfloat16): "mixed"}
+
+_ARGS = {  # C signatures: l = long, p = pointer
+    "lstm_forward": "llpppppplpl", "gru_forward": "llpppplpl", "rnn_forward": "llpplpl",
+    "lstm_backward": "llpppppppl", "gru_backward": "llpplpppl", "rnn_backward": "llplpppl",
+}
+
+
+def cache_dir() -> Path:
+    """$FORECASTING_CACHE_DIR, else $XDG_CACHE_HOME/forecasting, else ~/.cache/forecasting."""
+    if os.environ.get("FORECASTING_CACHE_DIR"):
+        return Path(os.environ["FORECASTING_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forecasting"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native compiled for: a library built on another CPU may not run here."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+def _build(compiler: list[str], target: Path) -> None:
+    """Compile SOURCE into `target` atomically: concurrent builders (Dask workers) never load a
+    half-written file; the last rename wins and every candidate is complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "fused_cells.o", Path(tmp) / target.name
+        for command in ([*compiler, "-c", *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
+                        [*compiler, "-shared", str(obj), "-o", str(lib), *LINK_LIBS]):
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()[:500]}")
+        os.replace(lib, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None where they cannot be (the reason is logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("fused cell kernels switched off (%s=0): torch ops instead", ENV_SWITCH)
+        return None
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("gcc") or shutil.which("cc")]
+    if compiler[0] is None:
+        log.warning("fused cell kernels: no C compiler (gcc/cc, or $CC) found: torch ops instead")
+        return None
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, version, *COMPILE_FLAGS, *LINK_LIBS,
+                                        _cpu_fingerprint()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"fused_cells-{key}.so"
+        if not target.exists():
+            _build(compiler, target)
+            log.info("fused cell kernels built: %s", target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        log.warning("fused cell kernels could not be built or loaded (%s): torch ops instead", error)
+        return None
+    kinds = {"l": ctypes.c_long, "p": ctypes.c_void_p}
+    for name, signature in _ARGS.items():
+        for suffix in VARIANTS.values():
+            function = getattr(lib, f"{name}_{suffix}")
+            function.argtypes = [kinds[k] for k in signature]
+            function.restype = None
+    return lib
+
+
+def kernels_for(dtype: torch.dtype, mm_dtype: torch.dtype | None = None) -> dict[str, ctypes._CFuncPtr] | None:
+    """{"lstm_forward": fn, ...} for state in `dtype` and products in `mm_dtype` (default: the
+    same), or None (no library, or a pair it lacks)."""
+    lib = library()
+    suffix = VARIANTS.get((dtype, mm_dtype or dtype))
+    if lib is None or suffix is None:
+        return None
+    return {name: getattr(lib, f"{name}_{suffix}") for name in _ARGS}
