@@ -290,3 +290,24 @@ def test_kernel_lets_nan_through_as_torch_does(cell, cls, step_kernels):
     x = torch.randn(8, 5, 3)
     assert rnn(x)[0][:, -1].isnan().any()
     assert sequence_kernel(rnn, cell, x, last_only=True).isnan().any()
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, tmp_path, caplog):
+    """No working compiler (here $CC names none): one warning, no library, and training still
+    runs (the torch-op steps) with nn's results."""
+    from forecasting import fused_cells
+    from forecasting.sequence_kernel import sequence_kernel
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FORECASTING_CACHE_DIR", str(tmp_path / "cache"))
+    fused_cells.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="forecasting.fused_cells"):
+            assert fused_cells.kernels_for(torch.float32) is None
+        assert "could not be built or loaded" in caplog.text and "torch ops instead" in caplog.text
+        rnn = nn.GRU(input_size=3, hidden_size=8, batch_first=True)
+        x = torch.randn(4, 6, 3)
+        torch.testing.assert_close(sequence_kernel(rnn, "gru", x, last_only=True), rnn(x)[0][:, -1],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        fused_cells.library.cache_clear()
