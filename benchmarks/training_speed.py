@@ -97,7 +97,7 @@ def our_fit(cell: str, panel: pd.DataFrame, training: TrainingConfig) -> dict[st
 
 def product_floor(cell: str, *, repeats: int = 20) -> float:
     """Seconds per optimizer step of our float32 products alone, as the CPU kernel runs them
-    (models._SequenceLayer): per time step Z_t @ W forward and dL/dpre_t @ W_h^T backward, then
+    (sequence_kernel._SequenceLayer): per time step Z_t @ W forward and dL/dpre_t @ W_h^T backward, then
     one Z^T @ dL/dpre over the window. GRU's products skip W's zero block, as the kernel does."""
     k, hid, t_len = 1 + N_CALENDAR + 1, HIDDEN, INPUT_WINDOW
     rec, rest = (4 * hid, 0) if cell == "lstm" else (3 * hid, hid)

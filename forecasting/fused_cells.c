@@ -1,6 +1,6 @@
 /* The elementwise part of one LSTM / GRU / Elman step, forward and backward, as one pass each.
  *
- * forecasting/models.py runs a recurrent layer as one matrix product per step plus these
+ * forecasting/sequence_kernel.py runs a recurrent layer as one matrix product per step plus these
  * elementwise updates. As torch ops an update is 10-20 calls, each a pass over the gates with
  * its own dispatch; here it is one loop the compiler vectorises (float's exp is inlined below;
  * double, used by the tests, calls libm). NaN and infinities propagate as in torch.

@@ -83,10 +83,10 @@ class _TorchSteps:
     tanh c) and `hm`, h for the next product; backward reads dh plus the product's part dh_m,
     writes dL/dpre and leaves dh for the next step (GRU: dh * z; LSTM/RNN: zero)."""
 
-    def __init__(self, cell: str, like: torch.Tensor, gates: int) -> None:  # like: [batch, hidden]
+    def __init__(self, cell: str, like: torch.Tensor) -> None:  # like: [batch, hidden]
         self.cell, self.hid = cell, like.shape[1]
         self.ones, self.tmp = torch.ones_like(like), torch.empty_like(like)
-        self.d_pre = like.new_empty(like.shape[0], gates)  # dL/dpre in the state's dtype
+        self.d_pre: torch.Tensor | None = None  # dL/dpre in the state's dtype, when d_pre's is not
 
     def _one_minus_square(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.ones, x, x, value=-1.0, out=out)  # 1 - x^2: tanh' from tanh
@@ -117,7 +117,11 @@ class _TorchSteps:
     def backward(self, a, h_prev, h, c_prev, tc, dh, dh_m, dc, d_pre) -> None:
         if dh_m is not None:
             dh.add_(dh_m)
-        dp = d_pre if d_pre.dtype == dh.dtype else self.d_pre
+        dp = d_pre
+        if d_pre.dtype != dh.dtype:
+            if self.d_pre is None:
+                self.d_pre = dh.new_empty(d_pre.shape)
+            dp = self.d_pre
         if self.cell == "lstm":
             i, f, g, o = a.chunk(4, 1)
             di, df, dg, do = dp.chunk(4, 1)
@@ -179,11 +183,11 @@ class _FusedSteps:
             self.backward_kernel(b, hid, h.data_ptr(), ldh, dh.data_ptr(), _ptr(dh_m), d_pre.data_ptr(), ldd)
 
 
-def _steps(cell: str, state: torch.Tensor, mm_dtype: torch.dtype, gates: int, ldhm: int) -> _TorchSteps | _FusedSteps:
+def _steps(cell: str, state: torch.Tensor, mm_dtype: torch.dtype, ldhm: int) -> _TorchSteps | _FusedSteps:
     """The fused kernels where they are built for these dtypes, else torch ops. state: [batch, hidden]."""
     kernels = fused_cells.kernels_for(state.dtype, mm_dtype) if state.device.type == "cpu" else None
     if kernels is None:
-        return _TorchSteps(cell, state, gates)
+        return _TorchSteps(cell, state)
     return _FusedSteps(cell, kernels, state.shape[0], state.shape[1], state.stride(0), ldhm)
 
 
@@ -220,7 +224,7 @@ class _SequenceLayer(torch.autograd.Function):
             cells = _POOL.take(2, t_len + 1, batch, hid, dtype=x.dtype, device=x.device)
             cells[:, 0] = 0.0
         am = x.new_empty(batch, gates, dtype=mm_dtype)  # one step's product: its pre-activations
-        steps = _steps(cell, hs[0], mm_dtype, gates, ldhm=k + hid)
+        steps = _steps(cell, hs[0], mm_dtype, ldhm=k + hid)
         # Per-step views made once (one unbind each, not ~10 indexing calls in every step).
         zm_t, zx_t, hm_t, hs_t = zm.unbind(0), zm[:, :, :k].unbind(0), zm[:, :, k:].unbind(0), hs.unbind(0)
         a_t = pre.unbind(0) if pre is not None else (None,) * t_len
@@ -242,6 +246,7 @@ class _SequenceLayer(torch.autograd.Function):
             steps.forward(am, a_t[t], hs_t[t], hs_t[t + 1], hm_t[t + 1], c_t[t], c_t[t + 1], tc_t[t + 1])
         ctx.cell, ctx.n_in, ctx.last_only = cell, n_in, last_only
         ctx.w, ctx.wm, ctx.zm, ctx.hs, ctx.pre, ctx.cells, ctx.steps = w, wm, zm, hs, pre, cells, steps
+        ctx.step_views = a_t, hs_t, c_t, tc_t  # the backward walks the same rows
         return hs[-1].clone() if last_only else hs[1:]
 
     @staticmethod
@@ -260,9 +265,8 @@ class _SequenceLayer(torch.autograd.Function):
         dh = d_out.clone(memory_format=torch.contiguous_format) if ctx.last_only else hs.new_zeros(batch, hid)
         dh_m = zm.new_empty(batch, hid)  # the recurrent product's part of dL/dh_t
         dc = hs.new_zeros(batch, hid) if cell == "lstm" else None
-        hs_t, d_pre_t, d_rec_t = hs.unbind(0), d_pre.unbind(0), d_pre[:, :, :rec].unbind(0)
-        a_t = pre.unbind(0) if pre is not None else (None,) * t_len
-        c_t, tc_t = (cells[0].unbind(0), cells[1].unbind(0)) if cells is not None else ((None,) * (t_len + 1),) * 2
+        a_t, hs_t, c_t, tc_t = ctx.step_views
+        d_pre_t, d_rec_t = d_pre.unbind(0), d_pre[:, :, :rec].unbind(0)
         for t in range(t_len - 1, -1, -1):
             if not ctx.last_only:
                 dh += d_out[t]
@@ -282,7 +286,7 @@ class _SequenceLayer(torch.autograd.Function):
         d_x = (d_all @ wm[:n_in].t()).to(w.dtype).view(t_len, batch, n_in) if ctx.needs_input_grad[0] else None
         grads = _unpack(cell, d_w, n_in, hid)  # new tensors: none is a view of a pooled buffer
         _POOL.give(zm, pre, cells, d_pre, hs if ctx.last_only else None)
-        ctx.zm = ctx.hs = ctx.pre = ctx.cells = None
+        ctx.zm = ctx.hs = ctx.pre = ctx.cells = ctx.step_views = None
         return (d_x, *grads, None, None, None)
 
 
