@@ -180,24 +180,46 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
     """
     c, k = bench.config, bench.config.backtest.windows
     result = backtest(bench, bench.panel, windows=origins + k)
+    predictions = result.predictions
+    # A combination, for comparison only (the product has none): the mean of the networks'
+    # forecasts, both as a fixed choice and as one more candidate of the rule.
+    keys = ["series_id", "origin", "step", "ts", "y"]
+    combined = predictions[predictions["model"].isin(c.models)].groupby(keys, as_index=False)["yhat"].mean()
+    predictions = pd.concat([predictions, combined.assign(model=COMBINATION)], ignore_index=True)
     per_origin = pd.DataFrame({origin: aggregate(score(g, bench.panel, season_length=c.season_length))["mase"]
-                               for origin, g in result.predictions.groupby("origin")}).T.sort_index()
+                               for origin, g in predictions.groupby("origin")}).T.sort_index()
     rows = []
     for i in range(k, len(per_origin)):
         # Equal-length windows: the mean of per-window MASE is the pooled MASE the night computes.
         before = per_origin.iloc[i - k:i].mean()
-        champion = choose_champion(pd.DataFrame({"model": before.index, "series_id": None, "mase": before.values}))
+        champion = _rule(before.drop(COMBINATION))
+        with_combination = _rule(before)
         at = per_origin.iloc[i]
         rows.append({"origin": pd.Timestamp(per_origin.index[i]).date(), "champion": champion,
                      "champion_mase": at[champion], "naive_mase": at["naive"],
-                     "seasonal_naive_mase": at["seasonal_naive"]})
+                     "seasonal_naive_mase": at["seasonal_naive"], "mean_of_networks_mase": at[COMBINATION],
+                     "rule_with_mean": with_combination, "rule_with_mean_mase": at[with_combination]})
     table = pd.DataFrame(rows).set_index("origin")
     wins = int((table["champion_mase"] < table["naive_mase"]).sum())
+    before_holdout = table.iloc[:-1]
     summary = (f"{c.name}: champion rule over the last {len(table)} origins (hold-out included): mean MASE "
                f"{table['champion_mase'].mean():.3f} vs naive {table['naive_mase'].mean():.3f}, "
                f"median {table['champion_mase'].median():.3f} vs {table['naive_mase'].median():.3f}; "
-               f"better than naive at {wins} of {len(table)} origins (supplementary; the target is the hold-out)")
+               f"better than naive at {wins} of {len(table)} origins (supplementary; the target is the hold-out). "
+               f"Over the {len(before_holdout)} origins before the hold-out, mean MASE: rule "
+               f"{before_holdout['champion_mase'].mean():.3f}, the networks' mean always "
+               f"{before_holdout['mean_of_networks_mase'].mean():.3f}, the rule with that mean as a candidate "
+               f"{before_holdout['rule_with_mean_mase'].mean():.3f} (it chose the mean at "
+               f"{int((before_holdout['rule_with_mean'] == COMBINATION).sum())})")
     return table, summary
+
+
+COMBINATION = "mean_of_networks"
+
+
+def _rule(mase: pd.Series) -> str:
+    """choose_champion over per-model MASE."""
+    return choose_champion(pd.DataFrame({"model": mase.index, "series_id": None, "mase": mase.values}))
 
 
 # ----------------------------------------------------------------------------- report

@@ -111,6 +111,7 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
                 "dropped_series": ",".join(report.dropped) or "-",
                 "filled_values": sum(report.filled.values())},
     )
+    tracking.warm_model_logging()  # here, beside the training, not in registration
     return client, experiment, parent
 
 
@@ -301,7 +302,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
     try:
         results, logged = [], {}
         # MLflow work runs in one background thread while the candidates train: first the
-        # night's parent run, then each candidate's run (params, curves, plots: 0.3-0.6 s
+        # night's parent run, then each candidate's run (params, losses, a plot: 0.3-0.5 s
         # apiece) as soon as its backtest is done. Registration waits for the parent and the
         # champion's run only, the write for all of them, so tracking adds to the night only
         # what is left of it by then. One thread: the runs are logged in order.

@@ -72,17 +72,3 @@ def forecast_with_intervals(
         ax.legend(fontsize=7, loc="upper left")
     return figure
 
-
-def loss_curves(history: list[dict], *, title: str) -> Figure:
-    """Train and validation loss per epoch (ensemble members one after another)."""
-    figure = Figure(figsize=(6, 3.2))
-    ax = figure.subplots()
-    epochs = [row["epoch"] for row in history]
-    ax.plot(epochs, [row["train_loss"] for row in history], label="train")
-    ax.plot(epochs, [row["val_loss"] for row in history], label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (scaled)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    figure.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.15)
-    return figure

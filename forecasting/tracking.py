@@ -75,6 +75,21 @@ def connect(settings: Settings | None = None) -> MlflowClient:
     return client
 
 
+def warm_model_logging() -> None:
+    """Build, ahead of time, the module-to-distribution map MLflow needs to log a model.
+
+    Its first `log_model` in a process scans every installed distribution's file list to check
+    the pinned requirements (0.6 s of registration's 1.3 s on a sales night, seen with py-spy).
+    The nightly flow calls this from its background thread while the candidates train. The
+    function is MLflow's own (private) cache filler: if a release renames it, this does nothing
+    and the first registration pays the scan as before.
+    """
+    from mlflow.utils import requirements_utils
+
+    with contextlib.suppress(AttributeError):
+        requirements_utils._init_modules_to_packages_map()
+
+
 def _prepare_sqlite_store(uri: str) -> None:
     """Create a sqlite store's tables once, however many workers start at the same moment.
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -43,6 +46,11 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     assert sorted(r.data.tags["model"] for r in children) == sorted(config.candidates)
     for child in children:
         assert {"mae", "rmse", "smape", "mase"} <= set(child.data.metrics)
+    for child in children:  # what a reviewer opens in the UI: the backtest against the actuals
+        assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["forecast_vs_actual.png"]
+    parent_artifacts = {a.path: a.file_size for a in client.list_artifacts(first["parent_run_id"])}
+    assert {"comparison.csv", "forecast.png"} <= set(parent_artifacts)
+    assert parent_artifacts["forecast.png"] > 10_000  # a rendered figure, not an empty file
     lstm = next(r for r in children if r.data.tags["model"] == "lstm")
     history = client.get_metric_history(lstm.info.run_id, "train_loss")
     assert [m.step for m in history] == list(range(len(history))) or [m.step for m in history] == list(range(1, len(history) + 1))
@@ -103,3 +111,10 @@ def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, e
     with pytest.raises(ValidationFailed, match="series 's2': missing_timestamps at 2017-03-01"):
         nightly(config=tiny_config())
     assert forecasts(engine).empty
+
+
+def test_flow_module_leaves_plotting_to_the_background_thread() -> None:
+    """matplotlib loads when the first candidate is logged (beside training), not at start-up."""
+    code = "import sys, flows.nightly; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

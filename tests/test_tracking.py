@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,15 @@ def test_registering_a_baseline_forecasts_only_the_signature_examples_series(
     assert seen and max(seen) <= 2, seen
     loaded = tracking.load_version(client, CONFIG.name, version)
     pd.testing.assert_frame_equal(loaded.forecaster.predict(panel), predict(fitted, panel))
+
+
+def test_warm_model_logging_fills_mlflows_package_map_before_registration() -> None:
+    """In a fresh process (other tests may have filled it here): empty before, filled after.
+    Fails when MLflow renames the cache, i.e. when the warm-up would have quietly stopped."""
+    code = ("from mlflow.utils import requirements_utils as r\n"
+            "from forecasting import tracking\n"
+            "assert r._MODULES_TO_PACKAGES is None\n"
+            "tracking.warm_model_logging()\n"
+            "print(sorted(r._MODULES_TO_PACKAGES['torch']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['torch']"
