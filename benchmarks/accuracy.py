@@ -52,6 +52,7 @@ from results import append_section
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CELLS = ("rnn", "lstm", "gru")
 NF_MODELS = tuple(f"nf_{c}" for c in CELLS)
+COMBINATION = "mean_of_networks"  # a comparison in the weather replay; not a product model
 
 
 @dataclass(frozen=True)
@@ -175,16 +176,19 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
     `horizon` steps after it. One 14-day window says little about a daily series; this says
     how often, and by how much, the rule beats naive over many.
 
-    Returns a table (one row per origin: champion, its MASE, naive's, seasonal naive's) and a
+    Beside it, for comparison: the mean of the networks' forecasts, as a fixed choice and as
+    one more candidate of the rule (the product has no combination model).
+
+    Returns a table (one row per origin: champion, its MASE, naive's, seasonal naive's, the
+    networks' mean's, the rule's choice with the mean among the candidates and its MASE) and a
     one-line summary. One rolling backtest (every model refitted at every origin) gives it all.
     """
     c, k = bench.config, bench.config.backtest.windows
     result = backtest(bench, bench.panel, windows=origins + k)
     predictions = result.predictions
-    # A combination, for comparison only (the product has none): the mean of the networks'
-    # forecasts, both as a fixed choice and as one more candidate of the rule.
-    keys = ["series_id", "origin", "step", "ts", "y"]
-    combined = predictions[predictions["model"].isin(c.models)].groupby(keys, as_index=False)["yhat"].mean()
+    keys = ["series_id", "origin", "step", "ts"]
+    combined = (predictions[predictions["model"].isin(c.models)]
+                .groupby(keys, as_index=False).agg(y=("y", "first"), yhat=("yhat", "mean")))
     predictions = pd.concat([predictions, combined.assign(model=COMBINATION)], ignore_index=True)
     per_origin = pd.DataFrame({origin: aggregate(score(g, bench.panel, season_length=c.season_length))["mase"]
                                for origin, g in predictions.groupby("origin")}).T.sort_index()
@@ -212,9 +216,6 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
                f"{before_holdout['rule_with_mean_mase'].mean():.3f} (it chose the mean at "
                f"{int((before_holdout['rule_with_mean'] == COMBINATION).sum())})")
     return table, summary
-
-
-COMBINATION = "mean_of_networks"
 
 
 def _rule(mase: pd.Series) -> str:

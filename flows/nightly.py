@@ -3,7 +3,8 @@
 Retries (with backoff) are on the database and MLflow tasks only, and only for errors that can
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
-The one other thread logs to MLflow (the night's parent run, then each candidate's run) while
+The one other thread logs to MLflow (the night's parent run, MLflow's package map for
+registration, then each candidate's run) while
 the candidates train; its waits for I/O overlap the training, its Python work does not (GIL).
 
 Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
@@ -111,7 +112,6 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
                 "dropped_series": ",".join(report.dropped) or "-",
                 "filled_values": sum(report.filled.values())},
     )
-    tracking.warm_model_logging()  # here, beside the training, not in registration
     return client, experiment, parent
 
 
@@ -303,7 +303,8 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
         results, logged = [], {}
         # MLflow work runs in one background thread while the candidates train: first the
         # night's parent run, then each candidate's run (params, losses, a plot: 0.3-0.5 s
-        # apiece) as soon as its backtest is done. Registration waits for the parent and the
+        # apiece) as soon as its backtest is done, and between them MLflow's package map for
+        # registration (tracking.warm_model_logging). Registration waits for the parent and the
         # champion's run only, the write for all of them, so tracking adds to the night only
         # what is left of it by then. One thread: the runs are logged in order.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as background:
@@ -312,6 +313,8 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
                 return background.submit(contextvars.copy_context().run, fn, *args)
 
             started = in_background(start_tracking, config, effective_as_of, report)
+            # Next in the queue, so done before any model is logged; a failure only costs time.
+            in_background(tracking.warm_model_logging)
             for result in _backtests(config, panel, timer):
                 _fail_fast(started)  # MLflow unreachable: stop before training the next candidate
                 logged[result.name] = in_background(_log_candidate_after, started, config, result, panel,

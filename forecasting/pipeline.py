@@ -169,6 +169,7 @@ def log_candidate(
     # Imported here, in the background thread that logs while the candidates train: importing
     # matplotlib took 0.4-0.5 s of the flow's start-up when pipeline imported it.
     from forecasting.plots import forecast_vs_actual
+
     forecaster = make_forecaster(
         result.name, freq=config.freq, horizon=config.horizon,
         season_length=config.season_length, training=config.training,
