@@ -4,8 +4,8 @@ Retries (with backoff) are on the database and MLflow tasks only, and only for e
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
 The one other thread logs to MLflow (the night's parent run, MLflow's package map for
-registration, then each candidate's run) while
-the candidates train; its waits for I/O overlap the training, its Python work does not (GIL).
+registration, then each candidate's run) while the candidates train; its waits for I/O overlap
+the training, its Python work does not (GIL).
 
 Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
 $FORECASTING_DASK_ADDRESS read when this module is imported, which is how deployments get it)

@@ -348,6 +348,7 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
     import uuid
 
     import psycopg  # the driver of postgresql+psycopg URLs; only this path needs it
+    from psycopg import sql
 
     key = list(key)
     repeated = frame.duplicated(subset=key, keep="last") & frame[key].notna().all(axis=1)
@@ -356,27 +357,28 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
     driver = conn.connection.driver_connection
     # Under AUTOCOMMIT every statement would commit (and drop the staging table): one block.
     with driver.transaction() if driver.autocommit else contextlib.nullcontext():
-        # Identifiers only, no values, in the SQL text below: the column names were checked
-        # against the table's own (upsert), every name is quoted by the dialect, and the
-        # staging name is a uuid.
-        # Every value travels through COPY; COPY and DDL take no bound identifiers.
-        quote = conn.dialect.identifier_preparer.quote
+        # No values in the SQL: every value travels through COPY. The identifiers (the table's
+        # own column names, checked by upsert; the target; a uuid staging name) are composed
+        # and quoted by psycopg.sql, since COPY and DDL take no bound parameters.
         columns = [str(c) for c in frame.columns]
-        names = ", ".join(quote(c) for c in columns)
-        target = conn.dialect.identifier_preparer.format_table(table)
-        staging = f"upsert_{uuid.uuid4().hex}"
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {staging} ON COMMIT DROP AS SELECT {names} FROM {target} WITH NO DATA"
-        )
-        statement = f"COPY {staging} ({names}) FROM STDIN"
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
+        staging = sql.Identifier(f"upsert_{uuid.uuid4().hex}")
+
+        def run(statement: sql.Composable) -> None:  # through SQLAlchemy: its errors, savepoints
+            conn.exec_driver_sql(statement.as_string(driver))
+
+        run(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            staging, names, target))
+        copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(staging, names)
         try:
             with driver.cursor() as cursor:
-                cursor.execute(f"SELECT {names} FROM {staging} LIMIT 0")
+                cursor.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(names, staging))
                 types = [driver.adapters.types.get(c.type_code) for c in cursor.description]
                 frame, binary = _pg_copy_frame(frame, [t.name if t else None for t in types])
                 if binary:
-                    statement += " (FORMAT BINARY)"
-                with cursor.copy(statement) as copy:
+                    copy_sql += sql.SQL(" (FORMAT BINARY)")
+                with cursor.copy(copy_sql) as copy:
                     if binary:
                         copy.set_types([t.oid for t in types])
                     for start in range(0, len(frame), _PG_COPY_CHUNK):
@@ -384,14 +386,15 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
                         for row in zip(*(_plain_column(series) for _, series in chunk.items())):
                             copy.write_row(row)
         except psycopg.Error as exc:  # the same exception classes as every other statement here
-            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-        insert = f"INSERT INTO {target} ({names}) SELECT {names} FROM {staging}"
-        updates = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in key)
-        on_conflict = f"{insert} ON CONFLICT ({', '.join(quote(k) for k in key)}) " + (
-            f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
-        if not (_unique_on(table, key) and _insert_if_all_new(conn, insert)):
-            conn.exec_driver_sql(on_conflict)
-        conn.exec_driver_sql(f"DROP TABLE {staging}")
+            raise sa.exc.DBAPIError.instance(copy_sql.as_string(driver), None, exc, psycopg.Error) from exc
+        insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, names, names, staging)
+        updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns if c not in key]
+        on_conflict = insert + sql.SQL(" ON CONFLICT ({}) ").format(
+            sql.SQL(", ").join(map(sql.Identifier, key))) + (
+            sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(updates)) if updates else sql.SQL("DO NOTHING"))
+        if not (_unique_on(table, key) and _insert_if_all_new(conn, insert.as_string(driver))):
+            run(on_conflict)
+        run(sql.SQL("DROP TABLE {}").format(staging))
 
 
 def _insert_if_all_new(conn: Connection, insert: str) -> bool:
