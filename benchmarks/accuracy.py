@@ -44,7 +44,7 @@ from forecasting.backtest import BacktestResult, choose_champion, run_backtest, 
 from forecasting.config import BASELINES, DatasetConfig, TrainingConfig
 from forecasting.forecasters import default_input_window
 from forecasting.metrics import aggregate, score
-from forecasting.train import configure_torch_threads
+from forecasting.train import configure_torch_threads, effective_precision, resolve_device
 from forecasting.windows import Scaler, build_features, window_starts
 from nf_runner import run_nf
 from results import append_section
@@ -96,6 +96,11 @@ def seattle_weather_panel(covariates: tuple[str, ...]) -> pd.DataFrame:
     for column in covariates:
         panel[column] = raw[column].astype("float64")
     return panel.sort_values("ts", ignore_index=True)
+
+
+def applied_precision(training: TrainingConfig) -> str:
+    """What `training.precision` (auto: per CPU) came to on this machine."""
+    return effective_precision(training.precision, resolve_device(training.device))
 
 
 def load_bench(name: str, precision: str | None = None) -> Bench:
@@ -290,7 +295,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="sales,weather")
     parser.add_argument("--no-nf", action="store_true", help="skip NeuralForecast")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    parser.add_argument("--precision", choices=["float32", "bf16-mixed"], default=None,
+    parser.add_argument("--precision", choices=["auto", "float32", "bf16-mixed"], default=None,
                         help="our training precision (default: the configs'); NF keeps its float32")
     parser.add_argument("--weather-origins", type=int, default=16,
                         help="weather: replay the champion rule at this many last origins (0: skip)")
@@ -306,7 +311,8 @@ def main() -> None:
         header = (f"{name}: {n_series} series, h={c.horizon}, last {c.horizon} steps held out, season "
                   f"{c.season_length}, input window {bench.input_window}, configs/{name}.yaml training; "
                   f"champion chosen on {facts['selection_windows']} backtest window(s) before the hold-out; "
-                  f"NF steps {facts.get('nf_steps', '-')}; torch threads {threads}; precision {bench.training.precision}")
+                  f"NF steps {facts.get('nf_steps', '-')}; torch threads {threads}; precision "
+                  f"{bench.training.precision} (applied: {applied_precision(bench.training)})")
         print(header)
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
         lines = verdicts(name, table, facts)

@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def machine() -> str:
-    """One line: CPU count, Python, torch and the git commit measured."""
+    """One line: CPU count and vector unit, Python, torch and the git commit measured."""
     import torch
 
     try:
@@ -32,7 +32,13 @@ def machine() -> str:
             commit += " + uncommitted changes"  # what ran is not exactly that commit
     except OSError:
         commit = "?"
-    return (f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+    # Sessions land on different CPUs; whether bfloat16 products are native (avx512_bf16, AMX)
+    # decides what `precision: auto` trains in and how fast, so every section names it.
+    from forecasting.train import cpu_has_native_bf16
+
+    bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 unknown"}[cpu_has_native_bf16()]
+    return (f"{os.cpu_count()} CPUs, {platform.machine()} "
+            f"({torch.backends.cpu.get_cpu_capability()}, {bf16}), Python {platform.python_version()}, "
             f"torch {torch.__version__}, commit {commit}")
 
 

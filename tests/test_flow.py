@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.nightly import nightly, predict
 from forecasting import db
+from forecasting.train import effective_precision, resolve_device
 from forecasting.validate import ValidationFailed
 from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
 
@@ -52,6 +53,9 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     assert {"comparison.csv", "forecast.png"} <= set(parent_artifacts)
     assert parent_artifacts["forecast.png"] > 10_000  # a rendered figure, not an empty file
     lstm = next(r for r in children if r.data.tags["model"] == "lstm")
+    # training.precision defaults to auto; the run says what that came to on this machine
+    assert lstm.data.params["precision"] == "auto"
+    assert lstm.data.params["precision_applied"] == effective_precision("auto", resolve_device("auto"))
     history = client.get_metric_history(lstm.info.run_id, "train_loss")
     assert [m.step for m in history] == list(range(len(history))) or [m.step for m in history] == list(range(1, len(history) + 1))
     champion = client.get_model_version_by_alias("sales-forecaster", "champion")

@@ -210,14 +210,60 @@ def test_matmul_precision_is_set_for_the_fit_only_and_checked():
 
 
 
-def test_bf16_mixed_asked_for_on_cuda_trains_in_float32_with_a_warning(caplog):
+def test_bf16_mixed_asked_for_on_cuda_trains_in_float32_with_a_warning(caplog, monkeypatch):
+    from forecasting import train
     from forecasting.train import effective_precision
 
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     with caplog.at_level("WARNING", logger="forecasting.train"):
         assert effective_precision("bf16-mixed", torch.device("cuda")) == "float32"
     assert "applies to CPU training; on cuda the networks train in float32" in caplog.text
     assert effective_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
     assert effective_precision("float32", torch.device("cuda")) == "float32"
+
+
+@pytest.mark.parametrize(("native", "device", "expected"), [
+    (True, "cpu", "bf16-mixed"),   # avx512_bf16 / AMX: bfloat16 products pay
+    (False, "cpu", "float32"),     # AVX2 only: emulated bfloat16 is 8-12x slower
+    (None, "cpu", "float32"),      # torch cannot tell (not x86): the safe choice
+    (True, "cuda", "float32"),     # bf16-mixed is the CPU kernel's
+])
+def test_auto_precision_takes_bf16_mixed_only_on_a_cpu_that_multiplies_bfloat16(
+        native, device, expected, monkeypatch, caplog):
+    from forecasting import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="forecasting.train"):
+        assert train.effective_precision("auto", torch.device(device)) == expected
+    assert caplog.text == ""  # auto's choice is not a misconfiguration
+
+
+def test_bf16_mixed_by_name_on_a_cpu_without_it_is_kept_and_warned_about_once(monkeypatch, caplog):
+    from forecasting import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    train._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="forecasting.train"):
+        for _ in range(3):  # a night fits many networks
+            assert train.effective_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+    warnings = [r for r in caplog.records if "no native bfloat16 products" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "8-12x slower" in warnings[0].getMessage() and "precision: auto" in warnings[0].getMessage()
+    train._warn_emulated_bf16.cache_clear()
+
+
+def test_training_precision_defaults_to_auto_and_the_applied_one_is_a_param(monkeypatch):
+    from forecasting import train
+    from forecasting.config import TrainingConfig
+    from forecasting.forecasters import make_forecaster
+
+    assert TrainingConfig().precision == "auto"
+    for native, applied in ((True, "bf16-mixed"), (False, "float32")):
+        monkeypatch.setattr(train, "cpu_has_native_bf16", lambda native=native: native)
+        forecaster = make_forecaster("lstm", freq="MS", horizon=3, season_length=12,
+                                     training=TrainingConfig(device="cpu"))
+        assert forecaster.params["precision"] == "auto"
+        assert forecaster.params["precision_applied"] == applied
 
 
 def test_buffer_pool_reuses_by_shape_and_stays_under_its_bound():
