@@ -46,7 +46,9 @@ def effective_precision(precision: str, device: torch.device) -> str:
     131 s against 12.9 s in float32).
     """
     if precision == "auto":
-        return "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() is True else "float32"
+        applied = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() is True else "float32"
+        _log_auto_choice(applied, device.type)
+        return applied
     if precision == "bf16-mixed" and device.type != "cpu":
         log.warning("`training.precision` ('bf16-mixed') applies to CPU training; on %s the networks "
                     "train in float32", device.type)
@@ -63,6 +65,12 @@ def cpu_has_native_bf16() -> bool | None:
     if platform.machine().lower() not in ("x86_64", "amd64") or not hasattr(cpu, "_is_avx512_bf16_supported"):
         return None
     return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+@functools.cache  # once per process, not once per fit
+def _log_auto_choice(applied: str, device_type: str) -> None:
+    log.info("`training.precision` auto: %s on %s (%s, native bfloat16 products: %s)", applied, device_type,
+             torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16())
 
 
 @functools.cache  # once per process, not once per fit
