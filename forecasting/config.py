@@ -111,7 +111,7 @@ class TrainingConfig(_Strict):
     # Precision of the matrix products in CPU training (the direct strategy's kernel). bf16-mixed:
     # they take bfloat16 copies of their inputs and their outputs are widened back to float32;
     # state, activations, weights and Adam stay float32. 3-4x faster products where the CPU
-    # multiplies bfloat16 natively (avx512_bf16, AMX), but ~10x slower training where it does
+    # multiplies bfloat16 natively (avx512_bf16, AMX), but 8-12x slower training where it does
     # not (emulated). auto: bf16-mixed on such a CPU, float32 on any other CPU and on CUDA.
     precision: Literal["auto", "float32", "bf16-mixed"] = "auto"
 
