@@ -19,9 +19,11 @@ ours then NF's (a warm-up fit first on both sides, untimed); the table holds the
 `--repeats` rounds and the ratio ours/NF of the medians. Target: ours >= 2x NF.
 Each precision is compared at equal precision: our `training.precision` float32 against NF's
 Lightning precision "32-true", bf16-mixed against "bf16-mixed" (autocast: NF's nn.LSTM/GRU run
-through oneDNN in bfloat16). A last table bounds what float32 can reach: the time of our float32
-products alone (the same matrix shapes and count per optimizer step, nothing else), as windows/s
-and as a ratio to NF, were every other part of our step free.
+through oneDNN in bfloat16); by default bf16-mixed only where the CPU multiplies bfloat16
+natively (elsewhere the products are emulated: our cells trained 8-12x slower than in float32,
+which would measure the emulation, not the code). A last table bounds what float32 can reach:
+the time of our float32 products alone (the same matrix shapes and count per optimizer step,
+nothing else), as windows/s and as a ratio to NF, were every other part of our step free.
 The table is appended to benchmarks/RESULTS.md (not with --no-record). On a shared machine
 pass --threads 1: two intra-op threads competing with other processes for 2 cores spin-wait and
 run ~10x slower (measured here), which swamps what is being compared.
@@ -39,7 +41,7 @@ import torch
 
 from forecasting.config import TrainingConfig
 from forecasting.models import NetConfig, RecurrentNet
-from forecasting.train import configure_torch_threads, train_network
+from forecasting.train import configure_torch_threads, cpu_has_native_bf16, train_network
 from forecasting.windows import N_CALENDAR, Scaler, build_features, window_starts
 from nf_runner import run_nf
 from results import append_section
@@ -165,18 +167,28 @@ def floor_table(floors: dict[str, float], table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def default_precisions() -> list[str]:
+    """float32, and bf16-mixed only where the CPU has bfloat16 products (see the module's doc;
+    --precisions asks for it anyway)."""
+    if cpu_has_native_bf16() is True:
+        return ["float32", "bf16-mixed"]
+    print("bf16-mixed not measured: this CPU has no native bfloat16 products (--precisions to force it)")
+    return ["float32"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads, ours and NF's (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100, help=f"optimizer steps, a multiple of {STEPS_PER_EPOCH}")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    parser.add_argument("--precisions", default="float32,bf16-mixed",
-                        help=f"comma-separated, each run on both sides: {', '.join(NF_PRECISION)}")
+    parser.add_argument("--precisions", default=None,
+                        help=f"comma-separated, each run on both sides: {', '.join(NF_PRECISION)} (default: "
+                             "float32, and bf16-mixed where this CPU multiplies bfloat16 natively)")
     parser.add_argument("--note", default=None, help="a line to add to the RESULTS.md section (e.g. 'before ...')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    precisions = args.precisions.split(",")
+    precisions = args.precisions.split(",") if args.precisions else default_precisions()
     unknown = [p for p in precisions if p not in NF_PRECISION]
     if unknown:
         raise SystemExit(f"`--precisions` holds {unknown}; known: {list(NF_PRECISION)}")
