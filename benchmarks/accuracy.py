@@ -44,7 +44,7 @@ from forecasting.backtest import BacktestResult, choose_champion, run_backtest, 
 from forecasting.config import BASELINES, DatasetConfig, TrainingConfig
 from forecasting.forecasters import default_input_window
 from forecasting.metrics import aggregate, score
-from forecasting.train import configure_torch_threads, effective_precision, resolve_device
+from forecasting.train import applied_precision, configure_torch_threads
 from forecasting.windows import Scaler, build_features, window_starts
 from nf_runner import run_nf
 from results import append_section
@@ -96,11 +96,6 @@ def seattle_weather_panel(covariates: tuple[str, ...]) -> pd.DataFrame:
     for column in covariates:
         panel[column] = raw[column].astype("float64")
     return panel.sort_values("ts", ignore_index=True)
-
-
-def applied_precision(training: TrainingConfig) -> str:
-    """What `training.precision` (auto: per CPU) came to on this machine."""
-    return effective_precision(training.precision, resolve_device(training.device))
 
 
 def load_bench(name: str, precision: str | None = None) -> Bench:

@@ -26,7 +26,7 @@ from torch import nn
 from forecasting import baselines
 from forecasting.config import BASELINES, CELLS, TrainingConfig
 from forecasting.models import EnsembleNet, NetConfig
-from forecasting.train import effective_precision, resolve_device, train_network
+from forecasting.train import applied_precision, resolve_device, train_network
 from forecasting.windows import (
     N_CALENDAR,
     Scaler,
@@ -228,9 +228,8 @@ class NeuralForecaster(Forecaster):
         t.pop("input_window")
         # What `precision` (auto, say) came to on this host: the same config trains in bf16-mixed
         # on one CPU and float32 on another.
-        applied = effective_precision(self.training.precision, resolve_device(self.training.device))
         return {**super().params, **t, "cell": self.name, "input_window": self.input_window,
-                "covariates": ",".join(self.covariates), "precision_applied": applied,
+                "covariates": ",".join(self.covariates), "precision_applied": applied_precision(self.training),
                 "epochs_trained": len(self.history)}
 
     def _state(self) -> dict[str, Any]:

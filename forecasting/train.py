@@ -90,6 +90,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def applied_precision(training: TrainingConfig) -> str:
+    """What `training.precision` comes to for the configured device on this host (auto: per CPU)."""
+    return effective_precision(training.precision, resolve_device(training.device))
+
+
 def _loss_fn(name: str) -> nn.Module:
     losses = {"mae": nn.L1Loss(), "mse": nn.MSELoss(), "huber": nn.HuberLoss(delta=1.0)}
     if name not in losses:
