@@ -5,7 +5,8 @@ pass: bad data or config (ValueError) fails at once. Torch runs in this one thre
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
 The one other thread logs to MLflow (the night's parent run, MLflow's package map for
 registration, then each candidate's run) while the candidates train; its waits for I/O overlap
-the training, its Python work does not (GIL).
+the training, its Python work does not (GIL), so the candidates' runs, most of that work, are
+written by a process of their own (forecasting.tracking_process) while the thread waits.
 
 Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
 $FORECASTING_DASK_ADDRESS read when this module is imported, which is how deployments get it)
@@ -41,7 +42,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner
 
-from forecasting import db, pipeline, progress, shards, tracking
+from forecasting import db, pipeline, progress, shards, tracking, tracking_process
 from forecasting.config import BASELINES, DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.train import configure_torch_threads
@@ -129,10 +130,13 @@ def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.
 
 
 @task(name="log-candidate", **IO_RETRIES)
-def log_candidate(client: Any, experiment: str, parent: str, config: DatasetConfig,
+def log_candidate(experiment: str, parent: str, config: DatasetConfig,
                   result: pipeline.CandidateResult, panel: pd.DataFrame, as_of: pd.Timestamp) -> str:
-    return pipeline.log_candidate(client, experiment=experiment, parent_run_id=parent, config=config,
-                                  result=result, panel=panel, as_of=as_of)
+    entry = pipeline.candidate_log(experiment=experiment, parent_run_id=parent, config=config,
+                                   result=result, panel=panel, as_of=as_of)
+    # Written by the logging process, so that its Python never holds this process's GIL while
+    # the next candidate trains (see tracking_process); this thread waits without holding it.
+    return tracking_process.call(tracking_process.write_candidate_run, Settings().mlflow_tracking_uri, entry)
 
 
 @task(name="compare", **COMPUTE)
@@ -267,6 +271,7 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     """
     config = load_config(config)
     configure_torch_threads()
+    tracking_process.start()  # its imports run on another core while this process loads the data
     # load, validate, one per candidate, fit, the parent's and champion's logging, register,
     # forecast, the other candidates' logging, write, promote
     total = 2 + len(config.candidates) + 7
@@ -302,9 +307,10 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
     try:
         results, logged = [], {}
         # MLflow work runs in one background thread while the candidates train: first the
-        # night's parent run, then each candidate's run (params, losses, a plot: 0.3-0.5 s
-        # apiece) as soon as its backtest is done, and between them MLflow's package map for
-        # registration (tracking.warm_model_logging). Registration waits for the parent and the
+        # night's parent run, then MLflow's package map for registration
+        # (tracking.warm_model_logging), then each candidate's run (params, losses, a plot:
+        # 0.3-0.5 s apiece) as soon as its backtest is done, written by the logging process
+        # (tracking_process) while this thread waits. Registration waits for the parent and the
         # champion's run only, the write for all of them, so tracking adds to the night only
         # what is left of it by then. One thread: the runs are logged in order.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as background:
@@ -358,8 +364,8 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
 def _log_candidate_after(started: Future[tuple[Any, str, str]], config: DatasetConfig,
                          result: pipeline.CandidateResult, panel: pd.DataFrame, as_of: pd.Timestamp) -> str:
     """log_candidate under the night's parent run, once `start_tracking` has made it."""
-    client, experiment, parent = started.result()  # its error, if it failed, is this one's too
-    return log_candidate(client, experiment, parent, config, result, panel, as_of)
+    _, experiment, parent = started.result()  # its error, if it failed, is this one's too
+    return log_candidate(experiment, parent, config, result, panel, as_of)
 
 
 def _fail_fast(started: Future[Any]) -> None:

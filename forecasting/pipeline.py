@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -155,8 +156,24 @@ def compare(results: list[CandidateResult]) -> Comparison:
 # ----------------------------------------------------------------------------------- tracking
 
 
-def log_candidate(
-    client: MlflowClient,
+@dataclass
+class CandidateLog:
+    """What a candidate's MLflow run records: small, so that another process can log it."""
+
+    experiment: str
+    parent_run_id: str
+    run_name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    history: list[dict[str, Any]]
+    metrics: dict[str, float]
+    figure_title: str
+    # The figure's data only: the shown series' actuals and backtest predictions, not the panel.
+    actuals: pd.DataFrame
+    predictions: pd.DataFrame
+
+
+def candidate_log(
     *,
     experiment: str,
     parent_run_id: str,
@@ -164,34 +181,47 @@ def log_candidate(
     result: CandidateResult,
     panel: pd.DataFrame,
     as_of: pd.Timestamp,
-) -> str:
-    """A nested run per candidate: params, per-epoch losses, backtest metrics, a forecast plot."""
-    # Imported here, in the background thread that logs while the candidates train: importing
-    # matplotlib took 0.4-0.5 s of the flow's start-up when pipeline imported it.
-    from forecasting.plots import forecast_vs_actual
+) -> CandidateLog:
+    """What the candidate's run nested under the night's will hold: params, per-epoch losses,
+    backtest metrics, a forecast plot's data. Write it with `write_candidate_log`."""
+    from forecasting.plots import FIGURE_SERIES, sample_series
 
     forecaster = make_forecaster(
         result.name, freq=config.freq, horizon=config.horizon,
         season_length=config.season_length, training=config.training,
         covariates=config.source.covariates,
     )
-    run_id = tracking.start_run(
-        client,
+    history = result.backtest.histories.get(result.name, [])
+    predictions = result.backtest.predictions
+    shown = sample_series(predictions["series_id"], FIGURE_SERIES)
+    return CandidateLog(
         experiment=experiment,
-        name=f"{config.name} {as_of:%Y-%m-%d} {result.name}",
+        parent_run_id=parent_run_id,
+        run_name=f"{config.name} {as_of:%Y-%m-%d} {result.name}",
         tags={"dataset": config.name, "as_of": str(as_of), "model": result.name, "role": "candidate"},
         # Hyper-parameters only; what training did (epochs) is a metric of the fitted model.
         params={**{k: v for k, v in forecaster.params.items() if k != "epochs_trained"},
                 "backtest_windows": config.backtest.windows, "backtest_retrain": config.backtest.retrain,
                 "interval_method": intervals.METHOD, "interval_level": config.interval_level},
-        parent_run_id=parent_run_id,
+        history=history,
+        metrics={**result.aggregate, "fit_seconds": result.fit_seconds, "epochs_trained": len(history)},
+        figure_title=f"{config.name} {result.name} backtest",
+        actuals=panel[panel["series_id"].isin(shown)][["series_id", "ts", "value"]],
+        predictions=predictions[predictions["series_id"].isin(shown)],
     )
-    history = result.backtest.histories.get(result.name, [])
-    tracking.log_history(client, run_id, history)
-    tracking.log_metrics(client, run_id, {**result.aggregate, "fit_seconds": result.fit_seconds,
-                                          "epochs_trained": len(history)})
-    predictions = result.backtest.predictions
-    figure = forecast_vs_actual(panel, predictions, title=f"{config.name} {result.name} backtest")
+
+
+def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
+    """`entry` as a run nested under the night's parent run; its run id."""
+    # Imported here, where the logging runs: importing matplotlib took 0.4-0.5 s of the flow's
+    # start-up when pipeline imported it.
+    from forecasting.plots import forecast_vs_actual
+
+    run_id = tracking.start_run(client, experiment=entry.experiment, name=entry.run_name, tags=entry.tags,
+                                params=entry.params, parent_run_id=entry.parent_run_id)
+    tracking.log_history(client, run_id, entry.history)
+    tracking.log_metrics(client, run_id, entry.metrics)
+    figure = forecast_vs_actual(entry.actuals, entry.predictions, title=entry.figure_title)
     tracking.log_figure(client, run_id, figure, "forecast_vs_actual.png")
     # No loss-curve image: MLflow's UI charts train_loss/val_loss from the history logged above.
     tracking.end_run(client, run_id)
@@ -210,7 +240,7 @@ def log_night(
     tags: dict[str, str],
 ) -> None:
     """The parent run's review: models x metrics, the forecast with intervals, the outcome."""
-    from forecasting.plots import forecast_with_intervals  # see log_candidate
+    from forecasting.plots import forecast_with_intervals  # see write_candidate_log
 
     tracking.log_frame(client, parent_run_id, comparison.table(), "comparison.csv")
     figure = forecast_with_intervals(panel, forecast_rows, title=f"{config.name}: forecast of "

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure  # not pyplot: no global figure state, no d
 # made savefig draw the figure twice (seen with py-spy on a sales night). Panels are stacked
 # 2.4 inches apart with one title each, so fixed fractions fit them all.
 PANEL_INCHES = 2.4
+FIGURE_SERIES = 4  # series shown per figure
 
 
 def _stacked_panels(title: str, panels: int) -> tuple[Figure, list[Axes]]:
@@ -37,7 +38,7 @@ def forecast_vs_actual(
     predictions: pd.DataFrame,
     *,
     title: str,
-    n_series: int = 4,
+    n_series: int = FIGURE_SERIES,
     context: int = 48,
 ) -> Figure:
     """One panel per sampled series: the last `context` actuals, then yhat at each origin."""
@@ -57,7 +58,7 @@ def forecast_vs_actual(
 
 
 def forecast_with_intervals(
-    panel: pd.DataFrame, forecast: pd.DataFrame, *, title: str, n_series: int = 4, context: int = 48
+    panel: pd.DataFrame, forecast: pd.DataFrame, *, title: str, n_series: int = FIGURE_SERIES, context: int = 48
 ) -> Figure:
     """Tonight's forecast after the last `context` actuals, with its interval as a band."""
     chosen = sample_series(forecast["series_id"], n_series)

@@ -116,7 +116,7 @@ def test_candidate_logging_in_the_background_is_retried_and_its_failure_fails_th
     from mlflow.tracking import MlflowClient
 
     load_sales(engine)
-    real_log, calls = pipeline.log_candidate, []
+    real_log, calls = pipeline.candidate_log, []
 
     def flaky_log(*args, **kwargs):
         calls.append(kwargs["result"].name)
@@ -124,14 +124,14 @@ def test_candidate_logging_in_the_background_is_retried_and_its_failure_fails_th
             raise tracking.TrackingError("MLflow tracking at http://x is not reachable: timed out")
         return real_log(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "log_candidate", flaky_log)
+    monkeypatch.setattr(pipeline, "candidate_log", flaky_log)
     summary = nightly(config=tiny_config())
     assert calls.count("lstm") == 2 and summary["forecast_rows"] == len(SERIES) * 6
 
     def broken_log(*args, **kwargs):
         raise PermissionError("MLflow store refused the write")  # not transient: no retry
 
-    monkeypatch.setattr(pipeline, "log_candidate", broken_log)
+    monkeypatch.setattr(pipeline, "candidate_log", broken_log)
     before = forecasts_of(engine)
     with pytest.raises(PermissionError, match="refused the write"):
         nightly(config=tiny_config(), as_of="2019-11-01")

@@ -40,8 +40,9 @@ def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mas
     comparison = pipeline.compare([result])
     if claimed_mase is not None:
         comparison.scores.loc[comparison.scores["series_id"].isna(), "mase"] = claimed_mase
-    run_id = pipeline.log_candidate(client, experiment=experiment, parent_run_id=parent, config=CONFIG,
-                                    result=result, panel=panel, as_of=panel["ts"].max())
+    run_id = pipeline.write_candidate_log(client, pipeline.candidate_log(
+        experiment=experiment, parent_run_id=parent, config=CONFIG, result=result, panel=panel,
+        as_of=panel["ts"].max()))
     fitted = pipeline.fit_final(CONFIG, panel, name)
     promotion = pipeline.register_and_decide(client, config=CONFIG, panel=panel, comparison=comparison,
                                              fitted=fitted, champion_run_id=run_id, parent_run_id=parent)

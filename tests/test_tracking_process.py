@@ -1,0 +1,97 @@
+"""The MLflow logging process: jobs run in another process, errors come back, a dead worker is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from forecasting import pipeline, tracking, tracking_process
+from forecasting.config import Settings
+from forecasting.tracking import TrackingError
+from tests.flow_fixtures import tiny_config
+
+CONFIG = tiny_config()
+
+
+def process_id() -> int:
+    return os.getpid()
+
+
+def refuse(message: str) -> None:
+    raise PermissionError(message)
+
+
+def panel() -> pd.DataFrame:
+    ts = pd.date_range("2015-01-01", periods=48, freq="MS")
+    rng = np.random.default_rng(0)
+    return pd.concat([pd.DataFrame({"series_id": sid, "ts": ts, "value": 100 + rng.normal(0, 5, 48).cumsum()})
+                      for sid in ["a", "b", "c", "d", "e", "f"]], ignore_index=True)
+
+
+def test_a_job_runs_in_one_other_process_kept_between_calls() -> None:
+    first = tracking_process.call(process_id)
+    assert first != os.getpid()
+    assert tracking_process.call(process_id) == first
+
+
+def test_a_jobs_error_is_raised_here_with_its_type_and_message() -> None:
+    with pytest.raises(PermissionError, match="MLflow store refused the write"):
+        tracking_process.call(refuse, "MLflow store refused the write")
+
+
+def test_a_killed_worker_fails_the_call_as_tracking_error_and_the_next_call_starts_a_new_one() -> None:
+    worker = tracking_process.call(process_id)
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(TrackingError, match="logging process stopped before it finished process_id"):
+        tracking_process.call(process_id)
+    replacement = tracking_process.call(process_id)
+    assert replacement not in (worker, os.getpid())
+
+
+def test_a_candidate_run_written_by_the_worker_is_the_one_this_process_would_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = tracking.connect(Settings())
+    experiment = tracking.experiment_id(client, CONFIG.name)
+    parent = tracking.start_run(client, experiment=experiment, name="parent", tags={})
+    data = panel()
+    result = pipeline.backtest_candidate(CONFIG, data, "seasonal_naive")
+    entry = pipeline.candidate_log(experiment=experiment, parent_run_id=parent, config=CONFIG, result=result,
+                                   panel=data, as_of=data["ts"].max())
+    # The figure's data only: four of the six series.
+    assert entry.actuals["series_id"].nunique() == 4 and len(entry.actuals) == 4 * 48
+
+    there = tracking_process.call(tracking_process.write_candidate_run, uri, entry)
+    here = pipeline.write_candidate_log(client, entry)
+
+    runs = {run_id: MlflowClient(uri).get_run(run_id) for run_id in (there, here)}
+    assert there != here
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["role"] == "candidate"
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["forecast_vs_actual.png"]
+    assert runs[there].data.params == runs[here].data.params
+    assert runs[there].data.metrics == runs[here].data.metrics
+    assert runs[there].data.metrics["mase"] == pytest.approx(result.aggregate["mase"])
+
+
+def test_where_no_worker_can_start_jobs_run_in_the_caller_after_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    class DaemonPool:  # what ProcessPoolExecutor.submit raises inside a daemon process
+        def submit(self, *args: object) -> None:
+            raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(tracking_process, "_in_this_process", False)  # restored after the test
+    monkeypatch.setattr(tracking_process, "_executor", DaemonPool)
+    with caplog.at_level("WARNING", logger="forecasting.tracking_process"):
+        assert tracking_process.call(process_id) == os.getpid()
+        assert tracking_process.call(process_id) == os.getpid()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "daemonic processes are not allowed" in warnings[0]
