@@ -22,6 +22,7 @@ import multiprocessing.util
 import os
 import sys
 import threading
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
@@ -31,7 +32,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _pool: ProcessPoolExecutor | None = None
-_proven: set[int] = set()  # id() of pools that have finished a job: they can run here
+_proven: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()  # pools that have finished a job
 _in_this_process = False  # set once no worker could start here; jobs then run in the caller
 _pool_lock = threading.Lock()  # the flow's threads may call at the same time
 
@@ -61,7 +62,6 @@ def call(job: Callable[..., T], *args: Any) -> T:
     without `if __name__ == "__main__":`, makes a spawned worker fail its start - jobs run in
     the calling thread from then on, as before this module, after one warning.
     """
-    global _in_this_process
     if _in_this_process:
         return job(*args)
     pool = _executor()
@@ -76,13 +76,13 @@ def call(job: Callable[..., T], *args: Any) -> T:
         result = future.result()
     except BrokenProcessPool as exc:
         return _after_death(pool, exc, job, *args)
-    _proven.add(id(pool))
+    _proven.add(pool)
     return result
 
 
 def _after_death(pool: ProcessPoolExecutor, exc: BrokenProcessPool, job: Callable[..., T], *args: Any) -> T:
     _discard(pool)
-    if id(pool) not in _proven:
+    if pool not in _proven:
         _run_here_from_now(f"its worker died before finishing a first job ({exc})")
         return job(*args)
     from forecasting.tracking import TrackingError  # imported here: the worker never needs it early
@@ -96,15 +96,6 @@ def _run_here_from_now(why: str) -> None:
         _in_this_process = True
         log.warning("MLflow logging runs in this process's background thread, where it slows training: "
                     "no logging process could start here: %s", why)
-
-
-def shutdown() -> None:
-    """Stop the worker (a later call starts a new one). Also done at interpreter exit."""
-    with _pool_lock:
-        pool = _pool
-    if pool is not None:
-        _discard(pool)
-        pool.shutdown(wait=True)
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:
