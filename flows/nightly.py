@@ -3,10 +3,11 @@
 Retries (with backoff) are on the database and MLflow tasks only, and only for errors that can
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
 a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
-The one other thread logs to MLflow (the night's parent run, MLflow's package map for
-registration, then each candidate's run) while the candidates train; its waits for I/O overlap
-the training, its Python work does not (GIL), so the candidates' runs, most of that work, are
-written by a process of their own (forecasting.tracking_process) while the thread waits.
+Every MLflow call is made by a process of its own (forecasting.tracking_process), so this
+process never imports mlflow and never gives training's GIL to MLflow's Python. One other
+thread waits for those calls while the candidates train: the night's parent run, the current
+champion, each candidate's run as its backtest ends, then the new model's registration while
+the forecast is made.
 
 Scale-out: under a Dask task runner (`on_dask`, `forecasting run --dask`, or
 $FORECASTING_DASK_ADDRESS read when this module is imported, which is how deployments get it)
@@ -32,7 +33,6 @@ from typing import Any
 
 import pandas as pd
 import requests
-from mlflow.exceptions import MlflowException
 from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -42,15 +42,16 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner
 
-from forecasting import db, pipeline, progress, shards, tracking, tracking_process
+from forecasting import db, pipeline, progress, shards, tracking_process
 from forecasting.config import BASELINES, DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
+from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError
 from forecasting.train import configure_torch_threads
 from forecasting.validate import ValidationReport, observed_rows, validate
 
 
 # What can pass by itself: a database or tracking server that is down, busy or unreachable.
-TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, tracking.TrackingError, ConnectionError,
+TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, TrackingError, ConnectionError,
              TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
 
@@ -60,12 +61,21 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except TRANSIENT:
         return True
-    except MlflowException as exc:  # MLflow wraps failed HTTP calls; other codes are real errors
-        return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or (
-            "API request to" in str(exc))
-    except Exception:
-        return False
+    except Exception as exc:
+        return _is_transient_mlflow_error(exc)
     return False
+
+
+def _is_transient_mlflow_error(exc: Exception) -> bool:
+    """MLflow wraps failed HTTP calls in MlflowException; other codes are real errors.
+
+    Looked up, not imported: this process imports mlflow only when unpickling an MlflowException
+    that the logging process raised, and then it is in sys.modules.
+    """
+    exceptions = sys.modules.get("mlflow.exceptions")
+    if exceptions is None or not isinstance(exc, exceptions.MlflowException):
+        return False
+    return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or "API request to" in str(exc)
 
 
 IO_RETRIES: dict[str, Any] = dict(
@@ -97,23 +107,30 @@ def validate_series(config: DatasetConfig, panel: pd.DataFrame, as_of: pd.Timest
     return report
 
 
+def _tracking_uri() -> str:
+    return Settings().mlflow_tracking_uri
+
+
 @task(name="start-tracking", **IO_RETRIES)
-def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: ValidationReport) -> tuple[Any, str, str]:
-    client = tracking.connect(Settings())
-    experiment = tracking.experiment_id(client, config.name)
-    parent = tracking.start_run(
-        client,
-        experiment=experiment,
-        name=f"{config.name} {as_of:%Y-%m-%d} nightly",
-        tags={"dataset": config.name, "as_of": str(as_of), "role": "nightly",
+def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: ValidationReport) -> tuple[str, str]:
+    """The night's parent MLflow run: (experiment id, run id)."""
+    return tracking_process.call(
+        tracking_process.start_night, _tracking_uri(), config.name,
+        f"{config.name} {as_of:%Y-%m-%d} nightly",
+        {"dataset": config.name, "as_of": str(as_of), "role": "nightly",
               "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")},
-        params={"freq": config.freq, "horizon": config.horizon, "season_length": config.season_length,
-                "models": ",".join(config.models), "validation_policy": config.validation.policy,
-                "series": report.panel["series_id"].nunique(),
-                "dropped_series": ",".join(report.dropped) or "-",
-                "filled_values": sum(report.filled.values())},
+        {"freq": config.freq, "horizon": config.horizon, "season_length": config.season_length,
+         "models": ",".join(config.models), "validation_policy": config.validation.policy,
+         "series": report.panel["series_id"].nunique(),
+         "dropped_series": ",".join(report.dropped) or "-",
+         "filled_values": sum(report.filled.values())},
     )
-    return client, experiment, parent
+
+
+@task(name="load-champion", **IO_RETRIES)
+def current_champion(config: DatasetConfig) -> RegisteredForecaster | None:
+    """The registered version the `champion` alias points at, loaded; None before the first."""
+    return tracking_process.call(tracking_process.current_champion, _tracking_uri(), config.name)
 
 
 @task(name="backtest", **COMPUTE)
@@ -136,7 +153,7 @@ def log_candidate(experiment: str, parent: str, config: DatasetConfig,
                                    result=result, panel=panel, as_of=as_of)
     # Written by the logging process, so that its Python never holds this process's GIL while
     # the next candidate trains (see tracking_process); this thread waits without holding it.
-    return tracking_process.call(tracking_process.write_candidate_run, Settings().mlflow_tracking_uri, entry)
+    return tracking_process.call(tracking_process.write_candidate_run, _tracking_uri(), entry)
 
 
 @task(name="compare", **COMPUTE)
@@ -153,27 +170,37 @@ def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forec
 
 
 @task(name="register", **IO_RETRIES)
-def register(client: Any, config: DatasetConfig, panel: pd.DataFrame,
-             comparison: pipeline.Comparison, fitted: Forecaster,
-             champion_run_id: str, parent: str) -> pipeline.Promotion:
-    promotion = pipeline.register_and_decide(
-        client, config=config, panel=panel, comparison=comparison, fitted=fitted,
-        champion_run_id=champion_run_id, parent_run_id=parent,
-    )
-    get_run_logger().info("promotion: %s (%s)", promotion.decision, promotion.reason)
-    return promotion
+def register(config: DatasetConfig, fitted: Forecaster, champion_run_id: str, example: pd.DataFrame,
+             quantiles: list[float], as_of: pd.Timestamp) -> str:
+    """Tonight's refitted champion logged to its candidate run and registered: its version."""
+    version = tracking_process.call(
+        tracking_process.register, _tracking_uri(), config.name, fitted, run_id=champion_run_id,
+        example=example, quantiles=quantiles, level=config.interval_level, trained_through=as_of)
+    get_run_logger().info("registered %s as version %s", fitted.name, version)
+    return version
+
+
+@task(name="decide", **COMPUTE)
+def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comparison, fitted: Forecaster,
+           quantiles: list[float], current: RegisteredForecaster | None) -> pipeline.Decision:
+    decision = pipeline.decide(config=config, panel=panel, comparison=comparison, fitted=fitted,
+                               quantiles=quantiles, current=current)
+    get_run_logger().info("promotion: %s (%s)", decision.decision, decision.reason)
+    return decision
 
 
 @task(name="promote", **IO_RETRIES)
-def promote(client: Any, config: DatasetConfig, promotion: pipeline.Promotion) -> None:
-    pipeline.promote(client, config=config, promotion=promotion)
+def promote(config: DatasetConfig, promotion: pipeline.Promotion) -> None:
+    """Move `champion` to tonight's version if the decision says so (after the write)."""
+    if promotion.promoted:
+        tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name, promotion.new_version)
 
 
 @task(name="forecast", **COMPUTE)
-def forecast(config: DatasetConfig, promotion: pipeline.Promotion, panel: pd.DataFrame) -> pd.DataFrame:
+def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[float], panel: pd.DataFrame) -> pd.DataFrame:
+    """The forecast rows, not yet naming a model version (tonight's may still be registering)."""
     _torch_threads_on_worker()
-    return pipeline.forecast(promotion.forecaster, config=config, panel=panel, quantiles=promotion.quantiles,
-                             version=promotion.version, run_id=promotion.run_id)
+    return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None, run_id=None)
 
 
 @task(name="write", **IO_RETRIES)
@@ -186,15 +213,17 @@ def write_results(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.Data
 
 
 @task(name="finish-tracking", **IO_RETRIES)
-def finish_tracking(client: Any, parent: str, config: DatasetConfig, comparison: pipeline.Comparison,
-                    panel: pd.DataFrame, rows: pd.DataFrame, summary: pipeline.RunSummary) -> None:
-    pipeline.log_night(
-        client, parent, config=config, comparison=comparison, panel=panel, forecast_rows=rows,
-        metrics={"forecast_rows": summary.forecast_rows,
+def finish_tracking(parent: str, config: DatasetConfig, comparison: pipeline.Comparison, panel: pd.DataFrame,
+                    rows: pd.DataFrame, promotion: pipeline.Promotion, summary: pipeline.RunSummary) -> None:
+    decision_tags, decision_metrics = pipeline.decision_record(promotion)
+    entry = pipeline.night_log(
+        parent, config=config, comparison=comparison, panel=panel, forecast_rows=rows,
+        metrics={**decision_metrics, "forecast_rows": summary.forecast_rows,
                  **{f"stage_seconds_{k.replace(':', '_')}": v for k, v in summary.stage_seconds.items()}},
-        tags={"champion": summary.champion, "model_version": summary.model_version,
+        tags={**decision_tags, "champion": summary.champion, "model_version": summary.model_version,
               "dropped_series": ",".join(summary.dropped_series) or "-"},
     )
+    tracking_process.call(tracking_process.finish_night, _tracking_uri(), entry)
 
 
 # ---------------------------------------------------------------------------------- scale-out
@@ -272,9 +301,9 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     config = load_config(config)
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
-    # load, validate, one per candidate, fit, the parent's and champion's logging, register,
-    # forecast, the other candidates' logging, write, promote
-    total = 2 + len(config.candidates) + 7
+    # load, validate, one per candidate, fit, the parent's and champion's logging, decide,
+    # forecast, registration's rest, the other candidates' logging, write, promote
+    total = 2 + len(config.candidates) + 8
     with progress.stages(f"{config.name} nightly", total) as on_stage:
         summary = _nightly(config, as_of, pipeline.StageTimer(on_stage))
     return _final_state(config, summary)
@@ -303,24 +332,24 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
     with timer.stage("validate"):
         report = validate_series(config, panel, effective_as_of)
     loaded, panel = panel, report.panel
-    started: Future[tuple[Any, str, str]] | None = None
+    started: Future[tuple[str, str]] | None = None
     try:
         results, logged = [], {}
-        # MLflow work runs in one background thread while the candidates train: first the
-        # night's parent run, then MLflow's package map for registration
-        # (tracking.warm_model_logging), then each candidate's run (params, losses, a plot:
-        # 0.3-0.5 s apiece) as soon as its backtest is done, written by the logging process
-        # (tracking_process) while this thread waits. Registration waits for the parent and the
-        # champion's run only, the write for all of them, so tracking adds to the night only
-        # what is left of it by then. One thread: the runs are logged in order.
+        # This thread waits for the logging process (tracking_process) while the candidates
+        # train: first the night's parent run, the current champion and MLflow's package map for
+        # registration (tracking.warm_model_logging), then each candidate's run (params, losses,
+        # a plot) as soon as its backtest is done, and at last the new model's registration while
+        # the forecast is made. So tracking adds to the night only what is left of it by then.
+        # One thread: the jobs reach the process in order.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") as background:
             def in_background(fn: Any, *args: Any) -> Future[Any]:
                 # The flow run's context travels along: these are task runs of this flow.
                 return background.submit(contextvars.copy_context().run, fn, *args)
 
             started = in_background(start_tracking, config, effective_as_of, report)
-            # Next in the queue, so done before any model is logged; a failure only costs time.
-            in_background(tracking.warm_model_logging)
+            current = in_background(current_champion, config)
+            # Before any model is logged; a failure only costs registration time.
+            in_background(tracking_process.call, tracking_process.warm_model_logging, _tracking_uri())
             for result in _backtests(config, panel, timer):
                 _fail_fast(started)  # MLflow unreachable: stop before training the next candidate
                 logged[result.name] = in_background(_log_candidate_after, started, config, result, panel,
@@ -330,12 +359,18 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
             with timer.stage("fit-champion"):
                 fitted = _here_or_on_cluster(fit_champion, config, panel, comparison.champion)
             with timer.stage("tracking"):  # what is left of the parent's and champion's logging
-                client, experiment, parent = started.result()
+                _, parent = started.result()
                 champion_run_id = logged[comparison.champion].result()
-            with timer.stage("register"):
-                promotion = register(client, config, panel, comparison, fitted, champion_run_id, parent)
+            with timer.stage("decide"):
+                quantiles = pipeline.calibrate(config, panel, comparison)
+                registered = in_background(register, config, fitted, champion_run_id,
+                                           pipeline.signature_example(panel), quantiles, effective_as_of)
+                decision = decide(config, panel, comparison, fitted, quantiles, current.result())
             with timer.stage("forecast"):
-                rows = _forecast(config, promotion, panel)
+                rows = _forecast(config, decision, panel)
+            with timer.stage("register"):  # what is left of the registration
+                promotion = decision.promotion(registered.result(), champion_run_id)
+                rows = pipeline.with_provenance(rows, version=promotion.version, run_id=promotion.run_id)
             with timer.stage("tracking"):  # what is left of the other candidates' logging
                 run_ids = {name: future.result() for name, future in logged.items()}
         with timer.stage("write"):
@@ -345,26 +380,26 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
             n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
                                                   observed_rows(loaded, report))
         with timer.stage("register"):  # only now: the alias never points past what was written
-            promote(client, config, promotion)
+            promote(config, promotion)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
-        finish_tracking(client, parent, config, comparison, panel, rows, summary)
+        finish_tracking(parent, config, comparison, panel, rows, promotion, summary)
     except BaseException:
         # The background thread has finished (the executor waits for it): a parent run it
         # started is marked FAILED. Keep the original error, not MLflow's.
         if started is not None and started.done() and started.exception() is None:
-            client, _, parent = started.result()
+            _, parent = started.result()
             with contextlib.suppress(Exception):
-                tracking.end_run(client, parent, status="FAILED")
+                tracking_process.call(tracking_process.end_run, _tracking_uri(), parent, "FAILED")
         raise
     _publish(config, comparison, summary)
     return dataclasses.asdict(summary)
 
 
-def _log_candidate_after(started: Future[tuple[Any, str, str]], config: DatasetConfig,
+def _log_candidate_after(started: Future[tuple[str, str]], config: DatasetConfig,
                          result: pipeline.CandidateResult, panel: pd.DataFrame, as_of: pd.Timestamp) -> str:
     """log_candidate under the night's parent run, once `start_tracking` has made it."""
-    _, experiment, parent = started.result()  # its error, if it failed, is this one's too
+    experiment, parent = started.result()  # its error, if it failed, is this one's too
     return log_candidate(experiment, parent, config, result, panel, as_of)
 
 
@@ -404,12 +439,13 @@ def _here_or_on_cluster(task_: Any, *args: Any) -> Any:
     return task_(*args) if _cluster() is None else _submit(task_, *args).result()
 
 
-def _forecast(config: DatasetConfig, promotion: pipeline.Promotion, panel: pd.DataFrame) -> pd.DataFrame:
+def _forecast(config: DatasetConfig, decision: pipeline.Decision, panel: pd.DataFrame) -> pd.DataFrame:
     """The forecast rows; on a Dask cluster one task per shard of series, joined in panel order."""
     client = _cluster()
     if client is None:
-        return forecast(config, promotion, panel)
-    futures = [_submit(forecast, config, promotion, part) for part in shards.split(panel, _threads(client))]
+        return forecast(config, decision.forecaster, decision.quantiles, panel)
+    futures = [_submit(forecast, config, decision.forecaster, decision.quantiles, part)
+               for part in shards.split(panel, _threads(client))]
     return pd.concat([future.result() for future in futures], ignore_index=True)
 
 
@@ -431,26 +467,20 @@ def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pi
     get_run_logger().info("done: %s", summary)
 
 
-@task(name="load-champion", **IO_RETRIES)
-def load_champion(config: DatasetConfig) -> tracking.RegisteredForecaster:
-    client = tracking.connect(Settings())
-    found = tracking.load_champion(client, config.name)
-    if found is None:
-        raise tracking.NoChampion(
-            f"dataset {config.name!r}: no version of {tracking.registered_model_name(config.name)!r} "
-            f"has the alias {tracking.CHAMPION_ALIAS!r} yet; run `forecasting run` first"
-        )
-    return found
-
-
 @flow(name="predict-with-champion")
 def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) -> dict[str, Any]:
     """Forecast with the registered champion, no training; replaces that as_of's forecast rows."""
     config = load_config(config)
     configure_torch_threads()
+    tracking_process.start()  # its imports run on another core while this process loads the data
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
     report = validate_series(config, panel, effective_as_of)
-    champion = load_champion(config)
+    champion = current_champion(config)
+    if champion is None:
+        raise NoChampion(
+            f"dataset {config.name!r}: no version of {tracking_process.registered_model_name(config.name)!r} "
+            f"has the alias {tracking_process.CHAMPION_ALIAS!r} yet; run `forecasting run` first"
+        )
     if champion.trained_through is not None and champion.trained_through > effective_as_of:
         raise ValueError(
             f"dataset {config.name!r}: champion v{champion.version} was trained on data through "

@@ -16,13 +16,13 @@ from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
-from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import Engine
 
-from forecasting import db, intervals, tracking
+from forecasting import db, intervals
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
+from forecasting.tracking_process import RegisteredForecaster
 from forecasting.validate import Problem
 
 log = logging.getLogger(__name__)
@@ -211,25 +211,20 @@ def candidate_log(
     )
 
 
-def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
-    """`entry` as a run nested under the night's parent run; its run id."""
-    # Imported here, where the logging runs: importing matplotlib took 0.4-0.5 s of the flow's
-    # start-up when pipeline imported it.
-    from forecasting.plots import forecast_vs_actual
+@dataclass
+class NightLog:
+    """What the night's parent run records at its end, small enough for another process."""
 
-    run_id = tracking.start_run(client, experiment=entry.experiment, name=entry.run_name, tags=entry.tags,
-                                params=entry.params, parent_run_id=entry.parent_run_id)
-    tracking.log_history(client, run_id, entry.history)
-    tracking.log_metrics(client, run_id, entry.metrics)
-    figure = forecast_vs_actual(entry.actuals, entry.predictions, title=entry.figure_title)
-    tracking.log_figure(client, run_id, figure, "forecast_vs_actual.png")
-    # No loss-curve image: MLflow's UI charts train_loss/val_loss from the history logged above.
-    tracking.end_run(client, run_id)
-    return run_id
+    parent_run_id: str
+    comparison: pd.DataFrame  # models x metrics (Comparison.table)
+    figure_title: str
+    actuals: pd.DataFrame  # the figure's data: the shown series' last actuals and their forecast
+    forecast: pd.DataFrame
+    metrics: dict[str, float]
+    tags: dict[str, str]
 
 
-def log_night(
-    client: MlflowClient,
+def night_log(
     parent_run_id: str,
     *,
     config: DatasetConfig,
@@ -238,17 +233,23 @@ def log_night(
     forecast_rows: pd.DataFrame,
     metrics: dict[str, float],
     tags: dict[str, str],
-) -> None:
-    """The parent run's review: models x metrics, the forecast with intervals, the outcome."""
-    from forecasting.plots import forecast_with_intervals  # see write_candidate_log
+) -> NightLog:
+    """The parent run's review - models x metrics, the forecast with intervals, the outcome -
+    for `tracking.write_night_log`."""
+    from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series
 
-    tracking.log_frame(client, parent_run_id, comparison.table(), "comparison.csv")
-    figure = forecast_with_intervals(panel, forecast_rows, title=f"{config.name}: forecast of "
-                                     f"{forecast_rows['model'].iloc[0]} with {config.interval_level:.0%} interval")
-    tracking.log_figure(client, parent_run_id, figure, "forecast.png")
-    tracking.log_metrics(client, parent_run_id, metrics)
-    tracking.set_tags(client, parent_run_id, tags)
-    tracking.end_run(client, parent_run_id)
+    shown = sample_series(forecast_rows["series_id"], FIGURE_SERIES)
+    actuals = panel[panel["series_id"].isin(shown)].groupby("series_id", sort=False).tail(CONTEXT)
+    return NightLog(
+        parent_run_id=parent_run_id,
+        comparison=comparison.table(),
+        figure_title=(f"{config.name}: forecast of {forecast_rows['model'].iloc[0]} with "
+                      f"{config.interval_level:.0%} interval"),
+        actuals=actuals[["series_id", "ts", "value"]],
+        forecast=forecast_rows[forecast_rows["series_id"].isin(shown)],
+        metrics=metrics,
+        tags=tags,
+    )
 
 
 @dataclass
@@ -302,17 +303,53 @@ def rescore_current(
     return float(scores.loc[scores["series_id"].isna(), "mase"].iloc[0])
 
 
-def register_and_decide(
-    client: MlflowClient,
+def calibrate(config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison) -> list[float]:
+    """The champion's interval half-width per step, from its backtest residuals (MASE units)."""
+    own = comparison.predictions[comparison.predictions["model"] == comparison.champion]
+    residuals = intervals.scaled_residuals(own, panel, season_length=config.season_length)
+    return intervals.step_quantiles(residuals, horizon=config.horizon, level=config.interval_level).tolist()
+
+
+def signature_example(panel: pd.DataFrame, series: int = 2) -> pd.DataFrame:
+    """The rows of the panel's first `series` series: all that registering a model reads of the
+    panel (its signature's example), so that only they travel to the logging process."""
+    first = panel["series_id"].drop_duplicates().head(series)
+    return panel[panel["series_id"].isin(first)]
+
+
+@dataclass
+class Decision:
+    """Tonight's choice between the refitted champion and the current one, before the new
+    version number exists: registration runs meanwhile, in the logging process."""
+
+    forecaster: Forecaster  # the model that makes tonight's forecast
+    quantiles: list[float]  # its interval half-widths per step
+    kept: RegisteredForecaster | None  # the current champion when it stays and forecasts
+    promoted: bool
+    decision: str  # promoted | refreshed | kept | backfill
+    reason: str
+    new_mase: float
+    current_mase: float | None
+
+    def promotion(self, new_version: str, run_id: str) -> Promotion:
+        """The decision once tonight's model is registered as `new_version` by run `run_id`."""
+        if self.kept is not None:
+            return Promotion(self.kept.forecaster, self.kept.version, self.kept.run_id, self.kept.quantiles,
+                             new_version, False, self.decision, self.reason, self.new_mase, self.current_mase)
+        return Promotion(self.forecaster, new_version, run_id, self.quantiles, new_version, self.promoted,
+                         self.decision, self.reason, self.new_mase, self.current_mase)
+
+
+def decide(
     *,
     config: DatasetConfig,
     panel: pd.DataFrame,
     comparison: Comparison,
     fitted: Forecaster,
-    champion_run_id: str,
-    parent_run_id: str,
-) -> Promotion:
-    """Register the refitted champion and decide whether `champion` moves to it.
+    quantiles: list[float],
+    current: RegisteredForecaster | None,
+) -> Decision:
+    """Whether `champion` moves to the refitted backtest winner (`fitted`) or stays on `current`.
 
     - no current champion, or one that cannot forecast this config's horizon: promote;
     - a backfill (the current champion was trained on data after this as_of): the alias stays
@@ -321,63 +358,46 @@ def register_and_decide(
       re-scored at the same origins (see rescore_current). The same model with the same
       settings ties by construction: it is refreshed, i.e. promoted with the newer weights.
       When kept, the current champion makes the forecast.
-    The alias itself is moved by `promote`, after the forecast rows are written.
+    Tonight's model is registered either way; the alias itself moves after the forecast rows
+    are written.
     """
     name = comparison.champion
-    version = tracking.log_and_register(client, fitted, run_id=champion_run_id, dataset=config.name, panel=panel)
     aggregate = comparison.scores[comparison.scores["series_id"].isna()].set_index("model")
     new_mase = float(aggregate.loc[name, "mase"])
-    own = comparison.predictions[comparison.predictions["model"] == name]
-    residuals = intervals.scaled_residuals(own, panel, season_length=config.season_length)
-    quantiles = intervals.step_quantiles(residuals, horizon=config.horizon, level=config.interval_level).tolist()
     as_of = panel["ts"].max()
-    tracking.tag_version(client, config.name, version, quantiles=quantiles,
-                         level=config.interval_level, trained_through=as_of)
-    current = tracking.load_champion(client, config.name)
 
-    def new(decision: str, reason: str, current_mase: float | None = None) -> Promotion:
-        return Promotion(fitted, version, champion_run_id, quantiles, version,
-                         decision in ("promoted", "refreshed"), decision, reason, new_mase, current_mase)
+    def new(decision: str, reason: str, current_mase: float | None = None) -> Decision:
+        return Decision(fitted, quantiles, None, decision in ("promoted", "refreshed"), decision, reason,
+                        new_mase, current_mase)
 
     if current is None:
-        promotion = new("promoted", "no current champion")
-    elif current.forecaster.horizon != config.horizon or current.forecaster.freq != config.freq:
-        promotion = new("promoted", f"current champion v{current.version} forecasts "
-                        f"{current.forecaster.horizon} x {current.forecaster.freq!r}, the config now "
-                        f"{config.horizon} x {config.freq!r}")
-    elif current.trained_through is not None and current.trained_through > as_of:
-        promotion = new("backfill", f"current champion v{current.version} was trained through "
-                        f"{current.trained_through}, after as_of {as_of}: alias untouched, "
-                        "forecast by this night's model")
-    else:
-        current_mase = rescore_current(current.forecaster, config, panel, comparison)
-        versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
-        if new_mase < current_mase:
-            promotion = new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", current_mase)
-        elif name == current.forecaster.name and same_settings(current.forecaster, config):
-            promotion = new("refreshed", f"same model and settings as {versus}: retrained on data "
-                            f"through {as_of}", current_mase)
-        else:
-            promotion = Promotion(current.forecaster, current.version, current.run_id, current.quantiles,
-                                  version, False, "kept", f"new {name} MASE {new_mase:.4f} >= {versus}",
-                                  new_mase, current_mase)
-    tracking.set_tags(client, parent_run_id, {
-        "promotion.decision": promotion.decision,
-        "promotion.reason": promotion.reason,
-        "promotion.new_version": version,
-        "promotion.forecast_version": promotion.version,
-    })
-    tracking.log_metrics(client, parent_run_id, {
-        "promotion_new_mase": new_mase,
-        **({"promotion_current_mase": promotion.current_mase} if promotion.current_mase is not None else {}),
-    })
-    return promotion
+        return new("promoted", "no current champion")
+    if current.forecaster.horizon != config.horizon or current.forecaster.freq != config.freq:
+        return new("promoted", f"current champion v{current.version} forecasts "
+                   f"{current.forecaster.horizon} x {current.forecaster.freq!r}, the config now "
+                   f"{config.horizon} x {config.freq!r}")
+    if current.trained_through is not None and current.trained_through > as_of:
+        return new("backfill", f"current champion v{current.version} was trained through "
+                   f"{current.trained_through}, after as_of {as_of}: alias untouched, "
+                   "forecast by this night's model")
+    current_mase = rescore_current(current.forecaster, config, panel, comparison)
+    versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
+    if new_mase < current_mase:
+        return new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", current_mase)
+    if name == current.forecaster.name and same_settings(current.forecaster, config):
+        return new("refreshed", f"same model and settings as {versus}: retrained on data through {as_of}",
+                   current_mase)
+    return Decision(current.forecaster, current.quantiles, current, False, "kept",
+                    f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase)
 
 
-def promote(client: MlflowClient, *, config: DatasetConfig, promotion: Promotion) -> None:
-    """Move `champion` to tonight's version if the decision says so (after the write)."""
-    if promotion.promoted:
-        tracking.set_champion(client, config.name, promotion.new_version)
+def decision_record(promotion: Promotion) -> tuple[dict[str, str], dict[str, float]]:
+    """The parent run's tags and metrics that record the decision."""
+    tags = {"promotion.decision": promotion.decision, "promotion.reason": promotion.reason,
+            "promotion.new_version": promotion.new_version, "promotion.forecast_version": promotion.version}
+    metrics = {"promotion_new_mase": promotion.new_mase,
+               **({"promotion_current_mase": promotion.current_mase} if promotion.current_mase is not None else {})}
+    return tags, metrics
 
 
 # ----------------------------------------------------------------------------------- forecast
@@ -400,7 +420,13 @@ def forecast(
     rows = forecaster.predict(panel)
     steps = pd.Series(quantiles, index=pd.RangeIndex(1, len(quantiles) + 1))
     rows = intervals.add_intervals(rows, panel, steps, season_length=config.season_length)
-    rows = rows.assign(model=forecaster.name, model_version=version, mlflow_run_id=run_id)
+    return with_provenance(rows.assign(model=forecaster.name), version=version, run_id=run_id)
+
+
+def with_provenance(rows: pd.DataFrame, *, version: str | None, run_id: str | None) -> pd.DataFrame:
+    """`forecasts` rows naming the registered version and MLflow run of the model that made them
+    (None while tonight's model is still being registered: the rows are named before the write)."""
+    rows = rows.assign(model_version=version, mlflow_run_id=run_id)
     return rows[["series_id", "ts", "step", "value", "lower", "upper", "model", "model_version", "mlflow_run_id"]]
 
 

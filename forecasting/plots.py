@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure  # not pyplot: no global figure state, no display, any thread
+
+if TYPE_CHECKING:  # matplotlib is imported where figures are drawn: the logging process, not the flow's
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Fixed margins instead of tight_layout: tight_layout renders the figure to measure its text
 # (building a forecast figure took 0.13 s with it, 0.03 s without) and left a layout engine that
@@ -12,10 +16,13 @@ from matplotlib.figure import Figure  # not pyplot: no global figure state, no d
 # 2.4 inches apart with one title each, so fixed fractions fit them all.
 PANEL_INCHES = 2.4
 FIGURE_SERIES = 4  # series shown per figure
+CONTEXT = 48  # actuals shown before a forecast
 
 
 def _stacked_panels(title: str, panels: int) -> tuple[Figure, list[Axes]]:
     """A figure titled `title` in its top 0.3 inch, then `panels` axes one above the other."""
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no display, any thread
+
     height = PANEL_INCHES * panels
     figure = Figure(figsize=(9, height))
     figure.suptitle(title, y=1 - 0.08 / height, va="top")
@@ -39,7 +46,7 @@ def forecast_vs_actual(
     *,
     title: str,
     n_series: int = FIGURE_SERIES,
-    context: int = 48,
+    context: int = CONTEXT,
 ) -> Figure:
     """One panel per sampled series: the last `context` actuals, then yhat at each origin."""
     chosen = sample_series(predictions["series_id"], n_series)
@@ -58,7 +65,7 @@ def forecast_vs_actual(
 
 
 def forecast_with_intervals(
-    panel: pd.DataFrame, forecast: pd.DataFrame, *, title: str, n_series: int = FIGURE_SERIES, context: int = 48
+    panel: pd.DataFrame, forecast: pd.DataFrame, *, title: str, n_series: int = FIGURE_SERIES, context: int = CONTEXT
 ) -> Figure:
     """Tonight's forecast after the last `context` actuals, with its interval as a band."""
     chosen = sample_series(forecast["series_id"], n_series)

@@ -1,5 +1,8 @@
 """MLflow: runs, metrics, artifacts, model logging, the registry and the `champion` alias.
 
+The flows reach these through the jobs of `tracking_process`, which run them in the logging
+process; only that process, the tests and the CLI's tools import this module (and mlflow).
+
 Everything goes through an explicit MlflowClient and explicit run ids, because Prefect may run
 tasks in other threads and `mlflow.active_run()` is thread-local. The one exception is model
 logging (`mlflow.<flavor>.log_model` needs an active run): it opens and closes the run it logs
@@ -15,9 +18,8 @@ import logging
 import os
 import sqlite3
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -31,23 +33,15 @@ from mlflow.tracking import MlflowClient
 from forecasting import intervals
 from forecasting.config import Settings, redact_url, scrub
 from forecasting.forecasters import Forecaster, load_forecaster
+from forecasting.tracking_process import (  # noqa: F401  (defined where the flows, which never import mlflow, see them)
+    CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, registered_model_name)
+
+if TYPE_CHECKING:
+    from forecasting.pipeline import CandidateLog, NightLog
 
 log = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
 FORECASTER_DIR_TAG = "forecaster_dir"  # where in the model's artifacts our own files lie
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be used; the message names the tracking URI (password masked)."""
-
-
-class NoChampion(LookupError):
-    """No version of the dataset's registered model carries the `champion` alias yet."""
-
-
-def registered_model_name(dataset: str) -> str:
-    return f"{dataset}-forecaster"
 
 
 def connect(settings: Settings | None = None) -> MlflowClient:
@@ -220,6 +214,34 @@ def log_frame(client: MlflowClient, run_id: str, frame: pd.DataFrame, name: str)
     client.log_table(run_id, data=frame, artifact_file=Path(name).with_suffix(".json").name)
 
 
+def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
+    """`entry` as a run nested under the night's parent run; its run id."""
+    from forecasting.plots import forecast_vs_actual  # matplotlib: only where the logging runs
+
+    run_id = start_run(client, experiment=entry.experiment, name=entry.run_name, tags=entry.tags,
+                       params=entry.params, parent_run_id=entry.parent_run_id)
+    log_history(client, run_id, entry.history)
+    log_metrics(client, run_id, entry.metrics)
+    figure = forecast_vs_actual(entry.actuals, entry.predictions, title=entry.figure_title)
+    log_figure(client, run_id, figure, "forecast_vs_actual.png")
+    # No loss-curve image: MLflow's UI charts train_loss/val_loss from the history logged above.
+    end_run(client, run_id)
+    return run_id
+
+
+def write_night_log(client: MlflowClient, entry: NightLog) -> None:
+    """The parent run's review - models x metrics, the forecast with intervals, the outcome -
+    then the run ended."""
+    from forecasting.plots import forecast_with_intervals
+
+    log_frame(client, entry.parent_run_id, entry.comparison, "comparison.csv")
+    figure = forecast_with_intervals(entry.actuals, entry.forecast, title=entry.figure_title)
+    log_figure(client, entry.parent_run_id, figure, "forecast.png")
+    log_metrics(client, entry.parent_run_id, entry.metrics)
+    set_tags(client, entry.parent_run_id, entry.tags)
+    end_run(client, entry.parent_run_id)
+
+
 # ------------------------------------------------------------------------------ model registry
 
 
@@ -231,15 +253,6 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
         return self.forecaster.predict(model_input)
-
-
-@dataclass(frozen=True)
-class RegisteredForecaster:
-    forecaster: Forecaster
-    version: str
-    run_id: str  # the MLflow run that logged the model
-    quantiles: list[float]  # interval half-widths per step, calibrated on its backtest
-    trained_through: pd.Timestamp | None  # the last timestamp of the data it was fitted on
 
 
 INTERVAL_TAG = "interval_quantiles"

@@ -1,17 +1,19 @@
-"""MLflow logging in a process of its own, beside the process that trains.
+"""Every MLflow call of the flows, made by a process of its own beside the process that trains.
 
-The nightly flow logs each candidate's MLflow run (its params, losses, metrics and a figure:
-0.3-0.5 s of Python apiece) while the next candidate trains. In a thread of the training process
-that Python holds the GIL, and training is a Python loop of short kernel calls that each give
-the GIL up and must take it back: beside a thread that is busy in Python, an LSTM backtest that
-took 9.4 s alone took 467 s (2026-11-29, 2 cores, benchmarks' sales config). The logging thread
-is busy only in bursts, but every burst stops training for its whole length. In a process of its
-own the same work runs on another core and training never waits for it.
+The nightly flow talks to MLflow while its candidates train: the night's parent run, each
+candidate's run (params, losses, metrics, a figure: 0.3-0.5 s of Python apiece), the current
+champion, the new model's registration. In a thread of the training process that Python holds
+the GIL, and training is a Python loop of short kernel calls that each give the GIL up and must
+take it back: beside a thread that is busy in Python, an LSTM backtest that took 9.4 s alone took
+467 s (2026-11-29, 2 cores, benchmarks' sales config). In a process of its own the same work runs
+on another core and training never waits for it. The flow's process never imports mlflow at all:
+that import (1-1.4 s) and matplotlib's are the worker's, paid while this process loads the data.
 
 One worker process (spawned: safe beside torch's and Prefect's threads), started on first use and
-kept for the process's later nights (a backfill, a test session), so that its start-up - imports
-of mlflow, matplotlib and pandas, 2-3 s - is paid once, and by another core. Jobs are functions
-of this module with picklable arguments; the error a job raises is raised again by `call`.
+kept for the process's later nights (a backfill, a test session). Jobs are the functions at the
+end of this module, with picklable arguments and the tracking URI first; the error a job raises
+is raised again by `call`. What the flows need of MLflow's world without importing it - the
+errors, the registered model's name, a loaded champion - is defined here.
 """
 
 from __future__ import annotations
@@ -25,11 +27,42 @@ import threading
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:  # the flow's process never imports these at run time (see the docstring)
+    import pandas as pd
+
+    from forecasting.forecasters import Forecaster
+    from forecasting.pipeline import CandidateLog, NightLog
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used; the message names the tracking URI (password masked)."""
+
+
+class NoChampion(LookupError):
+    """No version of the dataset's registered model carries the `champion` alias yet."""
+
+
+def registered_model_name(dataset: str) -> str:
+    return f"{dataset}-forecaster"
+
+
+@dataclass(frozen=True)
+class RegisteredForecaster:
+    forecaster: Forecaster
+    version: str
+    run_id: str  # the MLflow run that logged the model
+    quantiles: list[float]  # interval half-widths per step, calibrated on its backtest
+    trained_through: pd.Timestamp | None  # the last timestamp of the data it was fitted on
+
 
 _pool: ProcessPoolExecutor | None = None
 _proven: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()  # pools that have finished a job
@@ -46,15 +79,30 @@ def _executor() -> ProcessPoolExecutor:
         return _pool
 
 
+class StartedWhileImported(RuntimeError):
+    """A flow was run by the script that a starting worker process was importing."""
+
+
 def start() -> None:
-    """Start the worker now and have it import what logging needs, while this process loads data."""
+    """Start the worker now and have it import what logging needs, while this process loads data.
+
+    A spawned worker first imports the script that started its parent (as multiprocessing's
+    spawn does); a script that runs a flow at import, without `if __name__ == "__main__":`,
+    would run the whole night again inside that worker. It stops here instead, with this error;
+    the worker's start fails and the parent's night logs from its own thread (see `call`).
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # what spawn sets while it imports
+        raise StartedWhileImported(
+            "a flow was run while a new MLflow logging process (forecasting.tracking_process) was "
+            "importing the script that started it: put that script's flow call under "
+            "`if __name__ == \"__main__\":`, as Python's multiprocessing requires")
     if not _in_this_process:
         threading.Thread(target=call, args=(_import_logging,), name="tracking-process-start",
                          daemon=True).start()
 
 
-def call(job: Callable[..., T], *args: Any) -> T:
-    """`job(*args)` in the worker process; its result, or its error raised here.
+def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`job(*args, **kwargs)` in the worker process; its result, or its error raised here.
 
     A worker that died (killed, out of memory) fails this call with TrackingError, which the
     flow's tracking tasks retry: the next call starts a new worker. Where no worker can start at
@@ -63,30 +111,29 @@ def call(job: Callable[..., T], *args: Any) -> T:
     the calling thread from then on, as before this module, after one warning.
     """
     if _in_this_process:
-        return job(*args)
+        return job(*args, **kwargs)
     pool = _executor()
     try:
-        future = pool.submit(job, *args)
+        future = pool.submit(job, *args, **kwargs)
     except BrokenProcessPool as exc:  # a RuntimeError too: caught first
-        return _after_death(pool, exc, job, *args)
+        return _after_death(pool, exc, job, *args, **kwargs)
     except (RuntimeError, AssertionError, OSError) as exc:  # e.g. "daemonic processes are not allowed to have children"
         _run_here_from_now(repr(exc))
-        return job(*args)
+        return job(*args, **kwargs)
     try:
         result = future.result()
     except BrokenProcessPool as exc:
-        return _after_death(pool, exc, job, *args)
+        return _after_death(pool, exc, job, *args, **kwargs)
     _proven.add(pool)
     return result
 
 
-def _after_death(pool: ProcessPoolExecutor, exc: BrokenProcessPool, job: Callable[..., T], *args: Any) -> T:
+def _after_death(pool: ProcessPoolExecutor, exc: BrokenProcessPool, job: Callable[..., T], *args: Any,
+                 **kwargs: Any) -> T:
     _discard(pool)
     if pool not in _proven:
         _run_here_from_now(f"its worker died before finishing a first job ({exc})")
-        return job(*args)
-    from forecasting.tracking import TrackingError  # imported here: the worker never needs it early
-
+        return job(*args, **kwargs)
     raise TrackingError(f"the MLflow logging process stopped before it finished {job.__name__}: {exc}") from exc
 
 
@@ -126,22 +173,86 @@ def _exit_without_teardown() -> None:
 
 
 def _import_logging() -> None:
-    import forecasting.pipeline  # noqa: F401  (mlflow, pandas, the job's data classes)
-    import forecasting.plots  # noqa: F401  (matplotlib)
+    import matplotlib.figure  # noqa: F401  (the figures, drawn by forecasting.plots)
+
+    import forecasting.tracking  # noqa: F401  (mlflow, torch, pandas)
 
 
 def _client(tracking_uri: str) -> Any:
-    """One checked client per tracking URI for the worker's life (see tracking.connect)."""
+    """One checked client per tracking URI for the worker's life (see tracking.connect).
+
+    MLflow's global tracking and registry URIs are set to it on every call: model logging and
+    artifact downloads use them, and a long-lived worker may serve nights of several stores.
+    """
+    import mlflow
+
     if tracking_uri not in _clients:
         from forecasting import tracking
         from forecasting.config import Settings
 
         _clients[tracking_uri] = tracking.connect(Settings(mlflow_tracking_uri=tracking_uri))
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     return _clients[tracking_uri]
 
 
-def write_candidate_run(tracking_uri: str, entry: Any) -> str:
-    """A candidate's MLflow run from its `pipeline.CandidateLog`; the run id."""
-    from forecasting import pipeline
+def start_night(tracking_uri: str, dataset: str, name: str, tags: dict[str, str],
+                params: dict[str, Any]) -> tuple[str, str]:
+    """The night's parent run in the dataset's experiment: (experiment id, run id)."""
+    from forecasting import tracking
 
-    return pipeline.write_candidate_log(_client(tracking_uri), entry)
+    client = _client(tracking_uri)
+    experiment = tracking.experiment_id(client, dataset)
+    return experiment, tracking.start_run(client, experiment=experiment, name=name, tags=tags, params=params)
+
+
+def warm_model_logging(tracking_uri: str) -> None:
+    """MLflow's package map, built before the night's registration needs it (see tracking)."""
+    from forecasting import tracking
+
+    tracking.warm_model_logging()
+
+
+def current_champion(tracking_uri: str, dataset: str) -> RegisteredForecaster | None:
+    """The version the `champion` alias points at, loaded; None when there is none yet."""
+    from forecasting import tracking
+
+    return tracking.load_champion(_client(tracking_uri), dataset)
+
+
+def write_candidate_run(tracking_uri: str, entry: CandidateLog) -> str:
+    """A candidate's MLflow run from its `pipeline.CandidateLog`; the run id."""
+    from forecasting import tracking
+
+    return tracking.write_candidate_log(_client(tracking_uri), entry)
+
+
+def register(tracking_uri: str, dataset: str, fitted: Forecaster, *, run_id: str, example: pd.DataFrame,
+             quantiles: list[float], level: float, trained_through: pd.Timestamp) -> str:
+    """Log `fitted` to its candidate's run, register it with what a later night needs of it
+    (interval quantiles, its data's end); the new version. Idempotent per run."""
+    from forecasting import tracking
+
+    client = _client(tracking_uri)
+    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=dataset, panel=example)
+    tracking.tag_version(client, dataset, version, quantiles=quantiles, level=level, trained_through=trained_through)
+    return version
+
+
+def set_champion(tracking_uri: str, dataset: str, version: str) -> None:
+    from forecasting import tracking
+
+    tracking.set_champion(_client(tracking_uri), dataset, version)
+
+
+def finish_night(tracking_uri: str, entry: NightLog) -> None:
+    """The parent run's review (comparison, forecast figure, outcome), then the run ended."""
+    from forecasting import tracking
+
+    tracking.write_night_log(_client(tracking_uri), entry)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    from forecasting import tracking
+
+    tracking.end_run(_client(tracking_uri), run_id, status=status)

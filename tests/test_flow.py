@@ -117,8 +117,35 @@ def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, e
     assert forecasts(engine).empty
 
 
-def test_flow_module_leaves_plotting_to_the_background_thread() -> None:
-    """matplotlib loads when the first candidate is logged (beside training), not at start-up."""
-    code = "import sys, flows.nightly; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+def test_flow_module_imports_neither_mlflow_nor_matplotlib() -> None:
+    """Both load in the logging process (forecasting.tracking_process), not in the flow's."""
+    code = ("import sys, flows.nightly, forecasting.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'matplotlib'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_mlflow_call_of_a_night_is_made_by_the_logging_process(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's client and fluent API refuse to work in this process: the night and a predict
+    still track everything, so none of their MLflow calls was made here."""
+    import mlflow
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an MLflow call in the flow's process")
+
+    load_sales(engine)
+    config = tiny_config()
+    monkeypatch.setattr(MlflowClient, "__init__", refused)
+    monkeypatch.setattr(mlflow, "start_run", refused)
+    summary = nightly(config=config)
+    predicted = predict(config=config)
+    monkeypatch.undo()
+    assert predicted["model_version"] == summary["model_version"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["promotion.decision"] == summary["decision"] == "promoted"
+    assert parent.data.tags["promotion.new_version"] == summary["model_version"]
+    assert "promotion_new_mase" in parent.data.metrics
+    assert str(client.get_model_version_by_alias("sales-forecaster", "champion").version) == summary["model_version"]

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from flows.nightly import backfill, nightly
-from forecasting import db, pipeline, tracking
+from forecasting import db, pipeline, tracking, tracking_process
 from tests.flow_fixtures import SERIES, load_sales, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -60,6 +60,8 @@ def test_a_parent_run_that_cannot_start_stops_the_night_before_the_other_candida
         raise PermissionError("MLflow store refused the parent run")  # not transient: no retry
 
     monkeypatch.setattr(pipeline, "backtest_candidate", counting_backtest)
+    # The logging process's jobs run in this process, so that the failure injected here reaches them.
+    monkeypatch.setattr(tracking_process, "_in_this_process", True)
     monkeypatch.setattr(tracking, "connect", refused)
     with pytest.raises(PermissionError, match="refused the parent run"):
         nightly(config=config)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from forecasting import pipeline, tracking
+from forecasting import pipeline, tracking, tracking_process
 from forecasting.config import Settings
 from tests.flow_fixtures import tiny_config
 
@@ -33,20 +33,28 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
 
 
 def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mase: float | None = None) -> pipeline.Promotion:
-    """Backtest `name`, optionally pretend its MASE was `claimed_mase`, and register it."""
-    experiment = tracking.experiment_id(client, CONFIG.name)
-    parent = tracking.start_run(client, experiment=experiment, name="parent", tags={})
+    """Backtest `name`, optionally pretend its MASE was `claimed_mase`, register it and decide,
+    as the nightly flow does (its logging process's jobs called here)."""
+    uri = Settings().mlflow_tracking_uri
+    experiment, parent = tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})
     result = pipeline.backtest_candidate(CONFIG, panel, name)
     comparison = pipeline.compare([result])
     if claimed_mase is not None:
         comparison.scores.loc[comparison.scores["series_id"].isna(), "mase"] = claimed_mase
-    run_id = pipeline.write_candidate_log(client, pipeline.candidate_log(
+    run_id = tracking.write_candidate_log(client, pipeline.candidate_log(
         experiment=experiment, parent_run_id=parent, config=CONFIG, result=result, panel=panel,
         as_of=panel["ts"].max()))
     fitted = pipeline.fit_final(CONFIG, panel, name)
-    promotion = pipeline.register_and_decide(client, config=CONFIG, panel=panel, comparison=comparison,
-                                             fitted=fitted, champion_run_id=run_id, parent_run_id=parent)
-    pipeline.promote(client, config=CONFIG, promotion=promotion)
+    quantiles = pipeline.calibrate(CONFIG, panel, comparison)
+    current = tracking_process.current_champion(uri, CONFIG.name)
+    version = tracking_process.register(uri, CONFIG.name, fitted, run_id=run_id, example=pipeline.signature_example(panel),
+                                        quantiles=quantiles, level=CONFIG.interval_level,
+                                        trained_through=panel["ts"].max())
+    decision = pipeline.decide(config=CONFIG, panel=panel, comparison=comparison, fitted=fitted,
+                               quantiles=quantiles, current=current)
+    promotion = decision.promotion(version, run_id)
+    if promotion.promoted:
+        tracking_process.set_champion(uri, CONFIG.name, promotion.new_version)
     return promotion
 
 

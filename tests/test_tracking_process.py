@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,7 @@ def test_a_candidate_run_written_by_the_worker_is_the_one_this_process_would_wri
     assert entry.actuals["series_id"].nunique() == 4 and len(entry.actuals) == 4 * 48
 
     there = tracking_process.call(tracking_process.write_candidate_run, uri, entry)
-    here = pipeline.write_candidate_log(client, entry)
+    here = tracking.write_candidate_log(client, entry)
 
     runs = {run_id: MlflowClient(uri).get_run(run_id) for run_id in (there, here)}
     assert there != here
@@ -95,3 +97,19 @@ def test_where_no_worker_can_start_jobs_run_in_the_caller_after_one_warning(
         assert tracking_process.call(process_id) == os.getpid()
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "daemonic processes are not allowed" in warnings[0]
+
+
+def test_a_script_that_runs_a_flow_at_import_runs_it_once_and_logs_here(tmp_path: Path) -> None:
+    """A spawned worker imports the script that started its parent: without a main guard the
+    script's flow would run again inside the worker. It stops there with a clear error instead,
+    and the parent's jobs run in the parent after one warning."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("import os\n"
+                      "from forecasting import tracking_process\n"
+                      "tracking_process.start()  # what every flow does first\n"
+                      "print('ran here:', tracking_process.call(os.getpid) == os.getpid())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ran here:") == 1 and "ran here: True" in out.stdout
+    assert "StartedWhileImported" in out.stderr and 'if __name__ == "__main__":' in out.stderr
+    assert out.stderr.count("MLflow logging runs in this process's background thread") == 1
