@@ -48,7 +48,7 @@ from overhead import (  # noqa: E402  (same directory)
 HORIZON, SEASON = 28, 7
 MEMORY_TARGET_GIB = 8.0
 STAGES = ("load", "validate", "tracking", *(f"backtest:{m}" for m in (*BASELINES, *CELLS)),
-          "fit-champion", "register", "forecast", "write")
+          "fit-champion", "decide", "register", "forecast", "write")
 TABLE = "daily_units"
 
 

@@ -118,7 +118,7 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
         tracking_process.start_night, _tracking_uri(), config.name,
         f"{config.name} {as_of:%Y-%m-%d} nightly",
         {"dataset": config.name, "as_of": str(as_of), "role": "nightly",
-              "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")},
+         "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")},
         {"freq": config.freq, "horizon": config.horizon, "season_length": config.season_length,
          "models": ",".join(config.models), "validation_policy": config.validation.policy,
          "series": report.panel["series_id"].nunique(),

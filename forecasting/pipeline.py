@@ -22,6 +22,7 @@ from forecasting import db, intervals
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
+from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster
 from forecasting.validate import Problem
 
@@ -184,8 +185,6 @@ def candidate_log(
 ) -> CandidateLog:
     """What the candidate's run nested under the night's will hold: params, per-epoch losses,
     backtest metrics, a forecast plot's data. Write it with `write_candidate_log`."""
-    from forecasting.plots import FIGURE_SERIES, sample_series
-
     forecaster = make_forecaster(
         result.name, freq=config.freq, horizon=config.horizon,
         season_length=config.season_length, training=config.training,
@@ -236,8 +235,6 @@ def night_log(
 ) -> NightLog:
     """The parent run's review - models x metrics, the forecast with intervals, the outcome -
     for `tracking.write_night_log`."""
-    from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series
-
     shown = sample_series(forecast_rows["series_id"], FIGURE_SERIES)
     actuals = panel[panel["series_id"].isin(shown)].groupby("series_id", sort=False).tail(CONTEXT)
     return NightLog(
@@ -409,10 +406,11 @@ def forecast(
     config: DatasetConfig,
     panel: pd.DataFrame,
     quantiles: list[float],
-    version: str,
-    run_id: str,
+    version: str | None,
+    run_id: str | None,
 ) -> pd.DataFrame:
-    """The next `horizon` steps after as_of, with conformal intervals, as `forecasts` rows.
+    """The next `horizon` steps after as_of, with conformal intervals, as `forecasts` rows
+    (named after `version` and `run_id`; see with_provenance).
 
     `quantiles` were calibrated on the model's backtest when it was registered, so `predict`
     and `run` write the same intervals for the same as_of.
