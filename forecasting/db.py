@@ -209,11 +209,12 @@ def frame_of(result: sa.CursorResult[Any]) -> pd.DataFrame:
     """A query's rows as a DataFrame, built from the driver's own tuples a chunk at a time.
 
     pd.DataFrame(result.fetchall()) held every Row object at once and built the frame row by
-    row: 7.3M rows (10,000 daily series) took 39 s and peaked at 3.45 GiB; chunks, as here,
-    peaked at 0.94 GiB. The tuples come from the DBAPI cursor, not through SQLAlchemy's Row
+    row: 7.3M rows (10,000 daily series) took 39 s and peaked at 3.45 GiB; a chunk at a time
+    bounds what is held. The tuples come from the DBAPI cursor, not through SQLAlchemy's Row
     objects and result processors: building those was 70% of reading the sales demo (0.29 s
-    against 0.08 s for its 64,532 rows, 2026-11-29). Types are settled later (to_long_frame),
-    which is also why SQLite's dates may stay the ISO strings it stores.
+    against 0.08 s for its 64,532 rows), and the 10,000-series load took 18 s against 55 s
+    (benchmarks/scale.py, 2026-11-29). Types are settled later (to_long_frame), which is also
+    why SQLite's dates may stay the ISO strings it stores.
     """
     keys = list(result.keys())
     cursor = result.cursor

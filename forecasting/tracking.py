@@ -1,7 +1,7 @@
 """MLflow: runs, metrics, artifacts, model logging, the registry and the `champion` alias.
 
 The flows reach these through the jobs of `tracking_process`, which run them in the logging
-process; only that process, the tests and the CLI's tools import this module (and mlflow).
+process: the flows' own process never imports this module, nor mlflow.
 
 Everything goes through an explicit MlflowClient and explicit run ids, because Prefect may run
 tasks in other threads and `mlflow.active_run()` is thread-local. The one exception is model
@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from forecasting import intervals
 from forecasting.config import Settings, redact_url, scrub
 from forecasting.forecasters import Forecaster, load_forecaster
+from forecasting.plots import forecast_vs_actual, forecast_with_intervals
 from forecasting.tracking_process import (  # noqa: F401  (defined where the flows, which never import mlflow, see them)
     CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, registered_model_name)
 
@@ -216,8 +217,6 @@ def log_frame(client: MlflowClient, run_id: str, frame: pd.DataFrame, name: str)
 
 def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
     """`entry` as a run nested under the night's parent run; its run id."""
-    from forecasting.plots import forecast_vs_actual  # matplotlib: only where the logging runs
-
     run_id = start_run(client, experiment=entry.experiment, name=entry.run_name, tags=entry.tags,
                        params=entry.params, parent_run_id=entry.parent_run_id)
     log_history(client, run_id, entry.history)
@@ -232,8 +231,6 @@ def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
 def write_night_log(client: MlflowClient, entry: NightLog) -> None:
     """The parent run's review - models x metrics, the forecast with intervals, the outcome -
     then the run ended."""
-    from forecasting.plots import forecast_with_intervals
-
     log_frame(client, entry.parent_run_id, entry.comparison, "comparison.csv")
     figure = forecast_with_intervals(entry.actuals, entry.forecast, title=entry.figure_title)
     log_figure(client, entry.parent_run_id, figure, "forecast.png")
