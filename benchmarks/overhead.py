@@ -370,6 +370,7 @@ def breakdown(r: dict[str, Any]) -> dict[str, float]:
     stage_wall = sum(s[2] - s[1] for s in stages)
     task_call_in_stages = sum(e - s for n, s, e, _ in tasks if inside((n, s, e)))
     fits_at_forecast = (r.get("summary") or {}).get("champion") in FIT_AT_FORECAST
+
     def waits_in(stage: str) -> float:  # what is left of the background's work, waited for
         return sum(end - start for name, start, end in stages if name == stage
                    and not any(start <= s and e <= end for _, s, e, _ in tasks))

@@ -349,7 +349,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
             started = in_background(start_tracking, config, effective_as_of, report)
             current = in_background(current_champion, config)
             # Before any model is logged; a failure only costs registration time.
-            in_background(tracking_process.call, tracking_process.warm_model_logging, _tracking_uri())
+            in_background(tracking_process.call, tracking_process.warm_model_logging)
             for result in _backtests(config, panel, timer):
                 _fail_fast(started)  # MLflow unreachable: stop before training the next candidate
                 logged[result.name] = in_background(_log_candidate_after, started, config, result, panel,

@@ -206,7 +206,7 @@ def start_night(tracking_uri: str, dataset: str, name: str, tags: dict[str, str]
     return experiment, tracking.start_run(client, experiment=experiment, name=name, tags=tags, params=params)
 
 
-def warm_model_logging(tracking_uri: str) -> None:
+def warm_model_logging() -> None:
     """MLflow's package map, built before the night's registration needs it (see tracking)."""
     from forecasting import tracking
 
