@@ -1,7 +1,7 @@
 """Accuracy benchmark: our RNN/LSTM/GRU, champion and baselines against NeuralForecast's RNN/LSTM/GRU.
 
     .venv/bin/python benchmarks/accuracy.py [--threads N] [--datasets sales,weather] [--no-nf] [--no-record]
-                                            [--weather-origins 16]
+                                            [--weather-origins 16] [--selection-windows 1,2,4,8,12]
 
 Each demo dataset is read from the package that ships it (never downloaded), its last `horizon`
 steps are held out, and every model is fitted on the rest and scored there by forecasting.metrics
@@ -23,7 +23,9 @@ ours). Targets, printed as verdicts: champion <= 0.90 x seasonal
 naive on sales; champion better than naive on weather; champion no worse than NF's best
 RNN-family model on both. On weather one 14-day hold-out is mostly noise, so the champion rule
 is also replayed at each of the last --weather-origins origins (rolling_selection): a
-supplementary table, not the target.
+supplementary table, not the target; with --selection-windows it is replayed choosing on other
+numbers of backtest windows too, each judged on the origins before the hold-out, beside every
+model as a fixed choice (how to pick `backtest.windows` without looking at the hold-out).
 The tables are appended to benchmarks/RESULTS.md (not with --no-record). On a shared machine
 pass --threads 1: two intra-op threads competing with other processes for 2 cores spin-wait and
 run ~10x slower (measured here), on both sides alike.
@@ -169,7 +171,8 @@ def nf_predictions(bench: Bench, train: pd.DataFrame, actual: pd.DataFrame, *, s
     return joined, times
 
 
-def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
+def rolling_selection(bench: Bench, origins: int,
+                      selection_windows: tuple[int, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The champion rule replayed at each of the last `origins` forecast origins (the hold-out's
     the last): at each, the model with the lowest MASE over the config's `backtest.windows`
     windows just before it - what the nightly run would have picked that night - scored on the
@@ -179,12 +182,19 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
     Beside it, for comparison: the mean of the networks' forecasts, as a fixed choice and as
     one more candidate of the rule (the product has no combination model).
 
+    And the rule with other numbers of selection windows (`selection_windows`), each judged on
+    the origins before the hold-out only - the way to choose `backtest.windows` without looking
+    at the hold-out - beside every model as a fixed choice.
+
     Returns a table (one row per origin: champion, its MASE, naive's, seasonal naive's, the
-    networks' mean's, the rule's choice with the mean among the candidates and its MASE) and a
-    one-line summary. One rolling backtest (every model refitted at every origin) gives it all.
+    networks' mean's, the rule's choice with the mean among the candidates and its MASE), the
+    table of selection windows and fixed choices, and summary lines. One rolling backtest (every
+    model refitted at every origin) gives it all.
     """
     c, k = bench.config, bench.config.backtest.windows
-    result = backtest(bench, bench.panel, windows=origins + k)
+    ks = sorted({k, *selection_windows})
+    lead = max(ks)  # origins before the first replayed one, for the longest selection
+    result = backtest(bench, bench.panel, windows=origins + lead)
     predictions = result.predictions
     keys = ["series_id", "origin", "step", "ts"]
     combined = (predictions[predictions["model"].isin(c.models)]
@@ -192,12 +202,16 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
     predictions = pd.concat([predictions, combined.assign(model=COMBINATION)], ignore_index=True)
     per_origin = pd.DataFrame({origin: aggregate(score(g, bench.panel, season_length=c.season_length))["mase"]
                                for origin, g in predictions.groupby("origin")}).T.sort_index()
-    rows = []
-    for i in range(k, len(per_origin)):
+    replayed = range(lead, len(per_origin))
+
+    def choice(i: int, windows: int, *, with_combination: bool = False) -> str:
         # Equal-length windows: the mean of per-window MASE is the pooled MASE the night computes.
-        before = per_origin.iloc[i - k:i].mean()
-        champion = _rule(before.drop(COMBINATION))
-        with_combination = _rule(before)
+        before = per_origin.iloc[i - windows:i].mean()
+        return _rule(before if with_combination else before.drop(COMBINATION))
+
+    rows = []
+    for i in replayed:
+        champion, with_combination = choice(i, k), choice(i, k, with_combination=True)
         at = per_origin.iloc[i]
         rows.append({"origin": pd.Timestamp(per_origin.index[i]).date(), "champion": champion,
                      "champion_mase": at[champion], "naive_mase": at["naive"],
@@ -206,16 +220,43 @@ def rolling_selection(bench: Bench, origins: int) -> tuple[pd.DataFrame, str]:
     table = pd.DataFrame(rows).set_index("origin")
     wins = int((table["champion_mase"] < table["naive_mase"]).sum())
     before_holdout = table.iloc[:-1]
-    summary = (f"{c.name}: champion rule over the last {len(table)} origins (hold-out included): mean MASE "
-               f"{table['champion_mase'].mean():.3f} vs naive {table['naive_mase'].mean():.3f}, "
-               f"median {table['champion_mase'].median():.3f} vs {table['naive_mase'].median():.3f}; "
-               f"better than naive at {wins} of {len(table)} origins (supplementary; the target is the hold-out). "
-               f"Over the {len(before_holdout)} origins before the hold-out, mean MASE: rule "
-               f"{before_holdout['champion_mase'].mean():.3f}, the networks' mean always "
-               f"{before_holdout['mean_of_networks_mase'].mean():.3f}, the rule with that mean as a candidate "
-               f"{before_holdout['rule_with_mean_mase'].mean():.3f} (it chose the mean at "
-               f"{int((before_holdout['rule_with_mean'] == COMBINATION).sum())})")
-    return table, summary
+    lines = [f"{c.name}: champion rule over the last {len(table)} origins (hold-out included): mean MASE "
+             f"{table['champion_mase'].mean():.3f} vs naive {table['naive_mase'].mean():.3f}, "
+             f"median {table['champion_mase'].median():.3f} vs {table['naive_mase'].median():.3f}; "
+             f"better than naive at {wins} of {len(table)} origins (supplementary; the target is the hold-out). "
+             f"Over the {len(before_holdout)} origins before the hold-out, mean MASE: rule "
+             f"{before_holdout['champion_mase'].mean():.3f}, the networks' mean always "
+             f"{before_holdout['mean_of_networks_mase'].mean():.3f}, the rule with that mean as a candidate "
+             f"{before_holdout['rule_with_mean_mase'].mean():.3f} (it chose the mean at "
+             f"{int((before_holdout['rule_with_mean'] == COMBINATION).sum())})"]
+
+    naive = per_origin["naive"].iloc[lead:]
+    choices = []
+    config_rule = f"rule, {k} window(s) (config)"
+    for windows in ks:
+        picks = pd.Series([choice(i, windows) for i in replayed], index=naive.index)
+        mase = pd.Series([per_origin.iloc[i][m] for i, m in zip(replayed, picks)], index=naive.index)
+        choices.append({"choice": config_rule if windows == k else f"rule, {windows} window(s)",
+                        "mean_before_holdout": mase.iloc[:-1].mean(), "median_before_holdout": mase.iloc[:-1].median(),
+                        "beats_naive_before_holdout": int((mase.iloc[:-1] < naive.iloc[:-1]).sum()),
+                        "holdout_pick": picks.iloc[-1], "holdout_mase": mase.iloc[-1],
+                        "picks": ", ".join(f"{m} {n}" for m, n in picks.value_counts().items())})
+    for model in per_origin.columns:
+        mase = per_origin[model].iloc[lead:]
+        choices.append({"choice": f"always {model}", "mean_before_holdout": mase.iloc[:-1].mean(),
+                        "median_before_holdout": mase.iloc[:-1].median(),
+                        "beats_naive_before_holdout": int((mase.iloc[:-1] < naive.iloc[:-1]).sum()),
+                        "holdout_pick": model, "holdout_mase": mase.iloc[-1], "picks": ""})
+    by_windows = pd.DataFrame(choices).set_index("choice")
+    rules = by_windows[by_windows.index.str.startswith("rule")]
+    best = rules["mean_before_holdout"].idxmin()
+    lines.append(f"{c.name}: selection windows judged on the {len(naive) - 1} origins before the hold-out: "
+                 f"lowest mean MASE with {best} ({rules.loc[best, 'mean_before_holdout']:.3f}; the config's "
+                 f"{k}: {rules.loc[config_rule, 'mean_before_holdout']:.3f}), which "
+                 f"picks {rules.loc[best, 'holdout_pick']} at the hold-out ({rules.loc[best, 'holdout_mase']:.3f} "
+                 f"vs naive {naive.iloc[-1]:.3f}); best fixed model before the hold-out: "
+                 f"{by_windows.loc[~by_windows.index.str.startswith('rule'), 'mean_before_holdout'].idxmin()}")
+    return table, by_windows, lines
 
 
 def _rule(mase: pd.Series) -> str:
@@ -294,6 +335,10 @@ def main() -> None:
                         help="our training precision (default: the configs'); NF keeps its float32")
     parser.add_argument("--weather-origins", type=int, default=16,
                         help="weather: replay the champion rule at this many last origins (0: skip)")
+    parser.add_argument("--selection-windows", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        default=(1, 2, 4, 8, 12),
+                        help="weather: also replay the rule choosing on this many windows before each origin "
+                             "(comma-separated; default 1,2,4,8,12)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     threads = configure_torch_threads(args.threads)
@@ -314,12 +359,16 @@ def main() -> None:
         lines.append(f"{name}: lowest MASE on the hold-out itself (hindsight, not a verdict): {facts['hindsight_best']}")
         sections.append(f"**{header}**\n\n{table.to_markdown(floatfmt='.3f')}")
         if name == "weather" and args.weather_origins:
-            rolling, summary = rolling_selection(bench, args.weather_origins)
+            rolling, by_windows, summary = rolling_selection(bench, args.weather_origins, args.selection_windows)
             print(rolling.to_string(float_format=lambda v: f"{v:.3f}"))
-            lines.append(summary)
+            print(by_windows.to_string(float_format=lambda v: f"{v:.3f}"))
+            lines += summary
             sections.append(f"**weather: the champion rule at each of the last {len(rolling)} origins "
                             f"({c.backtest.windows} windows before each choose)**\n\n"
                             f"{rolling.to_markdown(floatfmt='.3f')}")
+            sections.append(f"**weather: the rule with other numbers of selection windows, and fixed choices, "
+                            f"over the same origins (judged before the hold-out)**\n\n"
+                            f"{by_windows.to_markdown(floatfmt='.3f')}")
         print("\n".join(lines), end="\n\n")
         notes += lines
     if not args.no_record:

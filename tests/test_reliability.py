@@ -81,6 +81,9 @@ def write_config(path: Path, name: str) -> Path:
     return path
 
 
+# On SQLite only: what this tests is the MLflow sqlite store and the processes' start and exit
+# (45 s a backend here). Two writers of one night on PostgreSQL: test_two_writers_of_one_night.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_four_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, env: dict[str, str],
                                                           tmp_path: Path) -> None:
     """Four worker processes start at once on a fresh MLflow sqlite store (its tables are created
