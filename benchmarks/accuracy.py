@@ -325,6 +325,17 @@ def verdicts(name: str, table: pd.DataFrame, facts: dict[str, str]) -> list[str]
     return lines
 
 
+def window_counts(value: str) -> tuple[int, ...]:
+    """--selection-windows: comma-separated counts, each at least 1."""
+    try:
+        counts = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of counts >= 1")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads, ours and NF's (default: all cores)")
@@ -335,7 +346,7 @@ def main() -> None:
                         help="our training precision (default: the configs'); NF keeps its float32")
     parser.add_argument("--weather-origins", type=int, default=16,
                         help="weather: replay the champion rule at this many last origins (0: skip)")
-    parser.add_argument("--selection-windows", type=lambda v: tuple(int(x) for x in v.split(",")),
+    parser.add_argument("--selection-windows", type=window_counts,
                         default=(1, 2, 4, 8, 12),
                         help="weather: also replay the rule choosing on this many windows before each origin "
                              "(comma-separated; default 1,2,4,8,12)")
