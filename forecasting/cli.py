@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forecasting.config import ConfigError, Settings, redact_url
+from forecasting.config import ConfigError, Settings, load_config, redact_url
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
 # fresh SQLite database ("database is locked" tracebacks in every first run) and cannot reach
@@ -166,7 +166,18 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """Read and validate --config before anything slow.
+
+    A bad file then fails in milliseconds, not after the flows' imports (3-5 s) and the start
+    of Prefect's local API, which would have been left running until this process exits. The
+    flow reads it again (it takes a path, as a deployment's parameter does).
+    """
+    load_config(args.config)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_config(args)
     nightly = flow_module().nightly
     summary = on_cluster(nightly, args)(config=str(args.config), as_of=args.as_of)
     print_summary(summary)
@@ -174,6 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_config(args)
     predict = flow_module().predict
 
     summary = predict(config=str(args.config), as_of=args.as_of)
@@ -185,6 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    check_config(args)
     backfill = flow_module().backfill
 
     summaries = on_cluster(backfill, args)(config=str(args.config), start=args.start, end=args.end)

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from forecasting import cli
 from forecasting.cli import deployments_from_yaml, main
 from tests.flow_fixtures import load_sales, tiny_config
 
@@ -66,10 +67,20 @@ def test_init_db_twice_then_load_demo(env: dict[str, str], capsys: pytest.Captur
     engine.dispose()
 
 
-def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["run", "predict", "backfill"])
+def test_bad_config_is_a_clear_error_before_anything_starts(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before the flows are imported or Prefect's local API is started (which would run,
+    unused, until the process exits)."""
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nfreq: MS\n")
-    assert main(["run", "--config", str(path)]) == 2
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flows were loaded for a config that cannot run")
+
+    monkeypatch.setattr(cli, "flow_module", started)
+    dates = ["--start", "2019-01-01", "--end", "2019-02-01"] if command == "backfill" else []
+    assert main([command, "--config", str(path), *dates]) == 2
     out = capsys.readouterr().out
     assert "bad.yaml" in out and "source" in out
 
