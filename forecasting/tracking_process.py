@@ -12,8 +12,9 @@ that import (1-1.4 s) and matplotlib's are the worker's, paid while this process
 One worker process (spawned: safe beside torch's and Prefect's threads), started on first use and
 kept for the process's later nights (a backfill, a test session). Jobs are the functions at the
 end of this module, with picklable arguments (the tracking URI first, for each job that reaches
-a store); the error a job raises is raised again by `call`. What the flows need of MLflow's world without importing it - the
-errors, the registered model's name, a loaded champion - is defined here.
+a store); the error a job raises is raised again by `call`. What the flows need of MLflow's
+world without importing it - the errors, the registered model's name, a loaded champion - is
+defined here.
 """
 
 from __future__ import annotations
