@@ -251,8 +251,9 @@ def child_run(config: str, out: Path) -> None:
         "peak_rss": dict(recorder.peak_rss), "peak_tree_rss": dict(recorder.peak_tree_rss),
         "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "summary": summaries[0] if summaries else None,
-        # The flow's process should never import mlflow: every MLflow call is the logging process's.
-        "mlflow_imported": "mlflow" in sys.modules,
+        # The flow's process should import none of these: every MLflow call (and so every HTTP
+        # request and figure) is the logging process's.
+        "imported_here": sorted({m.split(".")[0] for m in sys.modules} & {"mlflow", "matplotlib", "requests"}),
     }, default=str))
     cli.exit_quickly(rc)  # the end of the `forecasting` command (cli.entry_point), timed by the parent
 
@@ -466,7 +467,8 @@ def main() -> None:
             decision = record["summary"]["decision"] if record["summary"] else "?"
             print(f"run {i + 1}/{args.repeat}: process {parts['process wall']:.1f}s, stages "
                   f"{parts['sum of stages']:.1f}s, training {parts[TRAINING]:.1f}s, decision {decision}, "
-                  f"mlflow imported by the flow's process: {record.get('mlflow_imported', '?')}", flush=True)
+                  f"imported by the flow's process of mlflow, matplotlib, requests: "
+                  f"{record.get('imported_here', '?') or 'none'}", flush=True)
         plain = [timed_command([str(Path(sys.executable).parent / "forecasting"), "run", "--config", args.config],
                                env=env, log=workdir / "plain.log") for _ in range(args.plain)]
 

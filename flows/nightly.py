@@ -32,7 +32,6 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-import requests
 from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -51,8 +50,7 @@ from forecasting.validate import ValidationReport, observed_rows, validate
 
 
 # What can pass by itself: a database or tracking server that is down, busy or unreachable.
-TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, TrackingError, ConnectionError,
-             TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, TrackingError, ConnectionError, TimeoutError)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -62,12 +60,23 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     except TRANSIENT:
         return True
     except Exception as exc:
-        return _is_transient_mlflow_error(exc)
+        return _is_transient_http_error(exc) or _is_transient_mlflow_error(exc)
     return False
 
 
+def _is_transient_http_error(exc: Exception) -> bool:
+    """A connection failure or timeout of MLflow's HTTP client (requests), raised again here.
+
+    Looked up, not imported (0.1 s of every run's start): only the logging process talks HTTP, so
+    such an error can only reach this process by unpickling, which imports requests first.
+    """
+    exceptions = sys.modules.get("requests.exceptions")
+    return exceptions is not None and isinstance(exc, (exceptions.ConnectionError, exceptions.Timeout))
+
+
 def _is_transient_mlflow_error(exc: Exception) -> bool:
-    """MLflow wraps failed HTTP calls in MlflowException; other codes are real errors.
+    """MLflow wraps failed HTTP calls and a locked store in MlflowException; see
+    tracking_process.mlflow_error_may_pass for which ones are retried.
 
     Looked up, not imported: this process imports mlflow only when unpickling an MlflowException
     that the logging process raised, and then it is in sys.modules.
@@ -75,7 +84,7 @@ def _is_transient_mlflow_error(exc: Exception) -> bool:
     exceptions = sys.modules.get("mlflow.exceptions")
     if exceptions is None or not isinstance(exc, exceptions.MlflowException):
         return False
-    return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or "API request to" in str(exc)
+    return tracking_process.mlflow_error_may_pass(exc)
 
 
 IO_RETRIES: dict[str, Any] = dict(
@@ -190,10 +199,18 @@ def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comp
 
 
 @task(name="promote", **IO_RETRIES)
-def promote(config: DatasetConfig, promotion: pipeline.Promotion) -> None:
-    """Move `champion` to tonight's version if the decision says so (after the write)."""
-    if promotion.promoted:
-        tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name, promotion.new_version)
+def promote(config: DatasetConfig, promotion: pipeline.Promotion) -> pipeline.Promotion:
+    """Move `champion` to tonight's version if the decision says so (after the write) and no
+    other run has moved it since this night read it; the promotion as it turned out."""
+    if not promotion.promoted:
+        return promotion
+    found = tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name,
+                                  promotion.new_version, promotion.replaces)
+    if found == promotion.new_version:
+        return promotion
+    promotion = pipeline.superseded(promotion, found)
+    get_run_logger().warning("dataset %r: %s", config.name, promotion.reason)
+    return promotion
 
 
 @task(name="forecast", **COMPUTE)
@@ -380,7 +397,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
             n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
                                                   observed_rows(loaded, report))
         with timer.stage("register"):  # only now: the alias never points past what was written
-            promote(config, promotion)
+            promotion = promote(config, promotion)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
         finish_tracking(parent, config, comparison, panel, rows, promotion, summary)

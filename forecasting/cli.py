@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forecasting.config import ConfigError, Settings, load_config, redact_url
+from forecasting.tracking_process import NoChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
 # fresh SQLite database ("database is locked" tracebacks in every first run) and cannot reach
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ValueError, RuntimeError) as exc:
+    except (ConfigError, ValueError, RuntimeError, NoChampion) as exc:
         config = getattr(args, "config", None)
         where = f"{config}: " if config is not None and str(config) not in str(exc) else ""
         console.print(f"[bold red]error:[/] {escape(f'{where}{exc}')}", highlight=False)
@@ -275,7 +276,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(model, f"{mase:.4f}", "" if ratio is None or pd.isna(ratio) else f"{ratio:.3f}x", mark)
     console.print(table)
     decision = {"promoted": "promoted to champion", "refreshed": "champion refreshed with newer weights",
-                "kept": "current champion kept", "backfill": "backfill: alias untouched"}[summary["decision"]]
+                "kept": "current champion kept", "backfill": "backfill: alias untouched",
+                "superseded": "not promoted: another run moved the alias meanwhile"}[summary["decision"]]
     console.print(
         f"champion: [bold]{summary['champion']}[/] version {summary['model_version']} ({decision}); "
         f"rows written: {summary['forecast_rows']} forecasts, {summary['score_rows']} scores"

@@ -6,6 +6,7 @@ Nothing here knows about Prefect, so each step can be tested and reused by the C
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -257,10 +258,11 @@ class Promotion:
     quantiles: list[float]  # its interval half-width per step, in MASE-scale units
     new_version: str  # tonight's registered version (may differ from `version` when kept)
     promoted: bool  # move the `champion` alias to new_version (after the write succeeds)
-    decision: str  # promoted | refreshed | kept | backfill
+    decision: str  # promoted | refreshed | kept | backfill | superseded
     reason: str
     new_mase: float
     current_mase: float | None
+    replaces: str | None = None  # the alias's version when the night read it (None: no alias)
 
 
 def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
@@ -323,18 +325,20 @@ class Decision:
     quantiles: list[float]  # its interval half-widths per step
     kept: RegisteredForecaster | None  # the current champion when it stays and forecasts
     promoted: bool
-    decision: str  # promoted | refreshed | kept | backfill
+    decision: str  # promoted | refreshed | kept | backfill | superseded
     reason: str
     new_mase: float
     current_mase: float | None
+    replaces: str | None = None  # the alias's version when the night read it (None: no alias)
 
     def promotion(self, new_version: str, run_id: str) -> Promotion:
         """The decision once tonight's model is registered as `new_version` by run `run_id`."""
         if self.kept is not None:
             return Promotion(self.kept.forecaster, self.kept.version, self.kept.run_id, self.kept.quantiles,
-                             new_version, False, self.decision, self.reason, self.new_mase, self.current_mase)
+                             new_version, False, self.decision, self.reason, self.new_mase, self.current_mase,
+                             self.replaces)
         return Promotion(self.forecaster, new_version, run_id, self.quantiles, new_version, self.promoted,
-                         self.decision, self.reason, self.new_mase, self.current_mase)
+                         self.decision, self.reason, self.new_mase, self.current_mase, self.replaces)
 
 
 def decide(
@@ -363,9 +367,11 @@ def decide(
     new_mase = float(aggregate.loc[name, "mase"])
     as_of = panel["ts"].max()
 
+    replaces = current.version if current is not None else None
+
     def new(decision: str, reason: str, current_mase: float | None = None) -> Decision:
         return Decision(fitted, quantiles, None, decision in ("promoted", "refreshed"), decision, reason,
-                        new_mase, current_mase)
+                        new_mase, current_mase, replaces)
 
     if current is None:
         return new("promoted", "no current champion")
@@ -385,7 +391,19 @@ def decide(
         return new("refreshed", f"same model and settings as {versus}: retrained on data through {as_of}",
                    current_mase)
     return Decision(current.forecaster, current.quantiles, current, False, "kept",
-                    f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase)
+                    f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase, replaces)
+
+
+def superseded(promotion: Promotion, found: str | None) -> Promotion:
+    """`promotion` once the alias turned out to have moved to version `found` (None: removed)
+    during the night, by another run or by hand."""
+    def named(version: str | None) -> str:
+        return "no version" if version is None else f"v{version}"
+
+    return dataclasses.replace(
+        promotion, promoted=False, decision="superseded",
+        reason=f"{promotion.reason}; not promoted: the alias was moved from {named(promotion.replaces)} "
+               f"to {named(found)} during this night, and stays there")
 
 
 def decision_record(promotion: Promotion) -> tuple[dict[str, str], dict[str, float]]:
@@ -495,7 +513,7 @@ class RunSummary:
     champion: str
     model_version: str
     promoted: bool
-    decision: str  # promoted | refreshed | kept | backfill
+    decision: str  # promoted | refreshed | kept | backfill | superseded
     mase: dict[str, float]
     mase_vs_seasonal_naive: dict[str, float]
     forecast_rows: int

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,8 @@ from forecasting.config import Settings, redact_url, scrub
 from forecasting.forecasters import Forecaster, load_forecaster
 from forecasting.plots import forecast_vs_actual, forecast_with_intervals
 from forecasting.tracking_process import (  # noqa: F401  (defined where the flows, which never import mlflow, see them)
-    CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, registered_model_name)
+    CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, TrackingRefused, mlflow_error_may_pass,
+    registered_model_name)
 
 if TYPE_CHECKING:
     from forecasting.pipeline import CandidateLog, NightLog
@@ -62,8 +64,15 @@ def connect(settings: Settings | None = None) -> MlflowClient:
             _prepare_sqlite_store(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
-    except Exception as exc:  # MlflowException, requests errors, sqlalchemy errors
+    except MlflowException as exc:
         # `from None`: the original exception's text may hold the URL with its password.
+        if not mlflow_error_may_pass(exc):  # wrong credentials, no permission, not MLflow
+            raise TrackingRefused(
+                f"MLflow tracking at {redact_url(uri)} refused: {scrub(_first_line(exc), uri)}") from None
+        raise TrackingError(
+            f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
+        ) from None
+    except Exception as exc:  # requests errors, sqlalchemy errors
         raise TrackingError(
             f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
         ) from None
@@ -157,11 +166,25 @@ def start_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI nests on
     run = client.create_run(experiment, run_name=name, tags=all_tags)
-    if params:
-        client.log_batch(
-            run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())]
-        )
+    with failed_if_unfinished(client, run.info.run_id):
+        if params:
+            client.log_batch(
+                run.info.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())]
+            )
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def failed_if_unfinished(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Mark `run_id` FAILED when what follows raises, then raise: a retry of the task makes a
+    new run, and this one would otherwise stay RUNNING in the UI for good. Best effort: the
+    store that just failed may refuse this too."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="FAILED")
+        raise
 
 
 def _param(value: Any) -> str:
@@ -219,12 +242,13 @@ def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:
     """`entry` as a run nested under the night's parent run; its run id."""
     run_id = start_run(client, experiment=entry.experiment, name=entry.run_name, tags=entry.tags,
                        params=entry.params, parent_run_id=entry.parent_run_id)
-    log_history(client, run_id, entry.history)
-    log_metrics(client, run_id, entry.metrics)
-    figure = forecast_vs_actual(entry.actuals, entry.predictions, title=entry.figure_title)
-    log_figure(client, run_id, figure, "forecast_vs_actual.png")
-    # No loss-curve image: MLflow's UI charts train_loss/val_loss from the history logged above.
-    end_run(client, run_id)
+    with failed_if_unfinished(client, run_id):
+        log_history(client, run_id, entry.history)
+        log_metrics(client, run_id, entry.metrics)
+        figure = forecast_vs_actual(entry.actuals, entry.predictions, title=entry.figure_title)
+        log_figure(client, run_id, figure, "forecast_vs_actual.png")
+        # No loss-curve image: MLflow's UI charts train_loss/val_loss from the history logged above.
+        end_run(client, run_id)
     return run_id
 
 
@@ -273,23 +297,27 @@ def log_and_register(
 ) -> str:
     """Log the fitted forecaster to `run_id`, register it, return the new version number.
 
-    Idempotent per run, so that a retry after a later failure registers no second version.
+    Idempotent per run, so that a retry after a later failure registers no second version; the
+    retry still tags the version it finds, since that failure may have come before the tags, and
+    a version without FORECASTER_DIR_TAG could be promoted but never loaded.
     """
     name = registered_model_name(dataset)
+    subdir = "extra_files" if forecaster.torch_module is not None else "artifacts/forecaster"
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
-        return str(max(int(v.version) for v in existing))
-    with tempfile.TemporaryDirectory() as tmp:
-        files = Path(tmp) / "forecaster"
-        forecaster.save(files)
-        with mlflow.start_run(run_id=run_id):
-            if forecaster.torch_module is not None:
-                info = _log_torch(forecaster, files=files, panel=panel, name=name)
-                subdir = "extra_files"
-            else:
-                info = _log_pyfunc(forecaster, files=files, panel=panel, name=name)
-                subdir = "artifacts/forecaster"
-    version = str(info.registered_model_version)
+        version = str(max(int(v.version) for v in existing))
+        # The candidate's run was FINISHED before its model was logged to it; a failure as that
+        # logging closed the run may have left it RUNNING or FAILED.
+        if client.get_run(run_id).info.status != "FINISHED":
+            client.set_terminated(run_id)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / "forecaster"
+            forecaster.save(files)
+            with mlflow.start_run(run_id=run_id):
+                log = _log_torch if forecaster.torch_module is not None else _log_pyfunc
+                info = log(forecaster, files=files, panel=panel, name=name)
+        version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, subdir)
     client.set_model_version_tag(name, version, "model", forecaster.name)
     return version
@@ -379,5 +407,18 @@ def load_champion(client: MlflowClient, dataset: str) -> RegisteredForecaster | 
     return load_version(client, dataset, version.version)
 
 
-def set_champion(client: MlflowClient, dataset: str, version: str) -> None:
+def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: str | None) -> str | None:
+    """Move `champion` to `version` if it still points at `replaces` (None: no alias), as when
+    the night read it; the version it points at afterwards (None: no alias).
+
+    `version` when it moved, or already pointed there (a retry). Anything else is where another
+    run (or a person, by hand) moved it during the night, and there it stays: that run wrote its
+    rows later than this night read the alias, and a backfill must not move the alias back past
+    a newer night's model. MLflow has no compare-and-set: this narrows the race to milliseconds.
+    """
+    current = champion_version(client, dataset)
+    found = str(current.version) if current is not None else None
+    if found not in (replaces, version):
+        return found
     client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)
+    return version

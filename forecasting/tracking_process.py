@@ -23,13 +23,15 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import re
 import sys
 import threading
-import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from forecasting.config import scrub
 
 if TYPE_CHECKING:  # the flow's process never imports these at run time (see the docstring)
     import pandas as pd
@@ -46,6 +48,24 @@ CHAMPION_ALIAS = "champion"
 
 class TrackingError(RuntimeError):
     """MLflow cannot be used; the message names the tracking URI (password masked)."""
+
+
+class TrackingRefused(RuntimeError):
+    """MLflow answered and refused (credentials, permissions, no such endpoint): not retried.
+    The message names the tracking URI (password masked)."""
+
+
+# MLflow's words for an HTTP call that may pass: no connection or no answer in time, or a 5xx
+# from a proxy (a body that is not MLflow's JSON). A 401, 403 or 404 is refused, not retried.
+_MLFLOW_HTTP_TRANSIENT = re.compile(r"API request to .* failed with (?:timeout )?exception|failed with error code 5\d\d ")
+_MLFLOW_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+def mlflow_error_may_pass(exc: Exception) -> bool:
+    """Whether an MlflowException is worth retrying: a busy or locked store, a rate limit, a
+    server that did not answer or a proxy's 5xx. Not: a refusal, a missing model, a bad value."""
+    return getattr(exc, "error_code", None) in _MLFLOW_TRANSIENT_CODES or bool(
+        _MLFLOW_HTTP_TRANSIENT.search(str(exc)))
 
 
 class NoChampion(LookupError):
@@ -66,7 +86,9 @@ class RegisteredForecaster:
 
 
 _pool: ProcessPoolExecutor | None = None
-_proven: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()  # pools that have finished a job
+# Once any worker has finished a job here, workers can start: a later death (a crash, the OOM
+# killer) is that worker's, and fails the call rather than moving MLflow into this process.
+_a_worker_finished_a_job = False
 _in_this_process = False  # set once no worker could start here; jobs then run in the caller
 _pool_lock = threading.Lock()  # the flow's threads may call at the same time
 
@@ -110,7 +132,25 @@ def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     all - a daemon process may not have children, and a script that runs the flow at import,
     without `if __name__ == "__main__":`, makes a spawned worker fail its start - jobs run in
     the calling thread from then on, as before this module, after one warning.
+
+    An error whose text holds the password of a URI among the arguments (MLflow puts the
+    tracking URI, as given, in its HTTP errors) is raised as TrackingError with it masked.
     """
+    try:
+        return _call(job, *args, **kwargs)
+    except Exception as exc:
+        text = str(exc)
+        masked = text
+        for uri in {arg for arg in args if isinstance(arg, str) and "://" in arg and "@" in arg}:
+            masked = scrub(masked, uri)
+        if masked == text:
+            raise
+        # `from None`: the original error, and the worker's traceback chained to it, hold it too.
+        raise TrackingError(f"{type(exc).__name__}: {masked}") from None
+
+
+def _call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    global _a_worker_finished_a_job
     if _in_this_process:
         return job(*args, **kwargs)
     pool = _executor()
@@ -125,14 +165,14 @@ def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         result = future.result()
     except BrokenProcessPool as exc:
         return _after_death(pool, exc, job, *args, **kwargs)
-    _proven.add(pool)
+    _a_worker_finished_a_job = True
     return result
 
 
 def _after_death(pool: ProcessPoolExecutor, exc: BrokenProcessPool, job: Callable[..., T], *args: Any,
                  **kwargs: Any) -> T:
     _discard(pool)
-    if pool not in _proven:
+    if not _a_worker_finished_a_job:
         _run_here_from_now(f"its worker died before finishing a first job ({exc})")
         return job(*args, **kwargs)
     raise TrackingError(f"the MLflow logging process stopped before it finished {job.__name__}: {exc}") from exc
@@ -240,10 +280,12 @@ def register(tracking_uri: str, dataset: str, fitted: Forecaster, *, run_id: str
     return version
 
 
-def set_champion(tracking_uri: str, dataset: str, version: str) -> None:
+def set_champion(tracking_uri: str, dataset: str, version: str, replaces: str | None) -> str | None:
+    """Move `champion` to `version` if it still points at `replaces`; where it points afterwards
+    (see tracking.set_champion)."""
     from forecasting import tracking
 
-    tracking.set_champion(_client(tracking_uri), dataset, version)
+    return tracking.set_champion(_client(tracking_uri), dataset, version, replaces=replaces)
 
 
 def finish_night(tracking_uri: str, entry: NightLog) -> None:

@@ -43,3 +43,13 @@ def tiny_config(**changes: object) -> DatasetConfig:
     }
     raw.update(changes)
     return DatasetConfig.from_mapping(raw)
+
+
+class Failed:
+    """A task's final state whose result is `error`, as Prefect hands it to a retry condition."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def result(self) -> None:
+        raise self.error

@@ -97,6 +97,17 @@ def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tm
     assert "seasonal_naive" in out and "wall time per stage" in out
 
 
+@pytest.mark.usefixtures("prefect")
+def test_predict_before_any_champion_says_what_to_run_first(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    load_sales(engine)
+    path = tmp_path / "sales.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    assert main(["predict", "--config", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "no version of 'sales-forecaster' has the alias 'champion' yet; run `forecasting run` first" in out
+
+
 def test_serve_reads_both_deployments_of_prefect_yaml() -> None:
     deployments = deployments_from_yaml(ROOT / "prefect.yaml")
     assert [d["name"] for d in deployments] == ["sales-nightly", "weather-nightly"]

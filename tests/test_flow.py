@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import requests
 import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
@@ -14,7 +16,7 @@ from flows.nightly import nightly, predict
 from forecasting import db
 from forecasting.train import effective_precision, resolve_device
 from forecasting.validate import ValidationFailed
-from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
+from tests.flow_fixtures import SERIES, Failed, load_sales, synthetic_sales, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -108,6 +110,36 @@ def test_past_as_of_uses_no_later_data(engine: sa.Engine, env: dict[str, str]) -
     pd.testing.assert_series_equal(after["value"], before["value"])
 
 
+def test_a_night_whose_alias_was_moved_meanwhile_leaves_it_there(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alias changes while this night runs (here an ML engineer takes it off by hand; a
+    backfill beside the schedule would move it): this night's rows are written, the alias stays
+    as it was left, and the night says so. (tests/test_tracking.py moves it to another version.)"""
+    import flows.nightly as flows_nightly
+
+    load_sales(engine)
+    config = tiny_config()
+    nightly(config=config)  # v1, champion
+    # Both URIs named: MLflow's registry URI would otherwise default to a global that another
+    # test, calling the logging jobs in this process, may have set to its own store.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    write = flows_nightly.write_results
+
+    def write_then_the_alias_is_taken_off(*args: object) -> object:
+        written = write(*args)
+        client.delete_registered_model_alias("sales-forecaster", "champion")
+        return written
+
+    monkeypatch.setattr(flows_nightly, "write_results", write_then_the_alias_is_taken_off)
+    second = nightly(config=config)
+    assert second["decision"] == "superseded" and second["model_version"] == "2"
+    assert client.get_registered_model("sales-forecaster").aliases == {}
+    assert forecasts(engine)["model_version"].eq("2").all()
+    parent = client.get_run(second["parent_run_id"])
+    assert parent.data.tags["promotion.decision"] == "superseded"
+    assert "the alias was moved from v1 to no version during this night" in parent.data.tags["promotion.reason"]
+
+
 def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, env: dict[str, str]) -> None:
     frame = synthetic_sales()
     frame = frame[~((frame["series_id"] == "s2") & (frame["month"] == pd.Timestamp("2017-03-01").date()))]
@@ -117,12 +149,56 @@ def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, e
     assert forecasts(engine).empty
 
 
-def test_flow_module_imports_neither_mlflow_nor_matplotlib() -> None:
-    """Both load in the logging process (forecasting.tracking_process), not in the flow's."""
-    code = ("import sys, flows.nightly, forecasting.cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'matplotlib'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+TRANSIENT_CHECK = """
+import pickle, sys
+import flows.nightly as nightly
+print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'matplotlib', 'requests'}))
+
+class Failed:  # a task's state whose result is the error
+    def __init__(self, error): self.error = error
+    def result(self): raise self.error
+
+print(nightly.is_transient(None, None, Failed(ValueError("bad series"))))
+# How an HTTP error of MLflow's client reaches this process: pickled by the logging process.
+for error in pickle.loads(sys.stdin.buffer.read()):
+    print(nightly.is_transient(None, None, Failed(error)))
+"""
+
+
+def test_flow_process_imports_neither_mlflow_matplotlib_nor_requests_yet_retries_http_failures() -> None:
+    """mlflow and matplotlib load in the logging process (forecasting.tracking_process), requests
+    (0.1 s of every run's start) only when an HTTP error of that process is unpickled here; such
+    an error is still retried when it is a connection failure or a timeout, and only then."""
+    errors = [requests.exceptions.ConnectionError("connection refused"),
+              requests.exceptions.ReadTimeout("read timed out"),
+              requests.exceptions.HTTPError("400 Client Error: Bad Request")]
+    out = subprocess.run([sys.executable, "-c", TRANSIENT_CHECK], input=pickle.dumps(errors),
+                         capture_output=True, check=True)
+    assert out.stdout.decode().split() == ["[]", "False", "True", "True", "False"]
+
+
+@pytest.mark.parametrize("message, code, transient", [
+    ("API request to http://mlflow:5000/api/2.0/mlflow/runs/create failed with exception "
+     "HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded", "INTERNAL_ERROR", True),
+    ("API request to http://mlflow:5000/api/2.0/mlflow/runs/create failed with timeout exception "
+     "Read timed out.", "INTERNAL_ERROR", True),
+    ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 502 != 200. "
+     "Response body: 'Bad Gateway'", "INTERNAL_ERROR", True),
+    ("(sqlite3.OperationalError) database is locked", "TEMPORARILY_UNAVAILABLE", True),
+    ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 403 != 200. "
+     "Response body: 'Forbidden'", "PERMISSION_DENIED", False),
+    ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 401 != 200. "
+     "Response body: 'Unauthorized'", "UNAUTHENTICATED", False),
+    ("Registered Model with name=sales-forecaster not found", "RESOURCE_DOES_NOT_EXIST", False),
+], ids=["no-connection", "timeout", "proxy-502", "sqlite-locked", "forbidden", "unauthorized", "not-found"])
+def test_mlflow_errors_are_retried_only_when_they_may_pass(message: str, code: str, transient: bool) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    from flows.nightly import is_transient
+
+    error = MlflowException(message, error_code=getattr(databricks_pb2, code))
+    assert is_transient(None, None, Failed(error)) is transient
 
 
 def test_every_mlflow_call_of_a_night_is_made_by_the_logging_process(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from forecasting import pipeline, tracking, tracking_process
 from forecasting.config import Settings
-from tests.flow_fixtures import tiny_config
+from tests.flow_fixtures import Failed, tiny_config
 
 CONFIG = tiny_config()
 
@@ -54,7 +57,8 @@ def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mas
                                quantiles=quantiles, current=current)
     promotion = decision.promotion(version, run_id)
     if promotion.promoted:
-        tracking_process.set_champion(uri, CONFIG.name, promotion.new_version)
+        moved = tracking_process.set_champion(uri, CONFIG.name, promotion.new_version, promotion.replaces)
+        assert moved == promotion.new_version
     return promotion
 
 
@@ -103,6 +107,23 @@ def test_backfill_leaves_the_alias_and_forecasts_with_its_own_model(client: Mlfl
     assert str(tracking.champion_version(client, "sales").version) == "1"
 
 
+def test_the_alias_moves_only_from_where_the_night_found_it(client: MlflowClient) -> None:
+    """A night moves `champion` only if no other run (or person) moved it since the night read
+    it: a backfill must not move it back past a newer night's model."""
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")  # v1, champion
+    promote(client, panel, "naive", claimed_mase=1e9)  # v2, kept: a night that read v1 and lost
+    promote(client, panel, "naive", claimed_mase=0.0)  # v3, promoted by another run
+    assert tracking.set_champion(client, "sales", "2", replaces="1") == "3"  # found v3: stays
+    assert str(tracking.champion_version(client, "sales").version) == "3"
+    assert tracking.set_champion(client, "sales", "3", replaces="1") == "3"  # a retry of v3's own move
+    assert tracking.set_champion(client, "sales", "2", replaces="3") == "2"  # unchanged since read: moves
+    assert str(tracking.champion_version(client, "sales").version) == "2"
+    client.delete_registered_model_alias("sales-forecaster", "champion")  # taken off by hand
+    assert tracking.set_champion(client, "sales", "3", replaces="2") is None
+    assert tracking.champion_version(client, "sales") is None
+
+
 def test_registered_model_loads_back_with_the_same_forecast(client: MlflowClient) -> None:
     panel = seasonal_panel()
     promotion = promote(client, panel, "lstm")
@@ -115,6 +136,63 @@ def test_registered_model_loads_back_with_the_same_forecast(client: MlflowClient
     assert version.tags["interval_method"] == "split-conformal, |residual| / MASE scale, per step, pooled across series"
 
 
+def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadable_version(
+        client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version was registered, then tagging it failed (a locked store, a timeout): the
+    retry finds the version and must still tag it, or the alias could point at a version that
+    no later night or predict can load."""
+    panel = seasonal_panel()
+    uri = Settings().mlflow_tracking_uri
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, CONFIG.name), name="r", tags={})
+    fitted = pipeline.fit_final(CONFIG, panel, "seasonal_naive")
+    tag = MlflowClient.set_model_version_tag
+
+    def locked_once(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag)
+        raise tracking.MlflowException("(sqlite3.OperationalError) database is locked",
+                                       error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", locked_once)
+    register = functools.partial(tracking_process.register, uri, CONFIG.name, fitted, run_id=run_id,
+                                 example=pipeline.signature_example(panel), quantiles=[1.0] * CONFIG.horizon,
+                                 level=CONFIG.interval_level, trained_through=panel["ts"].max())
+    with pytest.raises(tracking.MlflowException, match="database is locked"):
+        register()
+    assert register() == "1"  # the retry: no second version
+    loaded = tracking.load_version(client, CONFIG.name, "1")
+    pd.testing.assert_frame_equal(loaded.forecaster.predict(panel), fitted.predict(panel))
+    assert client.get_model_version("sales-forecaster", "1").tags["model"] == "seasonal_naive"
+
+
+def test_a_run_whose_logging_fails_is_left_failed_not_running_for_the_retry(
+        client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried start-tracking or log-candidate makes a new run; the failed attempt's run is
+    marked FAILED, not left RUNNING in the UI for good."""
+    panel = seasonal_panel()
+    experiment = tracking.experiment_id(client, CONFIG.name)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise tracking.MlflowException("(sqlite3.OperationalError) database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", refused)
+        with pytest.raises(tracking.MlflowException, match="database is locked"):
+            tracking.start_run(client, experiment=experiment, name="parent", tags={}, params={"horizon": 6})
+    parent = tracking.start_run(client, experiment=experiment, name="parent", tags={}, params={"horizon": 6})
+    entry = pipeline.candidate_log(experiment=experiment, parent_run_id=parent, config=CONFIG,
+                                   result=pipeline.backtest_candidate(CONFIG, panel, "naive"), panel=panel,
+                                   as_of=panel["ts"].max())
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "log_figure", refused)
+        with pytest.raises(tracking.MlflowException, match="database is locked"):
+            tracking.write_candidate_log(client, entry)
+    tracking.write_candidate_log(client, entry)
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    statuses = sorted((run.info.run_name, run.info.status) for run in runs)
+    assert statuses == sorted([(entry.run_name, "FAILED"), (entry.run_name, "FINISHED"),
+                               ("parent", "FAILED"), ("parent", "RUNNING")])
+
+
 def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -122,6 +200,37 @@ def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.Monkey
     with pytest.raises(tracking.TrackingError) as caught:
         tracking.connect(settings)
     assert "127.0.0.1:9" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)
+
+
+class Forbidden(http.server.BaseHTTPRequestHandler):
+    """What an auth proxy in front of MLflow answers a wrong password: 403, not MLflow's JSON."""
+
+    def do_GET(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"Forbidden")
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_tracking_server_that_refuses_is_a_clear_error_that_is_not_retried() -> None:
+    from flows.nightly import is_transient
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings(mlflow_tracking_uri=f"http://user:s3cr3t-SENTINEL@127.0.0.1:{server.server_port}/")
+        with pytest.raises(tracking.TrackingRefused) as caught:
+            tracking.connect(settings)
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert f"127.0.0.1:{server.server_port}" in message and "403" in message and "s3cr3t-SENTINEL" not in message
+    assert not is_transient(None, None, Failed(caught.value))
 
 
 def test_registering_a_baseline_forecasts_only_the_signature_examples_series(

@@ -56,6 +56,41 @@ def test_a_killed_worker_fails_the_call_as_tracking_error_and_the_next_call_star
     assert replacement not in (worker, os.getpid())
 
 
+def die_unless_in(pid: int) -> str:
+    """A job that kills the worker running it (as the OOM killer would), but not the caller."""
+    if os.getpid() != pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "ran in the caller"
+
+
+def test_a_replacement_worker_that_dies_too_fails_the_call_and_never_moves_logging_here() -> None:
+    """Workers start here (one has finished a job): when the retried job kills the replacement
+    as well, that is the job's doing, not a process where no worker can start."""
+    tracking_process.call(process_id)
+    with pytest.raises(TrackingError, match="stopped before it finished die_unless_in"):
+        tracking_process.call(die_unless_in, os.getpid())
+    with pytest.raises(TrackingError, match="stopped before it finished die_unless_in"):
+        tracking_process.call(die_unless_in, os.getpid())  # the retry, in a new worker
+    assert tracking_process.call(process_id) != os.getpid()
+
+
+def leak(tracking_uri: str) -> None:
+    """What MLflow's HTTP client raises when the server goes away after the first connection."""
+    raise ConnectionError(f"API request to {tracking_uri}api/2.0/mlflow/runs/create failed with exception "
+                          "HTTPConnectionPool: Max retries exceeded")
+
+
+def test_an_error_that_names_the_tracking_uri_comes_back_without_its_password() -> None:
+    uri = "http://forecaster:s3cr3t%2FSENTINEL@mlflow.internal:5000/"
+    with pytest.raises(TrackingError) as caught:
+        tracking_process.call(leak, uri)
+    message = str(caught.value)
+    assert "mlflow.internal:5000" in message and "ConnectionError" in message
+    assert "SENTINEL" not in message and caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(PermissionError, match="no URI in it"):  # other errors keep their type
+        tracking_process.call(refuse, "no URI in it")
+
+
 def test_a_candidate_run_written_by_the_worker_is_the_one_this_process_would_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
