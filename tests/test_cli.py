@@ -85,12 +85,18 @@ def test_bad_config_is_a_clear_error_before_anything_starts(
     assert "bad.yaml" in out and "source" in out
 
 
-@pytest.mark.usefixtures("prefect")
-def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
+    """The test sales data in the database; the path of a tiny config file for it."""
     load_sales(engine)
     path = tmp_path / "sales.yaml"
     path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.usefixtures("prefect")
+def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = sales_loaded_and_its_config(engine, tmp_path)
     assert main(["run", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "champion:" in out and "rows written: 18 forecasts" in out
@@ -100,9 +106,7 @@ def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tm
 @pytest.mark.usefixtures("prefect")
 def test_predict_before_any_champion_says_what_to_run_first(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    load_sales(engine)
-    path = tmp_path / "sales.yaml"
-    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    path = sales_loaded_and_its_config(engine, tmp_path)
     assert main(["predict", "--config", str(path)]) == 2
     out = capsys.readouterr().out
     assert "no version of 'sales-forecaster' has the alias 'champion' yet; run `forecasting run` first" in out
