@@ -59,32 +59,9 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except TRANSIENT:
         return True
-    except Exception as exc:
-        return _is_transient_http_error(exc) or _is_transient_mlflow_error(exc)
+    except Exception as exc:  # MLflow's and requests' errors, come back from the logging process
+        return tracking_process.tracking_error_may_pass(exc)
     return False
-
-
-def _is_transient_http_error(exc: Exception) -> bool:
-    """A connection failure or timeout of MLflow's HTTP client (requests), raised again here.
-
-    Looked up, not imported (0.1 s of every run's start): only the logging process talks HTTP, so
-    such an error can only reach this process by unpickling, which imports requests first.
-    """
-    exceptions = sys.modules.get("requests.exceptions")
-    return exceptions is not None and isinstance(exc, (exceptions.ConnectionError, exceptions.Timeout))
-
-
-def _is_transient_mlflow_error(exc: Exception) -> bool:
-    """MLflow wraps failed HTTP calls and a locked store in MlflowException; see
-    tracking_process.mlflow_error_may_pass for which ones are retried.
-
-    Looked up, not imported: this process imports mlflow only when unpickling an MlflowException
-    that the logging process raised, and then it is in sys.modules.
-    """
-    exceptions = sys.modules.get("mlflow.exceptions")
-    if exceptions is None or not isinstance(exc, exceptions.MlflowException):
-        return False
-    return tracking_process.mlflow_error_may_pass(exc)
 
 
 IO_RETRIES: dict[str, Any] = dict(

@@ -412,9 +412,11 @@ def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: 
     the night read it; the version it points at afterwards (None: no alias).
 
     `version` when it moved, or already pointed there (a retry). Anything else is where another
-    run (or a person, by hand) moved it during the night, and there it stays: that run wrote its
-    rows later than this night read the alias, and a backfill must not move the alias back past
-    a newer night's model. MLflow has no compare-and-set: this narrows the race to milliseconds.
+    run (or a person, by hand) moved it during the night, and there it stays: this night was
+    compared against `replaces`, not against that version. So a backfill night never moves the
+    alias back past a newer night's model that finished first; in the other order the newer
+    night is the one left out, until the next night compares against the backfill's model.
+    MLflow has no compare-and-set: this narrows the race to milliseconds.
     """
     current = champion_version(client, dataset)
     found = str(current.version) if current is not None else None

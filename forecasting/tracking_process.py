@@ -55,17 +55,38 @@ class TrackingRefused(RuntimeError):
     The message names the tracking URI (password masked)."""
 
 
-# MLflow's words for an HTTP call that may pass: no connection or no answer in time, or a 5xx
-# from a proxy (a body that is not MLflow's JSON). A 401, 403 or 404 is refused, not retried.
-_MLFLOW_HTTP_TRANSIENT = re.compile(r"API request to .* failed with (?:timeout )?exception|failed with error code 5\d\d ")
+# MLflow's words for an HTTP call that may pass: no connection, no answer in time, or 5xx
+# answers until its own retries (408, 429, 500, 502, 503, 504) ran out, which urllib3 reports as
+# an exception too ("too many 502 error responses"). Any other status is an answer
+# ("failed with error code 403 != 200"): a 401, 403 or 404 is refused, not retried.
+_MLFLOW_HTTP_TRANSIENT = re.compile(r"API request to .* failed with (?:timeout )?exception")
 _MLFLOW_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
 
 def mlflow_error_may_pass(exc: Exception) -> bool:
     """Whether an MlflowException is worth retrying: a busy or locked store, a rate limit, a
-    server that did not answer or a proxy's 5xx. Not: a refusal, a missing model, a bad value."""
+    server that did not answer. Not: a refusal, a missing model, a bad value."""
     return getattr(exc, "error_code", None) in _MLFLOW_TRANSIENT_CODES or bool(
         _MLFLOW_HTTP_TRANSIENT.search(str(exc)))
+
+
+def tracking_error_may_pass(exc: BaseException) -> bool:
+    """Whether an error of an MLflow job is worth retrying: TrackingError, a connection failure
+    or timeout (builtin or requests'), an MlflowException that mlflow_error_may_pass.
+
+    requests and mlflow are looked up, not imported: the flow's process has them only once it
+    has unpickled one of their errors from the logging process.
+    """
+    if isinstance(exc, TrackingRefused):
+        return False
+    if isinstance(exc, (TrackingError, ConnectionError, TimeoutError)):
+        return True
+    requests_errors = sys.modules.get("requests.exceptions")
+    if requests_errors is not None and isinstance(exc, (requests_errors.ConnectionError, requests_errors.Timeout)):
+        return True
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    return (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException)
+            and mlflow_error_may_pass(exc))
 
 
 class NoChampion(LookupError):
@@ -133,11 +154,15 @@ def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     without `if __name__ == "__main__":`, makes a spawned worker fail its start - jobs run in
     the calling thread from then on, as before this module, after one warning.
 
-    An error whose text holds the password of a URI among the arguments (MLflow puts the
-    tracking URI, as given, in its HTTP errors) is raised as TrackingError with it masked.
+    An error whose text holds the password of a URI among the arguments (MLflow's HTTP errors
+    and requests' carry the tracking URI's user and password) comes back with it masked, as
+    TrackingError where it may pass (tracking_error_may_pass), else TrackingRefused: retried as
+    the original would have been, and no more.
     """
     try:
         return _call(job, *args, **kwargs)
+    except (TrackingError, TrackingRefused):
+        raise  # our own messages, built with the URL masked
     except Exception as exc:
         text = str(exc)
         masked = text
@@ -145,8 +170,9 @@ def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             masked = scrub(masked, uri)
         if masked == text:
             raise
+        masked_type = TrackingError if tracking_error_may_pass(exc) else TrackingRefused
         # `from None`: the original error, and the worker's traceback chained to it, hold it too.
-        raise TrackingError(f"{type(exc).__name__}: {masked}") from None
+        raise masked_type(f"{type(exc).__name__}: {masked}") from None
 
 
 def _call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -182,15 +182,16 @@ def test_flow_process_imports_neither_mlflow_matplotlib_nor_requests_yet_retries
      "HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded", "INTERNAL_ERROR", True),
     ("API request to http://mlflow:5000/api/2.0/mlflow/runs/create failed with timeout exception "
      "Read timed out.", "INTERNAL_ERROR", True),
-    ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 502 != 200. "
-     "Response body: 'Bad Gateway'", "INTERNAL_ERROR", True),
+    ("API request to http://mlflow:5000/api/2.0/mlflow/runs/create failed with exception "
+     "HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded with url: /api/2.0/mlflow/runs/create "
+     "(Caused by ResponseError('too many 502 error responses'))", "INTERNAL_ERROR", True),
     ("(sqlite3.OperationalError) database is locked", "TEMPORARILY_UNAVAILABLE", True),
     ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 403 != 200. "
      "Response body: 'Forbidden'", "PERMISSION_DENIED", False),
     ("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 401 != 200. "
      "Response body: 'Unauthorized'", "UNAUTHENTICATED", False),
     ("Registered Model with name=sales-forecaster not found", "RESOURCE_DOES_NOT_EXIST", False),
-], ids=["no-connection", "timeout", "proxy-502", "sqlite-locked", "forbidden", "unauthorized", "not-found"])
+], ids=["no-connection", "timeout", "502-until-retries-ran-out", "sqlite-locked", "forbidden", "unauthorized", "not-found"])
 def test_mlflow_errors_are_retried_only_when_they_may_pass(message: str, code: str, transient: bool) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2

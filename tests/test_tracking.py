@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.protos import databricks_pb2
 from mlflow.tracking import MlflowClient
 
 from forecasting import pipeline, tracking, tracking_process
@@ -150,7 +151,7 @@ def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadab
     def locked_once(self: MlflowClient, *args: object, **kwargs: object) -> None:
         monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag)
         raise tracking.MlflowException("(sqlite3.OperationalError) database is locked",
-                                       error_code="TEMPORARILY_UNAVAILABLE")
+                                       error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE)
 
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", locked_once)
     register = functools.partial(tracking_process.register, uri, CONFIG.name, fitted, run_id=run_id,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from forecasting import pipeline, tracking, tracking_process
@@ -80,13 +81,24 @@ def leak(tracking_uri: str) -> None:
                           "HTTPConnectionPool: Max retries exceeded")
 
 
-def test_an_error_that_names_the_tracking_uri_comes_back_without_its_password() -> None:
+def refuse_upload(tracking_uri: str) -> None:
+    """What requests raises when a proxy refuses a model upload: the URL holds the password."""
+    raise requests.exceptions.HTTPError(
+        f"413 Client Error: Request Entity Too Large for url: {tracking_uri}api/2.0/mlflow-artifacts/artifacts/m")
+
+
+def test_an_error_that_names_the_tracking_uri_comes_back_without_its_password_and_as_retriable_as_before() -> None:
     uri = "http://forecaster:s3cr3t%2FSENTINEL@mlflow.internal:5000/"
-    with pytest.raises(TrackingError) as caught:
+    with pytest.raises(TrackingError) as caught:  # a connection failure: still retried
         tracking_process.call(leak, uri)
     message = str(caught.value)
     assert "mlflow.internal:5000" in message and "ConnectionError" in message
     assert "SENTINEL" not in message and caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(tracking_process.TrackingRefused) as refused:  # an answer: still not retried
+        tracking_process.call(refuse_upload, uri)
+    assert "413 Client Error" in str(refused.value) and "SENTINEL" not in str(refused.value)
+    assert tracking_process.tracking_error_may_pass(caught.value)
+    assert not tracking_process.tracking_error_may_pass(refused.value)
     with pytest.raises(PermissionError, match="no URI in it"):  # other errors keep their type
         tracking_process.call(refuse, "no URI in it")
 
