@@ -104,6 +104,7 @@ def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tm
 
 
 @pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # what it tests is the CLI's message
 def test_predict_before_any_champion_says_what_to_run_first(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     path = sales_loaded_and_its_config(engine, tmp_path)
