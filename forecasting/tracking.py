@@ -64,18 +64,12 @@ def connect(settings: Settings | None = None) -> MlflowClient:
             _prepare_sqlite_store(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
-    except MlflowException as exc:
+    except Exception as exc:  # MlflowException, requests errors, sqlalchemy errors
+        # An answer that refuses (wrong credentials, no permission, not MLflow) is not retried.
+        refused = isinstance(exc, MlflowException) and not mlflow_error_may_pass(exc)
+        error, what = (TrackingRefused, "refused") if refused else (TrackingError, "is not reachable")
         # `from None`: the original exception's text may hold the URL with its password.
-        if not mlflow_error_may_pass(exc):  # wrong credentials, no permission, not MLflow
-            raise TrackingRefused(
-                f"MLflow tracking at {redact_url(uri)} refused: {scrub(_first_line(exc), uri)}") from None
-        raise TrackingError(
-            f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
-        ) from None
-    except Exception as exc:  # requests errors, sqlalchemy errors
-        raise TrackingError(
-            f"MLflow tracking at {redact_url(uri)} is not reachable: {scrub(_first_line(exc), uri)}"
-        ) from None
+        raise error(f"MLflow tracking at {redact_url(uri)} {what}: {scrub(_first_line(exc), uri)}") from None
     return client
 
 
