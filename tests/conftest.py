@@ -86,6 +86,13 @@ def env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
+    # MLflow's global tracking and registry URIs win over the environment, and the logging
+    # process's jobs, when a test calls them in this process, set them to that test's store:
+    # without this, a later test's MlflowClient read another test's registry.
+    import mlflow
+
+    mlflow.set_tracking_uri(values["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(values["MLFLOW_TRACKING_URI"])
     return values
 
 
