@@ -229,7 +229,12 @@ def log_frame(client: MlflowClient, run_id: str, frame: pd.DataFrame, name: str)
         path = Path(tmp) / name
         frame.to_csv(path, index=False)
         client.log_artifact(run_id, str(path))
-    client.log_table(run_id, data=frame, artifact_file=Path(name).with_suffix(".json").name)
+    table = Path(name).with_suffix(".json").name
+    # log_table appends to a table of that name already in the run: a task retried after this
+    # line (finish-tracking, when the figure or the end of the run failed) would list every
+    # model twice. The CSV above is simply overwritten; the table is written once.
+    if table not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        client.log_table(run_id, data=frame, artifact_file=table)
 
 
 def write_candidate_log(client: MlflowClient, entry: CandidateLog) -> str:

@@ -194,6 +194,36 @@ def test_a_run_whose_logging_fails_is_left_failed_not_running_for_the_retry(
                                ("parent", "FAILED"), ("parent", "RUNNING")])
 
 
+def test_the_nights_review_retried_after_it_failed_half_way_lists_each_model_once(
+        client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """finish-tracking retried after its comparison table was logged (the figure failed) ends the
+    same parent run with the table as it was: MLflow's log_table appends to a table of that name."""
+    panel = seasonal_panel()
+    experiment = tracking.experiment_id(client, CONFIG.name)
+    parent = tracking.start_run(client, experiment=experiment, name="parent", tags={}, params={})
+    comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, name)
+                                   for name in ("naive", "seasonal_naive")])
+    fitted = pipeline.fit_final(CONFIG, panel, "seasonal_naive")
+    rows = pipeline.forecast(fitted, config=CONFIG, panel=panel, quantiles=pipeline.calibrate(CONFIG, panel, comparison),
+                             version=None, run_id=None)
+    entry = pipeline.night_log(parent, config=CONFIG, comparison=comparison, panel=panel, forecast_rows=rows,
+                               metrics={"forecast_rows": float(len(rows))}, tags={"champion": "seasonal_naive"})
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise tracking.MlflowException("(sqlite3.OperationalError) database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "log_figure", refused)
+        with pytest.raises(tracking.MlflowException, match="database is locked"):
+            tracking.write_night_log(client, entry)
+    tracking.write_night_log(client, entry)  # the retry
+
+    table = client.load_table(experiment, artifact_file="comparison.json", run_ids=[parent])
+    assert sorted(table["model"]) == ["naive", "seasonal_naive"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent)} >= {"comparison.csv", "comparison.json", "forecast.png"}
+
+
 def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
