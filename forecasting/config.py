@@ -92,6 +92,10 @@ class TrainingConfig(_Strict):
     scale_by: Literal["std", "seasonal_diff"] = "seasonal_diff"  # per-series divisor: std, or mean
     #   |y_t - y_t-season| (the MASE denominator, so the loss in scaled space tracks MASE)
     local_level: bool = True  # networks see the target relative to their window's last-season mean
+    # Two more inputs: sin/cos of the position in the calendar year. For daily or hourly data
+    # whose level follows the year (temperature, heating, holidays), which a season of
+    # `season_length` steps cannot express; monthly data have it in a 12-step season already.
+    annual_cycle: bool = False
     loss: Literal["mae", "mse", "huber"] = "mae"  # in scaled space
     # Defaults sized for ~150 monthly series in ~20 s per cell on 2 CPU cores (aus_retail: each
     # cell 0.84-0.87x seasonal-naive MASE over seeds 1, 7, 42); raise max_epochs or

@@ -28,16 +28,17 @@ from forecasting.config import BASELINES, CELLS, TrainingConfig
 from forecasting.models import EnsembleNet, NetConfig
 from forecasting.train import applied_precision, resolve_device, train_network
 from forecasting.windows import (
-    N_CALENDAR,
     Scaler,
     SeriesFeatures,
     build_features,
+    calendar_channels,
     check_horizon,
     check_panel,
     last_windows,
     series_blocks,
     tail_rows,
     window_starts,
+    years_per_step,
 )
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,11 @@ class NeuralForecaster(Forecaster):
         t = self.training
         self.input_window = t.input_window or default_input_window(self.horizon, self.season_length)
         self.net_config = NetConfig(
-            cell=name, input_size=1 + N_CALENDAR + len(self.covariates), hidden_size=t.hidden_size,
-            num_layers=t.num_layers, dropout=t.dropout, horizon=self.horizon, strategy=t.strategy,
-            season_length=self.season_length, residual=t.residual, local_level=t.local_level,
+            cell=name, input_size=1 + calendar_channels(t.annual_cycle) + len(self.covariates),
+            hidden_size=t.hidden_size, num_layers=t.num_layers, dropout=t.dropout, horizon=self.horizon,
+            strategy=t.strategy, season_length=self.season_length, residual=t.residual,
+            local_level=t.local_level, annual_cycle=t.annual_cycle,
+            years_per_step=years_per_step(self.freq) if t.annual_cycle else 0.0,
         )
         self.scaler: Scaler | None = None
 
@@ -169,7 +172,7 @@ class NeuralForecaster(Forecaster):
         self.scaler = Scaler.fit(panel, scaling=t.scaling, scale_by=t.scale_by,
                                  season_length=self.season_length, covariates=self.covariates)
         features = build_features(panel, self.scaler, freq=self.freq, season_length=self.season_length,
-                                  covariates=self.covariates)
+                                  covariates=self.covariates, annual_cycle=t.annual_cycle)
         train_starts, val_starts = window_starts(features, input_window=self.input_window,
                                                  horizon=self.horizon, val_steps=t.val_steps or self.horizon)
         if len(train_starts) == 0:  # every series has a single window: train on it, no early stopping
@@ -202,7 +205,7 @@ class NeuralForecaster(Forecaster):
         scaler.add_series(panel, blocks=blocks)  # series unseen in training: scaled by their own history
         recent = panel.iloc[tail_rows(blocks, self.input_window)]
         features = build_features(recent, scaler, freq=self.freq, season_length=self.season_length,
-                                  covariates=self.covariates)
+                                  covariates=self.covariates, annual_cycle=self.net_config.annual_cycle)
         return features, scaler
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """The recurrent network: one module for Elman RNN, LSTM and GRU, the cell chosen by name.
 
 Input channels (built by forecasting.windows): 0 = the scaled target, 1..2 = sin/cos of the
-position in the season, 3.. = scaled covariates. The network forecasts the *residual* over a
+position in the season, with `annual_cycle` 3..4 = sin/cos of the position in the year, then
+the scaled covariates. The network forecasts the *residual* over a
 reference forecast computed from its own input window (seasonal naive, last value, or none), so
 `forward(x)` alone gives a complete forecast in scaled space - which is what gets logged.
 
@@ -44,6 +45,8 @@ class NetConfig:
     season_length: int = 1
     residual: str = "seasonal_naive"  # reference forecast the network corrects
     calendar: bool = True  # channels 1, 2 are sin/cos of the position in the season
+    annual_cycle: bool = False  # channels 3, 4 are sin/cos of the position in the year
+    years_per_step: float = 0.0  # how far one step advances them (recursive strategy)
     local_level: bool = True  # feed the target relative to the window's last-season mean
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class RecurrentNet(nn.Module):
         nn.init.zeros_(self.head.bias)
         angle = 2.0 * math.pi / config.season_length
         self.register_buffer("rotation", torch.tensor([math.cos(angle), math.sin(angle)]), persistent=False)
+        angle = 2.0 * math.pi * config.years_per_step
+        self.register_buffer("annual_rotation", torch.tensor([math.cos(angle), math.sin(angle)]), persistent=False)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The forecast the network corrects, from the target channel of the window."""
@@ -136,14 +141,16 @@ class RecurrentNet(nn.Module):
 
     def _next_row(self, row: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The input row one step later: predicted target, calendar rotated, covariates held."""
-        parts = [y[:, None, None]]  # [batch, 1, 1]
-        if self.config.calendar:
-            sin, cos = row[..., 1:2], row[..., 2:3]  # [batch, 1, 1] each
-            c, s = self.rotation[0], self.rotation[1]
+        parts, first = [y[:, None, None]], 1  # [batch, 1, 1]; the first channel not yet advanced
+        cycles = [self.rotation] if self.config.calendar else []
+        if self.config.calendar and self.config.annual_cycle:
+            cycles.append(self.annual_rotation)
+        for rotation in cycles:
+            sin, cos = row[..., first:first + 1], row[..., first + 1:first + 2]  # [batch, 1, 1] each
+            c, s = rotation[0], rotation[1]
             parts += [sin * c + cos * s, cos * c - sin * s]
-            parts.append(row[..., 3:])  # [batch, 1, covariates]
-        else:
-            parts.append(row[..., 1:])
+            first += 2
+        parts.append(row[..., first:])  # [batch, 1, covariates]
         return torch.cat(parts, dim=-1)  # [batch, 1, features]
 
 

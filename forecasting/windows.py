@@ -5,7 +5,8 @@ The panel is long: `series_id`, `ts`, `value` (+ numeric covariate columns), sor
 
     value --(log1p if the training data allow it)--> per-series standardisation --> channel 0
     position in season --> sin, cos                                             --> channels 1, 2
-    covariates --(per-column standardisation)-->                                  channels 3...
+    position in the year --> sin, cos (training.annual_cycle only)              --> channels 3, 4
+    covariates --(per-column standardisation)-->                                  the channels after
 
 All series are concatenated into ONE float32 tensor `[total_steps, features]`; a window is just a
 start index into it, so no window is ever materialised until a mini-batch gathers it.
@@ -27,6 +28,8 @@ from pandas.tseries.frequencies import to_offset
 _PERIOD_ALIASES = {"MS": "M", "ME": "M", "BMS": "M", "BME": "M", "SMS": "M", "QS": "Q", "QE": "Q",
                    "BQS": "Q", "BQE": "Q", "YS": "Y", "YE": "Y", "BYS": "Y", "BYE": "Y"}
 N_CALENDAR = 2  # sin and cos of the position in the season
+N_ANNUAL = 2  # sin and cos of the position in the year, with training.annual_cycle
+DAYS_PER_YEAR = 365.2425  # the Gregorian calendar's mean year
 
 
 # ----------------------------------------------------------------------------- checks
@@ -94,6 +97,31 @@ def season_position(ts: pd.Series | pd.DatetimeIndex, *, freq: str, season_lengt
 def calendar_features(position: np.ndarray, season_length: int) -> np.ndarray:
     angle = 2.0 * np.pi * position / season_length
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1).astype(np.float32)  # [n, 2]
+
+
+def calendar_channels(annual_cycle: bool) -> int:
+    """How many calendar channels follow the target: the season's sin/cos, and the year's."""
+    return N_CALENDAR + (N_ANNUAL if annual_cycle else 0)
+
+
+def year_fraction(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+    """Where each timestamp lies in its calendar year, in [0, 1): 1 January 00:00 is 0.
+
+    A season of `season_length` steps cannot say this for daily or hourly data (a year is not a
+    whole number of days), yet their level often follows the year: temperature, heating, holidays.
+    """
+    index = pd.DatetimeIndex(ts)
+    day = (index.day_of_year - 1).to_numpy(np.float64)
+    time_of_day = np.asarray((index - index.normalize()) / pd.Timedelta(days=1), np.float64)  # hourly data
+    return (day + time_of_day) / np.where(index.is_leap_year, 366.0, 365.0)
+
+
+def years_per_step(freq: str) -> float:
+    """The mean length of one `freq` step as a fraction of a year (business days, months and
+    weeks included), for advancing the year's channels a step at a time."""
+    steps = 4000
+    span = pd.date_range("2001-01-01", periods=steps + 1, freq=freq)
+    return (span[-1] - span[0]) / pd.Timedelta(days=DAYS_PER_YEAR) / steps
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -298,13 +326,14 @@ def tail_rows(blocks: SeriesBlocks, n: int) -> np.ndarray:
 
 
 def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_length: int,
-                   covariates: Sequence[str] = ()) -> SeriesFeatures:
+                   covariates: Sequence[str] = (), annual_cycle: bool = False) -> SeriesFeatures:
     """The one float32 tensor every window is gathered from: [total_steps, features].
 
     Written in place a bounded number of rows at a time: no float64 copy of the panel and no
     frame per series. Row order: series after series (first appearance), panel order within.
     """
-    n, f = len(panel), 1 + N_CALENDAR + len(covariates)
+    calendar = calendar_channels(annual_cycle)
+    n, f = len(panel), 1 + calendar + len(covariates)
     data = np.empty((n, f), dtype=np.float32)  # [total_steps, features]
     blocks = series_blocks(panel)
     mean, std = scaler.arrays(blocks.ids)  # [series] each
@@ -318,8 +347,10 @@ def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_len
         data[out, 0] = scaler.scale_rows(values[rows], mean[owner], std[owner])
         pos = season_position(pd.DatetimeIndex(ts[rows]), freq=freq, season_length=season_length)
         data[out, 1:1 + N_CALENDAR] = calendar_features(pos, season_length)
+        if annual_cycle:
+            data[out, 1 + N_CALENDAR:1 + calendar] = calendar_features(year_fraction(ts[rows]), 1)
         for j, column in enumerate(covariates):
-            data[out, 1 + N_CALENDAR + j] = (extra[j][rows] - scaler.cov_mean[column]) / scaler.cov_std[column]
+            data[out, 1 + calendar + j] = (extra[j][rows] - scaler.cov_mean[column]) / scaler.cov_std[column]
     last = blocks.starts + blocks.lengths - 1
     last_rows = last if blocks.order is None else blocks.order[last]
     return SeriesFeatures(torch.from_numpy(data), blocks.ids, blocks.starts.copy(),

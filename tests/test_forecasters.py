@@ -73,6 +73,26 @@ def test_save_load_round_trip_gives_the_same_forecast(tmp_path, monkeypatch):
     assert g.params == f.params and g.history == f.history
 
 
+@pytest.mark.parametrize("strategy", ["direct", "recursive"])
+def test_annual_cycle_is_two_more_inputs_that_change_the_forecast_and_survive_saving(tmp_path, strategy):
+    daily = make_panel(3, 500, freq="D", season=7, noise=0.3)
+    train, _ = split_at_origin(daily, cut=14)
+
+    def fit(annual: bool):
+        return make_forecaster("gru", freq="D", horizon=14, season_length=7,
+                               training=tiny_training(max_epochs=3, annual_cycle=annual, strategy=strategy,
+                                                      residual="last_value")).fit(train)
+
+    with_year, without = fit(True), fit(False)
+    assert with_year.torch_module.members[0].rnn.input_size == without.torch_module.members[0].rnn.input_size + 2
+    assert with_year.net_config.years_per_step == pytest.approx(1 / 365.2425, rel=1e-3)
+    forecast = with_year.predict(train)
+    assert len(forecast) == 3 * 14 and np.isfinite(forecast["value"]).all()
+    assert not np.allclose(forecast["value"], without.predict(train)["value"])
+    with_year.save(tmp_path)
+    pd.testing.assert_frame_equal(load_forecaster(tmp_path).predict(train), forecast)
+
+
 def test_history_callback_params_and_example_input():
     epochs = []
     f = make_forecaster("rnn", freq="MS", horizon=HORIZON, season_length=SEASON,

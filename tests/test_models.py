@@ -38,6 +38,15 @@ def test_recursive_feeds_its_prediction_back_with_the_calendar_advanced():
     torch.testing.assert_close(nxt, torch.tensor([[[2.0, 1.0, 0.0, 5.0]]]), atol=1e-6, rtol=0)  # position 1
 
 
+def test_recursive_advances_the_years_channels_by_one_step_too():
+    net = RecurrentNet(NetConfig(cell="gru", input_size=6, horizon=2, strategy="recursive", season_length=4,
+                                 annual_cycle=True, years_per_step=0.25))
+    row = torch.tensor([[[9.0, 0.0, 1.0, 0.0, 1.0, 5.0]]])  # value, season sin/cos, year sin/cos, covariate
+    nxt = net._next_row(row, torch.tensor([2.0]))
+    torch.testing.assert_close(nxt, torch.tensor([[[2.0, 1.0, 0.0, 1.0, 0.0, 5.0]]]), atol=1e-6, rtol=0)
+    assert "annual_rotation" not in net.state_dict()  # models saved before the option still load
+
+
 def test_ensemble_averages_members():
     config = NetConfig(cell="lstm", input_size=3, horizon=4, season_length=12, residual="none")
     torch.manual_seed(0)

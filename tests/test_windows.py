@@ -13,6 +13,8 @@ from forecasting.windows import (
     last_windows,
     season_position,
     window_starts,
+    year_fraction,
+    years_per_step,
 )
 
 
@@ -28,6 +30,28 @@ def test_calendar_features_are_unit_circle_float32():
     feats = calendar_features(np.arange(12), 12)
     assert feats.shape == (12, 2) and feats.dtype == np.float32
     np.testing.assert_allclose((feats**2).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_year_fraction_counts_from_new_year_in_each_years_own_length():
+    ts = pd.to_datetime(["2021-01-01 00:00", "2021-07-02 12:00", "2021-12-31 00:00", "2024-12-31 00:00"])
+    np.testing.assert_allclose(year_fraction(ts), [0.0, 182.5 / 365, 364 / 365, 365 / 366], rtol=1e-12)
+    assert years_per_step("D") == pytest.approx(1 / 365.2425, rel=1e-3)
+    assert years_per_step("h") == pytest.approx(1 / (365.2425 * 24), rel=1e-3)
+    assert years_per_step("MS") == pytest.approx(1 / 12, rel=1e-3)
+    assert years_per_step("W-MON") == pytest.approx(7 / 365.2425, rel=1e-3)
+
+
+def test_annual_cycle_adds_the_years_sin_cos_before_the_covariates():
+    panel = make_panel(2, 400, freq="D", start="2023-12-30").assign(temp=lambda f: f["value"] * 2)
+    scaler = Scaler.fit(panel, covariates=["temp"])
+    plain = build_features(panel, scaler, freq="D", season_length=7, covariates=["temp"])
+    annual = build_features(panel, scaler, freq="D", season_length=7, covariates=["temp"], annual_cycle=True)
+    assert plain.data.shape == (800, 4) and annual.data.shape == (800, 6)
+    torch.testing.assert_close(annual.data[:, [0, 1, 2, 5]], plain.data)  # the rest where it was
+    angle = 2 * np.pi * year_fraction(panel["ts"])
+    np.testing.assert_allclose(annual.data[:, 3].numpy(), np.sin(angle), atol=1e-6)
+    np.testing.assert_allclose(annual.data[:, 4].numpy(), np.cos(angle), atol=1e-6)
+    assert annual.data[2, 3] == 0.0 and annual.data[2, 4] == 1.0  # 2024-01-01: the year's start
 
 
 @pytest.mark.parametrize("scale_by", ["std", "seasonal_diff"])
