@@ -36,7 +36,8 @@ Parts of the process wall time:
   parent run, the current champion, each candidate's run, the registration): its CPU seconds
   in this process during the fits, taken out of training - that thread holds the GIL while it
   works, and the training thread waits for it (see `breakdown`);
-- Prefect: flow start-up (ephemeral API), per-task orchestration, artifacts, flow teardown;
+- Prefect: flow start-up (ephemeral API), per-task orchestration, artifacts, flow teardown, and
+  the flow's end waiting for its heartbeat thread (Prefect 3.9 sleeps in 1 s steps, timed apart);
 - python: interpreter start and imports (torch, prefect, pandas, sqlalchemy; mlflow and
   matplotlib load in the logging process, which the run's record checks), and process exit.
 """
@@ -77,6 +78,7 @@ class Recorder:
         self.task_cpu: list[float] = []  # CPU seconds of the calling thread, one per entry of `tasks`
         self.backtests: list[tuple[str, float]] = []  # candidate, run_backtest seconds
         self.current = "startup"
+        self.heartbeat_joins: list[float] = []  # seconds the flow's end waited for Prefect's heartbeat thread
         self.peak_rss: dict[str, int] = defaultdict(int)  # this process
         self.peak_tree_rss: dict[str, int] = defaultdict(int)  # with child processes
         self.sample_seconds = sample_seconds
@@ -187,6 +189,23 @@ def instrument(recorder: Recorder) -> None:
 
     pipeline.run_backtest = run_backtest
 
+    # Prefect (3.9) sends flow-run heartbeats from a thread that sleeps in 1 s steps and joins it
+    # when the flow ends; the engine looks `_send_heartbeats` up in its module at each flow run.
+    import prefect.flow_engine as flow_engine
+
+    real_heartbeats = flow_engine._send_heartbeats
+
+    @contextmanager
+    def timed_heartbeats(engine: Any, join_on_exit: bool = True):
+        with real_heartbeats(engine, join_on_exit=join_on_exit):
+            try:
+                yield
+            finally:
+                stopping = time.time()
+        recorder.heartbeat_joins.append(time.time() - stopping)
+
+    flow_engine._send_heartbeats = timed_heartbeats
+
 
 class ImportTimer:
     """Times one module's import, its own imports included, where it happens (a meta path
@@ -247,7 +266,7 @@ def child_run(config: str, out: Path) -> None:
         "rc": rc, "t_first": t_first, "t_imported": t_imported, "t_call": t_call, "t_done": t_done,
         "torch_import": torch_import.seconds,
         "stages": recorder.stages, "tasks": recorder.tasks, "backtests": recorder.backtests,
-        "task_cpu": recorder.task_cpu,
+        "task_cpu": recorder.task_cpu, "heartbeat_joins": recorder.heartbeat_joins,
         "peak_rss": dict(recorder.peak_rss), "peak_tree_rss": dict(recorder.peak_tree_rss),
         "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "summary": summaries[0] if summaries else None,
@@ -325,6 +344,7 @@ def saved_run(workdir: Path, index: int) -> dict[str, Any] | None:
 BACKGROUND = ("start-tracking", "load-champion", "log-candidate", "register")
 STALL = "MLflow logging in the background: its CPU seconds (GIL) during the fits"
 TORCH_IMPORT = "of imports: torch's (with what it imports first)"
+HEARTBEAT_JOIN = "prefect flow end: waiting for its heartbeat thread (1 s sleeps)"
 
 
 def background_stall(r: dict[str, Any]) -> dict[str, float]:
@@ -371,6 +391,7 @@ def breakdown(r: dict[str, Any]) -> dict[str, float]:
     stage_wall = sum(s[2] - s[1] for s in stages)
     task_call_in_stages = sum(e - s for n, s, e, _ in tasks if inside((n, s, e)))
     fits_at_forecast = (r.get("summary") or {}).get("champion") in FIT_AT_FORECAST
+    heartbeat_join = sum(r.get("heartbeat_joins", []))  # at the flow's end, after the last stage
 
     def waits_in(stage: str) -> float:  # what is left of the background's work, waited for
         return sum(end - start for name, start, end in stages if name == stage
@@ -398,7 +419,8 @@ def breakdown(r: dict[str, Any]) -> dict[str, float]:
         "in stages, outside tasks": stage_wall - task_call_in_stages - waits,
         "prefect per-task orchestration": prefect_tasks,
         "after last stage, outside tasks (artifacts, teardown)": (r["t_done"] - last) - sum(
-            e - s for n, s, e, _ in tasks if s >= last),
+            e - s for n, s, e, _ in tasks if s >= last) - heartbeat_join,
+        HEARTBEAT_JOIN: heartbeat_join,
         "process exit": r["t_exit"] - r["t_done"],
         "between stages, outside tasks": (last - first) - stage_wall - sum(
             e - s for n, s, e, _ in tasks if not inside((n, s, e)) and first <= s and e <= last),
@@ -518,7 +540,9 @@ def main() -> None:
             f"<= 10%); counting the baselines' backtests as overhead too: {(overhead + baselines) / wall:.1%}; "
             f"without Prefect's flow start-up ({startup:.1f}s): {(overhead - startup) / (wall - startup):.1%}; "
             f"counting torch's import ({torch_import:.1f}s) as training's start-up, not overhead: "
-            f"{(overhead - torch_import) / wall:.1%}")
+            f"{(overhead - torch_import) / wall:.1%}; of the overhead, the flow's end waiting for "
+            f"Prefect's heartbeat thread: {row[HEARTBEAT_JOIN]:.2f}s (without that wait: "
+            f"{(overhead - row[HEARTBEAT_JOIN]) / (wall - row[HEARTBEAT_JOIN]):.1%})")
     if plain:
         verdicts.append(f"uninstrumented `forecasting run` process wall: {', '.join(f'{p:.1f}s' for p in plain)} "
                         f"(instrumented next nights median {part_rows['next nights (median)']['process wall']:.1f}s)")
