@@ -345,10 +345,11 @@ def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_len
         out = slice(first, first + len(rows))
         owner = np.repeat(series, blocks.lengths[series])  # [rows]
         data[out, 0] = scaler.scale_rows(values[rows], mean[owner], std[owner])
-        pos = season_position(pd.DatetimeIndex(ts[rows]), freq=freq, season_length=season_length)
+        index = pd.DatetimeIndex(ts[rows])  # built once per chunk: both calendars read it
+        pos = season_position(index, freq=freq, season_length=season_length)
         data[out, 1:1 + N_CALENDAR] = calendar_features(pos, season_length)
         if annual_cycle:
-            data[out, 1 + N_CALENDAR:1 + calendar] = calendar_features(year_fraction(ts[rows]), 1)
+            data[out, 1 + N_CALENDAR:1 + calendar] = calendar_features(year_fraction(index), 1)
         for j, column in enumerate(covariates):
             data[out, 1 + calendar + j] = (extra[j][rows] - scaler.cov_mean[column]) / scaler.cov_std[column]
     last = blocks.starts + blocks.lengths - 1
