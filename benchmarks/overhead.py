@@ -78,7 +78,7 @@ class Recorder:
         self.task_cpu: list[float] = []  # CPU seconds of the calling thread, one per entry of `tasks`
         self.backtests: list[tuple[str, float]] = []  # candidate, run_backtest seconds
         self.current = "startup"
-        self.heartbeat_joins: list[float] = []  # seconds the flow's end waited for Prefect's heartbeat thread
+        self.heartbeat_joins: list[tuple[float, float]] = []  # a flow's end waiting for its heartbeat thread
         self.peak_rss: dict[str, int] = defaultdict(int)  # this process
         self.peak_tree_rss: dict[str, int] = defaultdict(int)  # with child processes
         self.sample_seconds = sample_seconds
@@ -202,7 +202,7 @@ def instrument(recorder: Recorder) -> None:
                 yield
             finally:
                 stopping = time.time()
-        recorder.heartbeat_joins.append(time.time() - stopping)
+        recorder.heartbeat_joins.append((stopping, time.time()))
 
     flow_engine._send_heartbeats = timed_heartbeats
 
@@ -326,18 +326,7 @@ def instrumented_run(config: str, *, env: dict[str, str], workdir: Path, index: 
         tail = "\n".join((workdir / f"run{index}.log").read_text().splitlines()[-20:])
         raise SystemExit(f"`forecasting run --config {config}` failed (rc {record['rc']}):\n{tail}")
     record.update(t_spawn=t_spawn, t_exit=t_exit)
-    (workdir / f"run{index}.parent.json").write_text(json.dumps({"t_spawn": t_spawn, "t_exit": t_exit}))
     return record
-
-
-def saved_run(workdir: Path, index: int) -> dict[str, Any] | None:
-    """A run measured before (its JSON and the parent's timing beside it), or None."""
-    out, parent = workdir / f"run{index}.json", workdir / f"run{index}.parent.json"
-    if not (out.exists() and parent.exists()):
-        return None
-    record = json.loads(out.read_text())
-    record.update(json.loads(parent.read_text()))
-    return record if record["rc"] == 0 and record["stages"] else None
 
 
 # Run in a thread of their own, beside the candidates' training and the forecast (see `breakdown`).
@@ -391,7 +380,8 @@ def breakdown(r: dict[str, Any]) -> dict[str, float]:
     stage_wall = sum(s[2] - s[1] for s in stages)
     task_call_in_stages = sum(e - s for n, s, e, _ in tasks if inside((n, s, e)))
     fits_at_forecast = (r.get("summary") or {}).get("champion") in FIT_AT_FORECAST
-    heartbeat_join = sum(r.get("heartbeat_joins", []))  # at the flow's end, after the last stage
+    # the night's flow ends after the last stage (a backfill's nights are subflows, ending earlier)
+    heartbeat_join = sum(end - start for start, end in r.get("heartbeat_joins", []) if start >= last)
 
     def waits_in(stage: str) -> float:  # what is left of the background's work, waited for
         return sum(end - start for name, start, end in stages if name == stage
