@@ -58,6 +58,9 @@ class NetConfig:
             raise ValueError(f"`residual` ({self.residual!r}) is unknown; known: {list(RESIDUALS)}")
         if self.horizon < 1:
             raise ValueError(f"`horizon` ({self.horizon!r}) must be >= 1")
+        if self.annual_cycle and not self.calendar:  # the year's channels sit after the season's
+            raise ValueError(f"`annual_cycle` ({self.annual_cycle!r}) needs `calendar` (False): "
+                             "the year's sin/cos are channels 3, 4, after the season's")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -64,6 +64,8 @@ def test_bad_config_names_the_parameter_and_value():
         NetConfig(cell="gru", input_size=3, strategy="both")
     with pytest.raises(ValueError, match=r"`horizon` \(0\) must be >= 1"):
         NetConfig(cell="gru", input_size=3, horizon=0)
+    with pytest.raises(ValueError, match=r"`annual_cycle` \(True\) needs `calendar` \(False\)"):
+        NetConfig(cell="gru", input_size=5, annual_cycle=True, calendar=False)
 
 
 @pytest.fixture(params=["fused", "torch_ops"])
