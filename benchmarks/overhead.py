@@ -40,6 +40,11 @@ Parts of the process wall time:
   the flow's end waiting for its heartbeat thread (Prefect 3.9 sleeps in 1 s steps, timed apart);
 - python: interpreter start and imports (torch, prefect, pandas, sqlalchemy; mlflow and
   matplotlib load in the logging process, which the run's record checks), and process exit.
+
+The floor, measured in the same run (--floor processes): a process that imports torch, pandas,
+SQLAlchemy and Prefect and runs an empty Prefect flow that calls as many tasks as a night does,
+against the same API. Any nightly job built on these libraries pays it, whatever its pipeline
+does; the night's overhead less the floor is what this pipeline adds.
 """
 
 from __future__ import annotations
@@ -277,6 +282,34 @@ def child_run(config: str, out: Path) -> None:
     cli.exit_quickly(rc)  # the end of the `forecasting` command (cli.entry_point), timed by the parent
 
 
+def child_floor(tasks: int, out: Path) -> None:
+    """The floor under any such job: a process that imports the libraries the night's process
+    imports (torch, pandas, SQLAlchemy, Prefect) and runs a Prefect flow that calls as many tasks
+    as the night does, each doing nothing, against the same Prefect API, then exits as
+    `forecasting` does. What the night's overhead has above this is the pipeline's own."""
+    t_first = time.time()
+    import pandas  # noqa: F401  the job's data frames
+    import sqlalchemy  # noqa: F401  its database
+    import torch  # noqa: F401  its models
+    from prefect import flow, task
+
+    from forecasting.cli import exit_quickly
+
+    @task(name="nothing")
+    def nothing(i: int) -> int:
+        return i
+
+    @flow(name="overhead-floor")
+    def empty(n: int) -> int:
+        return sum(nothing(i) for i in range(n))
+
+    t_call = time.time()
+    empty(tasks)
+    t_done = time.time()
+    out.write_text(json.dumps({"t_first": t_first, "t_call": t_call, "t_done": t_done}))
+    exit_quickly(0)
+
+
 # ====================================================================== parent: runs and tables
 
 
@@ -327,6 +360,18 @@ def instrumented_run(config: str, *, env: dict[str, str], workdir: Path, index: 
         raise SystemExit(f"`forecasting run --config {config}` failed (rc {record['rc']}):\n{tail}")
     record.update(t_spawn=t_spawn, t_exit=t_exit)
     return record
+
+
+def floor_run(tasks: int, *, env: dict[str, str], workdir: Path, index: int) -> dict[str, float]:
+    """One `child_floor` process: its wall, split into start + imports, the flow, the exit."""
+    out = workdir / f"floor{index}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-floor", str(tasks), "--out", str(out)]
+    t_spawn = time.time()
+    timed_command(cmd, env=env, log=workdir / f"floor{index}.log")
+    t_exit = time.time()
+    r = json.loads(out.read_text())
+    return {"start + imports": r["t_call"] - t_spawn, "flow": r["t_done"] - r["t_call"],
+            "exit": t_exit - r["t_done"], "process wall": t_exit - t_spawn}
 
 
 # Run in a thread of their own, beside the candidates' training and the forecast (see `breakdown`).
@@ -452,12 +497,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the databases here (default: a temp dir)")
     parser.add_argument("--prefect-api-url", default=None,
                         help="report to this running Prefect server instead of the ephemeral API")
+    parser.add_argument("--floor", type=int, default=2,
+                        help="processes running an empty Prefect flow of as many tasks (the floor; 0: none)")
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--child-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-floor", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_run:
         child_run(args.child_run, args.out)
+        return
+    if args.child_floor is not None:
+        child_floor(args.child_floor, args.out)
         return
 
     import pandas as pd
@@ -483,6 +534,9 @@ def main() -> None:
                   f"{record.get('imported_here', '?') or 'none'}", flush=True)
         plain = [timed_command([str(Path(sys.executable).parent / "forecasting"), "run", "--config", args.config],
                                env=env, log=workdir / "plain.log") for _ in range(args.plain)]
+        # the night's task calls, the background thread's included
+        task_calls = int(median([len(r["tasks"]) for r in runs[1:] or runs]))
+        floors = [floor_run(task_calls, env=env, workdir=workdir, index=i) for i in range(args.floor)]
 
     cold, warm = runs[0], runs[1:] or runs[:1]
     part_rows = {}
@@ -533,6 +587,17 @@ def main() -> None:
             f"{(overhead - torch_import) / wall:.1%}; of the overhead, the flow's end waiting for "
             f"Prefect's heartbeat thread: {row[HEARTBEAT_JOIN]:.2f}s (without that wait: "
             f"{(overhead - row[HEARTBEAT_JOIN]) / (wall - row[HEARTBEAT_JOIN]):.1%})")
+    if floors:
+        floor = {k: median([f[k] for f in floors]) for k in floors[0]}
+        row = part_rows["next nights (median)"]
+        overhead = row["process wall"] - row[TRAINING] - row["baselines' backtests"]
+        verdicts.append(
+            f"floor (median of {len(floors)}): a process importing torch, pandas, SQLAlchemy and Prefect "
+            f"and running an empty flow of {task_calls} tasks against the same API: {floor['process wall']:.1f}s "
+            f"(start + imports {floor['start + imports']:.1f}s, flow {floor['flow']:.1f}s, exit "
+            f"{floor['exit']:.2f}s) = {floor['process wall'] / row['process wall']:.1%} of the next nights' "
+            f"process; the pipeline's own overhead above it: {overhead - floor['process wall']:.1f}s = "
+            f"{(overhead - floor['process wall']) / row['process wall']:.1%}")
     if plain:
         verdicts.append(f"uninstrumented `forecasting run` process wall: {', '.join(f'{p:.1f}s' for p in plain)} "
                         f"(instrumented next nights median {part_rows['next nights (median)']['process wall']:.1f}s)")
