@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pandas.tseries.frequencies import to_offset
+from pandas.tseries.offsets import Tick
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -38,6 +39,10 @@ def check_identifier(value: str, *, key: str) -> str:
             "use letters, digits and underscores, starting with a letter or underscore"
         )
     return value
+
+
+# The columns of the long frame every stage reads (db.to_long_frame), and what each holds.
+LONG_FRAME_COLUMNS = {"series_id": "series ids", "ts": "timestamps", "value": "target"}
 
 
 class _Strict(BaseModel):
@@ -76,6 +81,29 @@ class SourceConfig(_Strict):
             )
         if self.query is not None and not re.match(r"^\s*(select|with)\b", self.query, re.I):
             raise ValueError(f"`source.query` ({self.query!r}) must be a SELECT (or WITH ... SELECT)")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> SourceConfig:
+        # The long frame holds the columns `series_id`, `ts` and `value` beside each covariate
+        # under its own name: a covariate by one of those names, or one source column in two
+        # roles, would silently overwrite the target, the ids or the times.
+        roles = [("source.id_column", self.id_column), ("source.time_column", self.time_column),
+                 ("source.target_column", self.target_column)]
+        roles += [("source.covariates", column) for column in self.covariates]
+        seen: dict[str, str] = {}
+        for key, column in roles:
+            if column is None:
+                continue
+            if column in seen:
+                also = "is listed twice" if seen[column] == key else f"is also `{seen[column]}`"
+                raise ValueError(f"`{key}` ({column!r}) {also}: each source column may have one role")
+            seen[column] = key
+        reserved = [c for c in self.covariates if c in LONG_FRAME_COLUMNS]
+        if reserved:
+            raise ValueError(f"`source.covariates` ({list(self.covariates)!r}) may not name "
+                             f"{reserved[0]!r}: the pipeline's own column of that name holds the "
+                             f"{LONG_FRAME_COLUMNS[reserved[0]]}; rename it in a `source.query`")
         return self
 
 
@@ -158,9 +186,16 @@ class DatasetConfig(_Strict):
     @classmethod
     def _freq(cls, value: str) -> str:
         try:
-            to_offset(value)
+            offset = to_offset(value)
         except ValueError as exc:
             raise ValueError(f"`freq` ({value!r}) is not a pandas offset alias: {exc}") from None
+        if offset.n < 1:
+            raise ValueError(f"`freq` ({value!r}) must step forward in time (a multiple of at least 1)")
+        # Tick offsets (h, min, s, ms, ...) have a fixed length; finer than a second cannot be
+        # stored: the output tables keep timestamps to the second (SQLite's format included).
+        if isinstance(offset, Tick) and offset.nanos % 1_000_000_000:
+            raise ValueError(f"`freq` ({value!r}) is finer than whole seconds; forecast tables keep "
+                             "timestamps to the second")
         return value
 
     @field_validator("models")

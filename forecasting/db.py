@@ -250,7 +250,13 @@ def to_long_frame(
     source = config.source
     out = pd.DataFrame()
     if source.id_column:
-        out["series_id"] = frame[source.id_column].astype(str)
+        ids = frame[source.id_column]
+        if ids.isna().any():  # astype(str) would keep them as NaN, a series no check sees
+            raise DataError(
+                f"dataset {config.name!r}: column {source.id_column!r} (id_column) is NULL in "
+                f"{int(ids.isna().sum())} row(s); every row must name its series"
+            )
+        out["series_id"] = ids.astype(str)
     else:
         out["series_id"] = pd.Series(config.name, index=frame.index, dtype=object)
     try:
@@ -262,6 +268,12 @@ def to_long_frame(
             f"dataset {config.name!r}: column {source.time_column!r} (time_column) "
             f"holds values that are not timestamps: {exc}"
         ) from None
+    if out["ts"].isna().any():
+        series = out.loc[out["ts"].isna(), "series_id"]
+        raise DataError(
+            f"dataset {config.name!r}, series {sorted(series.unique())[0]!r}: column "
+            f"{source.time_column!r} (time_column) is NULL in {len(series)} row(s)"
+        )
     # Sort first so that an error names the first offending row in (series, time) order.
     order = out.sort_values(["series_id", "ts"], kind="stable").index
     out, frame = out.loc[order].reset_index(drop=True), frame.loc[order].reset_index(drop=True)
@@ -488,6 +500,7 @@ def write_run(
     series dropped since) are deleted first; then the new rows are upserted, which also settles
     a race with a concurrent writer of the same key.
     """
+    _require_finite(forecasts, dataset=dataset)
     forecasts_table = reflect_table(conn, FORECASTS)
     scores_table = reflect_table(conn, MODEL_SCORES)
     as_of = pd.Timestamp(as_of).to_pydatetime()
@@ -512,6 +525,24 @@ def write_run(
     score_rows = score_frame.assign(dataset=dataset, as_of=as_of, created_at=created_at)
     n_scores = upsert(conn, scores_table, score_rows, key=("dataset", "as_of", "model", "series_key"))
     return n_forecasts, n_scores
+
+
+def _require_finite(forecasts: pd.DataFrame, *, dataset: str) -> None:
+    """Refuse NaN or infinite forecasts before anything is written: a database stores an
+    infinity (PostgreSQL's 'Infinity', SQLite's Inf) without complaint, and analysts' sums
+    and averages over it are then meaningless. Interval bounds may be NULL, never infinite."""
+    for column in ("value", "lower", "upper"):
+        if column not in forecasts:
+            continue
+        values = forecasts[column].to_numpy(dtype="float64", na_value=np.nan)
+        bad = np.isinf(values) | (np.isnan(values) if column == "value" else False)
+        if bad.any():
+            first = int(bad.argmax())
+            row = forecasts.iloc[first]
+            raise DataError(
+                f"dataset {dataset!r}, series {row['series_id']!r}: forecast column {column!r} is "
+                f"{values[first]} at ts {row['ts']} ({int(bad.sum())} such row(s)); nothing was written"
+            )
 
 
 def lock_run(conn: Connection, *, dataset: str, as_of: datetime) -> None:

@@ -8,6 +8,7 @@ targets by interpolation within each series (and drops duplicate timestamps, kee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,13 +17,17 @@ import pandas as pd
 from forecasting.config import DatasetConfig
 
 # The checks a policy of `fill` can repair; the others always refuse or drop the series.
-FILLABLE = frozenset({"missing_timestamps", "missing_target", "duplicate_timestamps", "unsorted"})
+# Infinite values are not filled in: they are what an upstream division by zero or overflow
+# writes, a fault to fix there, and a series with no value at all has nothing to fill from.
+FILLABLE = frozenset({"missing_timestamps", "missing_target", "missing_covariate",
+                      "duplicate_timestamps", "unsorted"})
 
 
 @dataclass(frozen=True)
 class Problem:
     series_id: str
-    check: str  # duplicate_timestamps | unsorted | missing_timestamps | missing_target | too_short | ends_before_as_of
+    check: str  # duplicate_timestamps | unsorted | missing_target | missing_covariate | non_finite | no_values
+    #             | off_frequency | missing_timestamps | too_short | ends_before_as_of | empty
     example: pd.Timestamp | None
     detail: str
 
@@ -49,7 +54,7 @@ class ValidationReport:
     panel: pd.DataFrame
     problems: list[Problem] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # series left out under `drop`
-    filled: dict[str, int] = field(default_factory=dict)  # series -> values filled under `fill`
+    filled: dict[str, int] = field(default_factory=dict)  # series -> values (targets, covariates) filled under `fill`
 
 
 def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
@@ -74,7 +79,8 @@ def min_length(config: DatasetConfig, input_window: int) -> int:
 
 
 def find_problems(
-    panel: pd.DataFrame, *, freq: str, required_length: int, as_of: pd.Timestamp | None = None
+    panel: pd.DataFrame, *, freq: str, required_length: int, as_of: pd.Timestamp | None = None,
+    covariates: Sequence[str] = (),
 ) -> list[Problem]:
     """Every problem of every series, series in sorted order, checks in a fixed order.
 
@@ -87,18 +93,19 @@ def find_problems(
     ts_column = panel["ts"]
     if len(ids) == 0 or (codes < 0).any() or not _is_naive_datetime(ts_column):
         return [p for sid, group in panel.groupby("series_id", sort=True)
-                for p in _series_problems(sid, group, freq=freq, offset=offset,
-                                          required_length=required_length, as_of=as_of)]
+                for p in _series_problems(sid, group, freq=freq, offset=offset, required_length=required_length,
+                                          as_of=as_of, covariates=covariates)]
     lengths = np.bincount(codes, minlength=len(ids))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     order = np.argsort(codes, kind="stable")  # rows of each series together, panel order within
     ts = ts_column.to_numpy("datetime64[ns]").view(np.int64)[order]
     owner = codes[order]
     same = owner[1:] == owner[:-1]
-    # a series is clean when sorted, without duplicates, NaN or NaT, and exactly on its grid
+    # a series is clean when sorted, without duplicates, NaN, infinities or NaT, and exactly on its grid
     clean = np.ones(len(ids), bool)
     clean[owner[1:][same & (ts[1:] <= ts[:-1])]] = False  # unsorted or duplicated
-    clean[codes[panel["value"].isna().to_numpy()]] = False
+    for column in ("value", *covariates):
+        clean[codes[~np.isfinite(_floats(panel[column]))]] = False
     clean[owner[ts == np.iinfo(np.int64).min]] = False  # NaT
     first, last = ts[starts], ts[starts + lengths - 1]
     # one grid per distinct (first, last): usually a handful for the whole panel
@@ -121,8 +128,8 @@ def find_problems(
     for i, sid in enumerate(ids):
         if not clean[i]:
             group = panel.iloc[order[starts[i]:starts[i] + lengths[i]]]
-            problems += _series_problems(sid, group, freq=freq, offset=offset,
-                                         required_length=required_length, as_of=as_of)
+            problems += _series_problems(sid, group, freq=freq, offset=offset, required_length=required_length,
+                                         as_of=as_of, covariates=covariates)
             continue
         end = pd.Timestamp(int(last[i]))
         if lengths[i] < required_length:  # clean: the steps spanned are its rows
@@ -130,6 +137,10 @@ def find_problems(
         if as_of is not None and end < as_of:
             problems.append(Problem(sid, "ends_before_as_of", end, f"last observation is before as_of {as_of}"))
     return problems
+
+
+def _floats(column: pd.Series) -> np.ndarray:
+    return column.to_numpy(dtype="float64", na_value=np.nan)
 
 
 def _is_naive_datetime(column: pd.Series) -> bool:
@@ -142,7 +153,8 @@ def _too_short(steps: int, required_length: int) -> str:
 
 
 def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: pd.DateOffset,
-                     required_length: int, as_of: pd.Timestamp | None) -> list[Problem]:
+                     required_length: int, as_of: pd.Timestamp | None,
+                     covariates: Sequence[str] = ()) -> list[Problem]:
     """The checks of one series, in order, each naming its first offending timestamp."""
     problems: list[Problem] = []
     ts = group["ts"]
@@ -154,10 +166,9 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
         position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
         problems.append(Problem(series_id, "unsorted", ts.iloc[position],
                                 "rows are not in time order"))
-    missing_target = group.loc[group["value"].isna(), "ts"]
-    if len(missing_target):
-        problems.append(Problem(series_id, "missing_target", missing_target.iloc[0],
-                                f"{len(missing_target)} NaN/NULL target value(s)"))
+    for column in ("value", *covariates):
+        problems += _value_problems(series_id, ts, _floats(group[column]), column=column,
+                                    role="target" if column == "value" else "covariate")
     unique = pd.DatetimeIndex(ts.drop_duplicates().sort_values())
     expected = pd.date_range(unique[0], unique[-1], freq=offset)
     off_grid = unique.difference(expected)
@@ -176,6 +187,25 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     return problems
 
 
+def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column: str,
+                    role: str) -> list[Problem]:
+    """NaN/NULL and infinite values of one numeric column of one series."""
+    what = "target" if role == "target" else f"covariate {column!r}"
+    missing = np.isnan(values)
+    if missing.all():
+        return [Problem(series_id, "no_values", ts.iloc[0],
+                        f"all {len(values)} {what} value(s) are NaN/NULL: nothing to fill from")]
+    problems = []
+    if missing.any():
+        problems.append(Problem(series_id, f"missing_{role}", ts.iloc[int(missing.argmax())],
+                                f"{int(missing.sum())} NaN/NULL {what} value(s)"))
+    infinite = np.isinf(values)
+    if infinite.any():
+        problems.append(Problem(series_id, "non_finite", ts.iloc[int(infinite.argmax())],
+                                f"{int(infinite.sum())} infinite {what} value(s)"))
+    return problems
+
+
 def validate(
     panel: pd.DataFrame, config: DatasetConfig, *, input_window: int, as_of: pd.Timestamp | None
 ) -> ValidationReport:
@@ -183,7 +213,8 @@ def validate(
     if panel.empty:
         raise ValidationFailed(config.name, [Problem("*", "empty", None, "the source returned no rows")])
     required = min_length(config, input_window)
-    problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of)
+    problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
+                             covariates=config.source.covariates)
     if not problems:
         return ValidationReport(panel)
     policy = config.validation.policy
@@ -222,8 +253,8 @@ def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:
     series_id = group["series_id"].iloc[0]
     index = pd.date_range(group["ts"].iloc[0], group["ts"].iloc[-1], freq=freq)
     filled = group.set_index("ts").reindex(index)
-    before = int(filled["value"].isna().sum())
     numeric = filled.columns.drop("series_id")
+    before = int(filled[numeric].isna().to_numpy().sum())  # targets and covariates
     # Linear per step (the grid is regular); ends without a neighbour take the nearest value.
     filled[numeric] = filled[numeric].interpolate(method="linear").ffill().bfill()
     filled["series_id"] = series_id

@@ -56,6 +56,17 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+        # A covariate written under the long frame's own names would overwrite the target,
+        # the ids or the times; one source column in two roles likewise.
+        (with_source(covariates=["value"]), "source", "may not name 'value'"),
+        (with_source(covariates=["ts"]), "source", "may not name 'ts'"),
+        (with_source(covariates=["turnover"]), "source",
+         "`source.covariates` ('turnover') is also `source.target_column`"),
+        (with_source(covariates=["price", "price"]), "source", "`source.covariates` ('price') is listed twice"),
+        (with_source(id_column="month"), "source", "`source.time_column` ('month') is also `source.id_column`"),
+        ({**VALID, "freq": "0D"}, "freq", "`freq` ('0D') must step forward in time"),
+        ({**VALID, "freq": "-1D"}, "freq", "`freq` ('-1D') must step forward in time"),
+        ({**VALID, "freq": "500ms"}, "freq", "`freq` ('500ms') is finer than whole seconds"),
     ],
 )
 def test_bad_config_names_file_key_and_value(tmp_path: Path, raw: dict, key: str, fragment: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import pandas as pd
@@ -130,6 +131,23 @@ def test_non_numeric_target_names_dataset_series_and_value(small_sales: sa.Engin
             db.read_dataset(conn, config)
 
 
+def test_null_series_id_or_time_is_named(small_sales: sa.Engine) -> None:
+    """A NULL id would become a series no check sees; a NULL time, a crash naming nothing."""
+    def from_query(select: str) -> DatasetConfig:
+        return SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": None, "query": select})})
+
+    null_id = from_query("SELECT CASE WHEN turnover = 12 THEN NULL ELSE series_id END AS series_id, "
+                         "month, turnover FROM sales")
+    null_time = from_query("SELECT series_id, CASE WHEN turnover = 12 THEN NULL ELSE month END AS month, "
+                           "turnover FROM sales")
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match=r"dataset 'sales': column 'series_id' \(id_column\) is NULL in 1 row"):
+            db.read_dataset(conn, null_id)
+        with pytest.raises(db.DataError, match=r"dataset 'sales', series 'a': column 'month' \(time_column\) "
+                                               r"is NULL in 1 row"):
+            db.read_dataset(conn, null_time, as_of=datetime(2020, 6, 1))
+
+
 def test_invalid_identifier_is_refused(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         with pytest.raises(ValueError, match="not a valid SQL identifier"):
@@ -223,6 +241,26 @@ def test_write_failure_leaves_nothing(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         assert db.read_forecasts(conn, dataset="sales").empty
         assert conn.execute(sa.text("SELECT COUNT(*) FROM model_scores")).scalar_one() == 0
+
+
+@pytest.mark.parametrize(("column", "bad"), [("value", float("nan")), ("value", float("inf")),
+                                            ("upper", float("inf")), ("lower", float("-inf"))])
+def test_non_finite_forecast_is_refused_and_the_previous_run_stays(engine: sa.Engine, column: str, bad: float) -> None:
+    """Both databases would store an infinity without complaint; nothing of the run is written."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+    as_of = datetime(2020, 12, 1)
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=as_of, forecasts=forecast_rows(1.0), scores=score_rows(1.0))
+    broken = forecast_rows(2.0)
+    broken.loc[1, column] = bad
+    with pytest.raises(db.DataError, match=rf"dataset 'sales', series 'a': forecast column '{column}' is "
+                                           rf"{re.escape(str(bad))} at ts 2021-02-01 00:00:00 \(1 such row\(s\)\); nothing was written"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=as_of, forecasts=broken, scores=score_rows(2.0))
+    with engine.connect() as conn:
+        kept = db.read_forecasts(conn, dataset="sales")
+    assert kept["value"].tolist() == [1.0] * 3
 
 
 def test_unreachable_database_error_hides_password() -> None:

@@ -139,12 +139,19 @@ def test_checks_of_all_series_at_once_equal_series_by_series() -> None:
             n, length = int(rng.integers(1, 6)), int(rng.integers(3, 30))
             ts = pd.date_range("2020-01-01", periods=length, freq=freq)
             panel = pd.DataFrame({"series_id": np.repeat([f"s{i}" for i in range(n)], length),
-                                  "ts": np.tile(ts.values, n), "value": rng.normal(size=n * length)})
+                                  "ts": np.tile(ts.values, n), "value": rng.normal(size=n * length),
+                                  "price": rng.normal(size=n * length)})
             panel = panel[~((panel["series_id"] == "s1") & (panel.index % length < 2))]  # a later start
             at = panel.index[int(rng.integers(0, len(panel)))]
-            kind = trial % 7
+            kind = trial % 10
             if kind == 1:
                 panel.loc[at, "value"] = np.nan
+            elif kind == 6:
+                panel.loc[at, "value"] = np.inf
+            elif kind == 7:
+                panel.loc[at, "price"] = np.nan
+            elif kind == 8:
+                panel.loc[panel["series_id"] == panel.loc[at, "series_id"], "price"] = -np.inf
             elif kind == 2:
                 panel = panel.drop(index=at)
             elif kind == 3:
@@ -158,5 +165,59 @@ def test_checks_of_all_series_at_once_equal_series_by_series() -> None:
             offset = pd.tseries.frequencies.to_offset(freq)
             expected = [p for sid, group in panel.groupby("series_id", sort=True)
                         for p in _series_problems(sid, group, freq=freq, offset=offset,
-                                                  required_length=required, as_of=as_of)]
-            assert find_problems(panel, freq=freq, required_length=required, as_of=as_of) == expected
+                                                  required_length=required, as_of=as_of, covariates=("price",))]
+            assert find_problems(panel, freq=freq, required_length=required, as_of=as_of,
+                                 covariates=("price",)) == expected
+
+
+def with_price(**changes: object):
+    source = {"table": "sales", "id_column": "series_id", "time_column": "month", "target_column": "turnover",
+              "covariates": ["price"]}
+    return tiny_config(source=source, **changes)
+
+
+def price_panel() -> pd.DataFrame:
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    return pd.concat([pd.DataFrame({"series_id": sid, "ts": ts, "value": np.arange(REQUIRED, dtype=float),
+                                    "price": np.arange(REQUIRED, dtype=float) / 10})
+                      for sid in ("a", "b")], ignore_index=True)
+
+
+@pytest.mark.parametrize("policy", ["refuse", "fill"])
+def test_infinite_values_are_refused_not_filled(policy: str) -> None:
+    """An infinity is an upstream fault: it would make the MASE scale infinite and every
+    prediction of a global network NaN, so not even `fill` lets it through."""
+    panel = price_panel()
+    panel.loc[3, "value"] = np.inf
+    panel.loc[REQUIRED + 5, "price"] = -np.inf
+    with pytest.raises(ValidationFailed) as caught:
+        validate(panel, with_price(validation={"policy": policy}), input_window=WINDOW, as_of=None)
+    message = str(caught.value)
+    assert "series 'a': non_finite at 2018-04-01 00:00:00: 1 infinite target value(s)" in message
+    assert "series 'b': non_finite at 2018-06-01 00:00:00: 1 infinite covariate 'price' value(s)" in message
+
+
+def test_missing_covariate_is_named_filled_or_dropped() -> None:
+    panel = price_panel()
+    panel.loc[4, "price"] = np.nan
+    with pytest.raises(ValidationFailed, match=r"series 'a': missing_covariate at 2018-05-01 00:00:00: "
+                                               r"1 NaN/NULL covariate 'price' value"):
+        validate(panel, with_price(), input_window=WINDOW, as_of=None)
+    filled = validate(panel, with_price(validation={"policy": "fill"}), input_window=WINDOW, as_of=None)
+    assert filled.filled == {"a": 1}
+    np.testing.assert_allclose(filled.panel["price"].to_numpy(), price_panel()["price"].to_numpy())
+    dropped = validate(panel, with_price(validation={"policy": "drop"}), input_window=WINDOW, as_of=None)
+    assert dropped.dropped == ["a"] and set(dropped.panel["series_id"]) == {"b"}
+
+
+@pytest.mark.parametrize("column", ["value", "price"])
+def test_fill_refuses_a_series_with_no_values_to_fill_from(column: str) -> None:
+    """Interpolation cannot fill a column that holds no value at all: it would pass NaN on."""
+    panel = price_panel()
+    panel.loc[panel["series_id"] == "b", column] = np.nan
+    what = "target" if column == "value" else "covariate 'price'"
+    with pytest.raises(ValidationFailed, match=rf"series 'b': no_values at 2018-01-01 00:00:00: all {REQUIRED} "
+                                               rf"{what} value\(s\) are NaN/NULL"):
+        validate(panel, with_price(validation={"policy": "fill"}), input_window=WINDOW, as_of=None)
+    dropped = validate(panel, with_price(validation={"policy": "drop"}), input_window=WINDOW, as_of=None)
+    assert dropped.dropped == ["b"]
