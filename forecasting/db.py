@@ -199,6 +199,10 @@ def read_dataset(
     frame = frame_of(conn.execute(query))
     if source.query is not None:
         _require_columns(config, "source.query", wanted, frame.columns)
+        twice = sorted({c for c in wanted if list(frame.columns).count(c) > 1})
+        if twice:
+            raise DataError(f"dataset {config.name!r}: `source.query` returns the column {twice[0]!r} more "
+                            "than once; name each column once (AS ...)")
     return to_long_frame(frame, config, as_of=as_of)
 
 
@@ -274,6 +278,9 @@ def to_long_frame(
             f"dataset {config.name!r}, series {sorted(series.unique())[0]!r}: column "
             f"{source.time_column!r} (time_column) is NULL in {len(series)} row(s)"
         )
+    if as_of is not None:  # before the values are parsed: a past night never reads later rows
+        kept = (out["ts"] <= pd.Timestamp(as_of)).to_numpy()
+        out, frame = out[kept], frame[kept]
     # Sort first so that an error names the first offending row in (series, time) order.
     order = out.sort_values(["series_id", "ts"], kind="stable").index
     out, frame = out.loc[order].reset_index(drop=True), frame.loc[order].reset_index(drop=True)
@@ -282,8 +289,6 @@ def to_long_frame(
     ]:
         name = "value" if role == "target_column" else column
         out[name] = _numeric(frame[column], out["series_id"], config=config, column=column, role=role)
-    if as_of is not None:
-        out = out[out["ts"] <= pd.Timestamp(as_of)].reset_index(drop=True)
     return out
 
 

@@ -104,6 +104,26 @@ def test_read_up_to_as_of_drops_later_rows(small_sales: sa.Engine) -> None:
     assert len(frame) == 6
 
 
+def test_values_after_as_of_are_not_read(small_sales: sa.Engine) -> None:
+    """A past night (a backfill) neither uses nor parses rows after its as_of."""
+    config = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, CASE WHEN turnover = 15 THEN 'n/a' "
+                                "ELSE CAST(turnover AS VARCHAR(20)) END AS turnover FROM sales"})})
+    with small_sales.connect() as conn:
+        frame = db.read_dataset(conn, config, as_of=datetime(2020, 3, 1))
+        assert len(frame) == 6 and frame["value"].tolist() == [10.0, 11.0, 12.0, 100.0, 101.0, 102.0]
+        with pytest.raises(db.DataError, match=r"series 'a': column 'turnover' \(target_column\) is not numeric, e.g. 'n/a'"):
+            db.read_dataset(conn, config)
+
+
+def test_query_returning_a_column_twice_is_named(small_sales: sa.Engine) -> None:
+    config = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, turnover, month AS month FROM sales"})})
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match=r"dataset 'sales': `source.query` returns the column 'month' more than once"):
+            db.read_dataset(conn, config)
+
+
 def test_single_series_dataset_is_named_after_dataset(small_sales: sa.Engine) -> None:
     config = SALES.model_copy(update={"name": "total", "source": SALES.source.model_copy(
         update={"table": None, "id_column": None,
