@@ -322,7 +322,7 @@ def _final_state(config: DatasetConfig, summary: dict[str, Any]) -> Any:
 def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipeline.StageTimer) -> dict[str, Any]:
     """The body of `nightly`, each stage timed (and shown on the progress bar at a terminal)."""
     with timer.stage("load"):
-        panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
+        panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     with timer.stage("validate"):
         report = validate_series(config, panel, effective_as_of)
     loaded, panel = panel, report.panel
@@ -467,7 +467,7 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     config = load_config(config)
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
-    panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of))
+    panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     report = validate_series(config, panel, effective_as_of)
     champion = current_champion(config)
     if champion is None:
@@ -496,7 +496,8 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     keep its own task runner).
     """
     config = load_config(config)
-    first, last = pipeline.parse_as_of(start), pipeline.parse_as_of(end)
+    first, last = (pipeline.parse_as_of(start, config.source.timezone),
+                   pipeline.parse_as_of(end, config.source.timezone))
     if first is None or last is None or first > last:
         raise ValueError(f"backfill range `--start` ({start!r}) .. `--end` ({end!r}) is empty or reversed")
     dates = pd.date_range(first, last, freq=config.freq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pandas.tseries.frequencies import to_offset
@@ -59,11 +60,26 @@ class SourceConfig(_Strict):
     time_column: str
     target_column: str
     covariates: tuple[str, ...] = ()  # numeric columns fed to the networks as extra inputs
+    # The zone whose wall clock the series follow. Time-zone aware source values (PostgreSQL
+    # timestamptz) are shown in it, then stored naive, as are `as_of` and the forecasts' `ts`.
+    # UTC suits hourly data (no daylight-saving jumps); daily or monthly data kept as local
+    # midnights in a timestamptz need their zone, or each would read as the day before at 23:00.
+    timezone: str = "UTC"
 
     @field_validator("table", "id_column", "time_column", "target_column")
     @classmethod
     def _identifier(cls, value: str | None, info: Any) -> str | None:
         return None if value is None else check_identifier(value, key=f"source.{info.field_name}")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"`source.timezone` ({value!r}) is not an IANA time zone, e.g. "
+                             "'UTC' or 'Europe/Berlin'") from None
+        return value
 
     @field_validator("covariates")
     @classmethod

@@ -264,9 +264,7 @@ def to_long_frame(
     else:
         out["series_id"] = pd.Series(config.name, index=frame.index, dtype=object)
     try:
-        # Time-zone aware columns (PostgreSQL timestamptz) become naive UTC; naive ones stay.
-        ts = pd.to_datetime(frame[source.time_column], utc=True).dt.tz_localize(None)
-        out["ts"] = ts.astype("datetime64[ns]")
+        out["ts"] = naive_times(frame[source.time_column], source.timezone)
     except (ValueError, TypeError) as exc:
         raise DataError(
             f"dataset {config.name!r}: column {source.time_column!r} (time_column) "
@@ -290,6 +288,19 @@ def to_long_frame(
         name = "value" if role == "target_column" else column
         out[name] = _numeric(frame[column], out["series_id"], config=config, column=column, role=role)
     return out
+
+
+def naive_times(column: pd.Series, timezone: str) -> pd.Series:
+    """Timestamps without a zone: aware ones (PostgreSQL timestamptz, which psycopg returns in
+    the session's zone) on the wall clock of `timezone`; naive ones as they are."""
+    aware = isinstance(column.dtype, pd.DatetimeTZDtype)
+    if column.dtype == object:
+        first = column.first_valid_index()
+        aware = first is not None and getattr(column[first], "tzinfo", None) is not None
+    ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
+    if aware:
+        ts = ts.dt.tz_convert(timezone)
+    return ts.dt.tz_localize(None).astype("datetime64[ns]")
 
 
 def _numeric(

@@ -50,7 +50,7 @@ class StageTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def parse_as_of(as_of: str | datetime | None) -> pd.Timestamp | None:
+def parse_as_of(as_of: str | datetime | None, timezone: str = "UTC") -> pd.Timestamp | None:
     if as_of is None or as_of == "":
         return None
     try:
@@ -59,8 +59,8 @@ def parse_as_of(as_of: str | datetime | None) -> pd.Timestamp | None:
         raise ValueError(
             f"`as_of` ({as_of!r}) is not an ISO 8601 date or date-time, e.g. 2017-12-01"
         ) from None
-    # Source timestamps are compared as naive UTC (see db.to_long_frame).
-    return parsed.tz_convert("UTC").tz_localize(None) if parsed.tzinfo is not None else parsed
+    # Source timestamps are compared on the dataset's wall clock, naive (see db.naive_times).
+    return parsed.tz_convert(timezone).tz_localize(None) if parsed.tzinfo is not None else parsed
 
 
 def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.Timestamp]:

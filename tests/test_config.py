@@ -64,6 +64,7 @@ def test_defaults(tmp_path: Path) -> None:
          "`source.covariates` ('turnover') is also `source.target_column`"),
         (with_source(covariates=["price", "price"]), "source", "`source.covariates` ('price') is listed twice"),
         (with_source(id_column="month"), "source", "`source.time_column` ('month') is also `source.id_column`"),
+        (with_source(timezone="Mars/Olympus"), "source.timezone", "`source.timezone` ('Mars/Olympus') is not an IANA"),
         ({**VALID, "freq": "0D"}, "freq", "`freq` ('0D') must step forward in time"),
         ({**VALID, "freq": "-1D"}, "freq", "`freq` ('-1D') must step forward in time"),
         ({**VALID, "freq": "500ms"}, "freq", "`freq` ('500ms') is finer than whole seconds"),

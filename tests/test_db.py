@@ -168,6 +168,35 @@ def test_null_series_id_or_time_is_named(small_sales: sa.Engine) -> None:
             db.read_dataset(conn, null_time, as_of=datetime(2020, 6, 1))
 
 
+def test_pg_timestamptz_is_read_on_the_wall_clock_of_source_timezone(pg_url: str) -> None:
+    """Monthly local midnights in a timestamptz (both daylight-saving offsets): on the dataset's
+    zone they are the monthly grid, whatever the reading session's zone; in UTC, the day before."""
+    from forecasting.pipeline import parse_as_of
+    from forecasting.validate import validate
+
+    engine = db.make_engine(url=pg_url)
+    months = pd.date_range("2019-01-01", periods=36, freq="MS")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE readings (sid TEXT, d TIMESTAMPTZ, y DOUBLE PRECISION)")
+        conn.exec_driver_sql("SET LOCAL TIME ZONE 'Europe/Berlin'")
+        conn.execute(sa.text("INSERT INTO readings VALUES ('a', CAST(:d AS TIMESTAMP), :y)"),
+                     [{"d": month.to_pydatetime(), "y": float(i)} for i, month in enumerate(months)])
+    source = {"table": "readings", "id_column": "sid", "time_column": "d", "target_column": "y"}
+    local = DatasetConfig.from_mapping({"name": "readings", "source": {**source, "timezone": "Europe/Berlin"},
+                                        "freq": "MS", "horizon": 3, "season_length": 12})
+    utc = local.model_copy(update={"source": local.source.model_copy(update={"timezone": "UTC"})})
+    with engine.connect() as conn:  # the session's zone: the server's default (UTC here)
+        on_local = db.read_dataset(conn, local)
+        on_utc = db.read_dataset(conn, utc)
+        up_to = db.read_dataset(conn, local, as_of=parse_as_of("2020-06-01T00:00+02:00", "Europe/Berlin"))
+    engine.dispose()
+    assert on_local["ts"].tolist() == list(months)
+    assert validate(on_local, local, input_window=12, as_of=None).problems == []
+    assert on_utc["ts"].iloc[0] == pd.Timestamp("2018-12-31 23:00")  # CET, +01:00
+    assert on_utc["ts"].iloc[5] == pd.Timestamp("2019-05-31 22:00")  # CEST, +02:00
+    assert up_to["ts"].max() == pd.Timestamp("2020-06-01")
+
+
 def test_invalid_identifier_is_refused(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         with pytest.raises(ValueError, match="not a valid SQL identifier"):
