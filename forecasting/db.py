@@ -517,6 +517,9 @@ def write_run(
     a race with a concurrent writer of the same key.
     """
     _require_finite(forecasts, dataset=dataset)
+    if pd.Timestamp(as_of).tzinfo is not None:  # the tables' TIMESTAMPs are the dataset's wall clock
+        raise ValueError(f"dataset {dataset!r}: `as_of` ({as_of!r}) must be naive, on the dataset's "
+                         "wall clock (see pipeline.parse_as_of)")
     forecasts_table = reflect_table(conn, FORECASTS)
     scores_table = reflect_table(conn, MODEL_SCORES)
     as_of = pd.Timestamp(as_of).to_pydatetime()

@@ -312,6 +312,19 @@ def test_non_finite_forecast_is_refused_and_the_previous_run_stays(engine: sa.En
     assert kept["value"].tolist() == [1.0] * 3
 
 
+def test_write_refuses_an_as_of_with_a_zone(engine: sa.Engine) -> None:
+    """A zone-aware as_of would be compared with the tables' naive timestamps in the session's
+    zone by the DELETE, but written as its wall clock: the previous run's rows could survive."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+    aware = pd.Timestamp("2020-12-01", tz="Europe/Berlin").to_pydatetime()
+    with pytest.raises(ValueError, match=r"dataset 'sales': `as_of` \(.*\) must be naive"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=aware, forecasts=forecast_rows(1.0), scores=score_rows(1.0))
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales").empty
+
+
 def test_unreachable_database_error_hides_password() -> None:
     url = "postgresql+psycopg://app:s3cr3t-SENTINEL@127.0.0.1:1/prod"
     engine = db.make_engine(Settings(forecasting_database_url=url))
