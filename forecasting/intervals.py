@@ -52,7 +52,12 @@ def series_arrays(panel: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
-    """The ceil((n+1) level)/n empirical quantile: coverage >= level for exchangeable scores."""
+    """The ceil((n+1) level)/n empirical quantile: coverage >= level for exchangeable scores.
+
+    With fewer than level / (1 - level) scores (4 at 0.8, 19 at 0.95) that rank is past the
+    largest score, where the guarantee would need an unbounded interval; the largest score is
+    taken instead, so such an interval may cover less than `level` (see interval_coverage).
+    """
     n = len(scores)
     if n == 0:
         return float("nan")

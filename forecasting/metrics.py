@@ -35,7 +35,8 @@ def smape(y: np.ndarray, yhat: np.ndarray) -> float:
 
 
 def mase_scale(history: np.ndarray, season_length: int) -> float:
-    """In-sample MAE of the seasonal-naive forecast (naive when the history is under 2 seasons)."""
+    """In-sample MAE of the seasonal-naive forecast (of the naive one when the history is no
+    longer than one season); NaN when it is 0 (a constant history) or cannot be computed."""
     history = np.asarray(history, float)
     m = season_length if len(history) > season_length else 1
     if len(history) <= m:

@@ -19,7 +19,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from forecasting import db, intervals
+from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
@@ -298,7 +298,8 @@ def rescore_current(
         windows=config.backtest.windows, retrain=config.backtest.retrain,
         covariates=current.covariates,
     )
-    scores = result.scores
+    # on the config's season, as the candidates were (decide sees to it that the two agree)
+    scores = metrics.score(result.predictions, panel, season_length=config.season_length)
     return float(scores.loc[scores["series_id"].isna(), "mase"].iloc[0])
 
 
@@ -352,7 +353,8 @@ def decide(
 ) -> Decision:
     """Whether `champion` moves to the refitted backtest winner (`fitted`) or stays on `current`.
 
-    - no current champion, or one that cannot forecast this config's horizon: promote;
+    - no current champion, or one that cannot forecast this config's horizon and freq, or whose
+      season (which scales MASE and the intervals) is not the config's: promote;
     - a backfill (the current champion was trained on data after this as_of): the alias stays
       and this night's own model forecasts, so no later data leaks into a past night;
     - otherwise the new model is promoted only if its backtest MASE beats the current champion
@@ -379,6 +381,10 @@ def decide(
         return new("promoted", f"current champion v{current.version} forecasts "
                    f"{current.forecaster.horizon} x {current.forecaster.freq!r}, the config now "
                    f"{config.horizon} x {config.freq!r}")
+    if current.forecaster.season_length != config.season_length:
+        # MASE and the intervals' units are scaled by the season: the two would not compare.
+        return new("promoted", f"current champion v{current.version} has season_length "
+                   f"{current.forecaster.season_length}, the config now {config.season_length}")
     if current.trained_through is not None and current.trained_through > as_of:
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "

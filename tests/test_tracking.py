@@ -16,7 +16,7 @@ from mlflow.protos import databricks_pb2
 from mlflow.tracking import MlflowClient
 
 from forecasting import pipeline, tracking, tracking_process
-from forecasting.config import Settings
+from forecasting.config import DatasetConfig, Settings
 from tests.flow_fixtures import Failed, tiny_config
 
 CONFIG = tiny_config()
@@ -36,29 +36,30 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
     return tracking.connect(Settings())
 
 
-def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mase: float | None = None) -> pipeline.Promotion:
+def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mase: float | None = None,
+            config: DatasetConfig = CONFIG) -> pipeline.Promotion:
     """Backtest `name`, optionally pretend its MASE was `claimed_mase`, register it and decide,
     as the nightly flow does (its logging process's jobs called here)."""
     uri = Settings().mlflow_tracking_uri
-    experiment, parent = tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})
-    result = pipeline.backtest_candidate(CONFIG, panel, name)
+    experiment, parent = tracking_process.start_night(uri, config.name, "parent", {}, {})
+    result = pipeline.backtest_candidate(config, panel, name)
     comparison = pipeline.compare([result])
     if claimed_mase is not None:
         comparison.scores.loc[comparison.scores["series_id"].isna(), "mase"] = claimed_mase
     run_id = tracking.write_candidate_log(client, pipeline.candidate_log(
-        experiment=experiment, parent_run_id=parent, config=CONFIG, result=result, panel=panel,
+        experiment=experiment, parent_run_id=parent, config=config, result=result, panel=panel,
         as_of=panel["ts"].max()))
-    fitted = pipeline.fit_final(CONFIG, panel, name)
-    quantiles = pipeline.calibrate(CONFIG, panel, comparison)
-    current = tracking_process.current_champion(uri, CONFIG.name)
-    version = tracking_process.register(uri, CONFIG.name, fitted, run_id=run_id, example=pipeline.signature_example(panel),
-                                        quantiles=quantiles, level=CONFIG.interval_level,
+    fitted = pipeline.fit_final(config, panel, name)
+    quantiles = pipeline.calibrate(config, panel, comparison)
+    current = tracking_process.current_champion(uri, config.name)
+    version = tracking_process.register(uri, config.name, fitted, run_id=run_id, example=pipeline.signature_example(panel),
+                                        quantiles=quantiles, level=config.interval_level,
                                         trained_through=panel["ts"].max())
-    decision = pipeline.decide(config=CONFIG, panel=panel, comparison=comparison, fitted=fitted,
+    decision = pipeline.decide(config=config, panel=panel, comparison=comparison, fitted=fitted,
                                quantiles=quantiles, current=current)
     promotion = decision.promotion(version, run_id)
     if promotion.promoted:
-        moved = tracking_process.set_champion(uri, CONFIG.name, promotion.new_version, promotion.replaces)
+        moved = tracking_process.set_champion(uri, config.name, promotion.new_version, promotion.replaces)
         assert moved == promotion.new_version
     return promotion
 
@@ -85,6 +86,17 @@ def test_alias_moves_only_when_the_new_model_beats_the_current_champion(client: 
     assert str(tracking.champion_version(client, "sales").version) == "3"
     parent_tags = client.get_run(client.get_model_version("sales-forecaster", "3").run_id).data.tags
     assert parent_tags["model"] == "naive"
+
+
+def test_a_changed_season_promotes_rather_than_compare_mase_on_two_scales(client: MlflowClient) -> None:
+    """MASE and the intervals are scaled by the season: a champion registered with another
+    season_length is not compared with tonight's candidates, whatever the two scores say."""
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")  # season 12
+    halved = CONFIG.model_copy(update={"season_length": 6})
+    night = promote(client, panel, "naive", claimed_mase=1e9, config=halved)
+    assert night.promoted and night.decision == "promoted" and night.version == "2"
+    assert night.reason == "current champion v1 has season_length 12, the config now 6"
 
 
 def test_same_model_and_settings_is_refreshed_not_stuck(client: MlflowClient) -> None:
