@@ -369,8 +369,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
                 run_ids = {name: future.result() for name, future in logged.items()}
         with timer.stage("write"):
             dropped = [p for p in report.problems if p.series_id in report.dropped]
-            scores = pipeline.score_rows(comparison, run_ids, champion=promotion.forecaster.name,
-                                         dropped=dropped)
+            scores = pipeline.score_rows(comparison, run_ids, promotion=promotion, dropped=dropped)
             n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
                                                   observed_rows(loaded, report))
         with timer.stage("register"):  # only now: the alias never points past what was written

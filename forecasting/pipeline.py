@@ -263,6 +263,7 @@ class Promotion:
     new_mase: float
     current_mase: float | None
     replaces: str | None = None  # the alias's version when the night read it (None: no alias)
+    current_scores: dict[str, float] | None = None  # the current champion re-scored: mae, rmse, smape, mase
 
 
 def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
@@ -281,8 +282,9 @@ def same_settings(forecaster: Forecaster, config: DatasetConfig) -> bool:
 
 def rescore_current(
     current: Forecaster, config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison
-) -> float:
-    """The current champion's MASE at tonight's origins, refitted at each origin.
+) -> dict[str, float]:
+    """The current champion's aggregate scores (mae, rmse, smape, mase) at tonight's origins,
+    refitted at each origin.
 
     Its registered weights have learnt from data inside tonight's backtest window, so scoring
     them there would be in-sample and the alias would never move. Refitting its model and
@@ -291,7 +293,7 @@ def rescore_current(
     """
     aggregate = comparison.scores[comparison.scores["series_id"].isna()].set_index("model")
     if current.name in aggregate.index and same_settings(current, config):
-        return float(aggregate.loc[current.name, "mase"])
+        return {m: float(aggregate.loc[current.name, m]) for m in metrics.METRICS}
     result = run_backtest(
         panel, candidates=[current.name], freq=config.freq, horizon=config.horizon,
         season_length=current.season_length, training=current.training,
@@ -300,7 +302,8 @@ def rescore_current(
     )
     # on the config's season, as the candidates were (decide sees to it that the two agree)
     scores = metrics.score(result.predictions, panel, season_length=config.season_length)
-    return float(scores.loc[scores["series_id"].isna(), "mase"].iloc[0])
+    row = scores[scores["series_id"].isna()].iloc[0]
+    return {m: float(row[m]) for m in metrics.METRICS}
 
 
 def calibrate(config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison) -> list[float]:
@@ -331,15 +334,17 @@ class Decision:
     new_mase: float
     current_mase: float | None
     replaces: str | None = None  # the alias's version when the night read it (None: no alias)
+    current_scores: dict[str, float] | None = None  # the current champion re-scored
 
     def promotion(self, new_version: str, run_id: str) -> Promotion:
         """The decision once tonight's model is registered as `new_version` by run `run_id`."""
         if self.kept is not None:
             return Promotion(self.kept.forecaster, self.kept.version, self.kept.run_id, self.kept.quantiles,
                              new_version, False, self.decision, self.reason, self.new_mase, self.current_mase,
-                             self.replaces)
+                             self.replaces, self.current_scores)
         return Promotion(self.forecaster, new_version, run_id, self.quantiles, new_version, self.promoted,
-                         self.decision, self.reason, self.new_mase, self.current_mase, self.replaces)
+                         self.decision, self.reason, self.new_mase, self.current_mase, self.replaces,
+                         self.current_scores)
 
 
 def decide(
@@ -371,9 +376,9 @@ def decide(
 
     replaces = current.version if current is not None else None
 
-    def new(decision: str, reason: str, current_mase: float | None = None) -> Decision:
+    def new(decision: str, reason: str, current: dict[str, float] | None = None) -> Decision:
         return Decision(fitted, quantiles, None, decision in ("promoted", "refreshed"), decision, reason,
-                        new_mase, current_mase, replaces)
+                        new_mase, current["mase"] if current else None, replaces, current)
 
     if current is None:
         return new("promoted", "no current champion")
@@ -389,15 +394,16 @@ def decide(
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "
                    "forecast by this night's model")
-    current_mase = rescore_current(current.forecaster, config, panel, comparison)
+    rescored = rescore_current(current.forecaster, config, panel, comparison)
+    current_mase = rescored["mase"]
     versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
     if new_mase < current_mase:
-        return new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", current_mase)
+        return new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", rescored)
     if name == current.forecaster.name and same_settings(current.forecaster, config):
         return new("refreshed", f"same model and settings as {versus}: retrained on data through {as_of}",
-                   current_mase)
+                   rescored)
     return Decision(current.forecaster, current.quantiles, current, False, "kept",
-                    f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase, replaces)
+                    f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase, replaces, rescored)
 
 
 def superseded(promotion: Promotion, found: str | None) -> Promotion:
@@ -452,26 +458,44 @@ def with_provenance(rows: pd.DataFrame, *, version: str | None, run_id: str | No
     return rows[["series_id", "ts", "step", "value", "lower", "upper", "model", "model_version", "mlflow_run_id"]]
 
 
+def kept_label(promotion: Promotion) -> str:
+    """The `model` of a kept champion's model_scores rows: its name and registered version, apart
+    from tonight's candidate of the same name (whose settings differ, or it would be refreshed)."""
+    return f"{promotion.forecaster.name} v{promotion.version}"
+
+
 def score_rows(
     comparison: Comparison,
     run_ids: dict[str, str],
     *,
-    champion: str,
+    promotion: Promotion,
     dropped: list[Problem] | None = None,
 ) -> pd.DataFrame:
-    """model_scores rows: every candidate, per series and aggregate; `champion` (the model that
-    made the forecast, which may be a kept champion rather than the backtest's winner) flagged.
+    """model_scores rows: every candidate, per series and aggregate, and the model that made the
+    forecast flagged `is_champion`.
 
-    Each series that validation dropped gets one row too (status 'dropped', NULL scores, the
-    failed checks in `detail`), so an analyst finds in SQL which series have no forecast and why.
+    That is tonight's winner, except when the current champion is kept: it then gets an
+    aggregate row of its own (`kept_label`: name and version, its re-scored metrics, its MLflow
+    run), flagged, and no candidate is. Each series that validation dropped gets one row too
+    (status 'dropped', NULL scores, the failed checks in `detail`), so an analyst finds in SQL
+    which series have no forecast and why.
     """
     scores = comparison.scores[["model", "series_id", "mae", "rmse", "smape", "mase"]].copy()
     coverage = {r.name: r.coverage for r in comparison.results}
     scores["interval_coverage"] = scores["model"].map(coverage).where(scores["series_id"].isna())
-    scores["is_champion"] = scores["model"] == champion
+    champion = promotion.forecaster.name
+    kept = promotion.decision == "kept"
+    scores["is_champion"] = (scores["model"] == champion) & (not kept)
     scores["mlflow_run_id"] = scores["model"].map(run_ids)
     scores["status"] = "scored"
     scores["detail"] = None
+    if kept:
+        champion = kept_label(promotion)
+        run_ids = {**run_ids, champion: promotion.run_id}
+        row = {"model": champion, "series_id": None, **(promotion.current_scores or {}),
+               "is_champion": True, "mlflow_run_id": promotion.run_id, "status": "scored",
+               "detail": f"current champion, kept: re-scored at tonight's origins ({promotion.reason})"[:DETAIL_LENGTH]}
+        scores = pd.concat([scores, pd.DataFrame([row])], ignore_index=True)
     if dropped:
         details: dict[str, list[str]] = {}
         for problem in dropped:

@@ -99,6 +99,27 @@ def test_a_changed_season_promotes_rather_than_compare_mase_on_two_scales(client
     assert night.reason == "current champion v1 has season_length 12, the config now 6"
 
 
+def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: MlflowClient) -> None:
+    """On a night that keeps the current champion, `is_champion` marks the model that forecast:
+    a row of its own, with the scores it was re-scored to, not tonight's candidate's."""
+    panel = seasonal_panel()
+    first = promote(client, panel, "seasonal_naive")
+    kept = promote(client, panel, "naive")
+    assert kept.decision == "kept"
+    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")]),
+                               {"naive": "tonights-run"}, promotion=kept)
+    flagged = rows[rows["is_champion"]]
+    assert flagged["model"].tolist() == ["seasonal_naive v1"] and flagged["series_id"].isna().all()
+    assert flagged["mase"].iloc[0] == pytest.approx(kept.current_mase)
+    assert flagged[["mae", "rmse", "smape"]].notna().all(axis=None)
+    assert flagged["mlflow_run_id"].iloc[0] == first.run_id
+    assert not rows.loc[rows["model"] == "naive", "is_champion"].any()
+    promoted = promote(client, panel, "naive", claimed_mase=0.0)
+    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")]),
+                               {"naive": promoted.run_id}, promotion=promoted)
+    assert set(rows.loc[rows["is_champion"], "model"]) == {"naive"} and len(rows) == 3  # a, b, aggregate
+
+
 def test_same_model_and_settings_is_refreshed_not_stuck(client: MlflowClient) -> None:
     """A neural champion's own weights have seen the backtest window; it is re-scored by
     refitting, so the same model retrained on newer data ties and takes the alias."""
