@@ -168,9 +168,9 @@ def register(config: DatasetConfig, fitted: Forecaster, champion_run_id: str, ex
 
 @task(name="decide", **COMPUTE)
 def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comparison, fitted: Forecaster,
-           quantiles: list[float], current: RegisteredForecaster | None) -> pipeline.Decision:
+           quantiles: list[float], current: RegisteredForecaster | None, backfill: bool) -> pipeline.Decision:
     decision = pipeline.decide(config=config, panel=panel, comparison=comparison, fitted=fitted,
-                               quantiles=quantiles, current=current)
+                               quantiles=quantiles, current=current, backfill=backfill)
     get_run_logger().info("promotion: %s (%s)", decision.decision, decision.reason)
     return decision
 
@@ -178,13 +178,20 @@ def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comp
 @task(name="promote", **IO_RETRIES)
 def promote(config: DatasetConfig, promotion: pipeline.Promotion) -> pipeline.Promotion:
     """Move `champion` to tonight's version if the decision says so (after the write) and no
-    other run has moved it since this night read it; the promotion as it turned out."""
-    if not promotion.promoted:
+    other run has moved it since this night read it; the promotion as it turned out. A night
+    that kept the current champion checks that it still is: if not, its forecast came from a
+    version the alias has since left, and the night is `superseded` too."""
+    if promotion.decision == "kept":
+        found = tracking_process.call(tracking_process.champion_version, _tracking_uri(), config.name)
+        if found == promotion.replaces:
+            return promotion
+    elif not promotion.promoted:
         return promotion
-    found = tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name,
-                                  promotion.new_version, promotion.replaces)
-    if found == promotion.new_version:
-        return promotion
+    else:
+        found = tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name,
+                                      promotion.new_version, promotion.replaces)
+        if found == promotion.new_version:
+            return promotion
     promotion = pipeline.superseded(promotion, found)
     get_run_logger().warning("dataset %r: %s", config.name, promotion.reason)
     return promotion
@@ -287,10 +294,12 @@ def _artifact_key(dataset: str, what: str) -> str:
 
 
 @flow(name="nightly-forecast", task_runner=task_runner(Settings().forecasting_dask_address))
-def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) -> Any:
+def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None, backfill: bool = False) -> Any:
     """Load, validate, backtest every candidate, promote a champion, write the next n steps.
 
-    Calling it returns the run summary (a dict); see `_final_state` for the run's state.
+    `backfill`: a night of a backfill, which forecasts with its own model and never moves the
+    `champion` alias. Calling it returns the run summary (a dict); see `_final_state` for the
+    run's state.
     """
     config = load_config(config)
     configure_torch_threads()
@@ -299,7 +308,7 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     # forecast, registration's rest, the other candidates' logging, write, promote
     total = 2 + len(config.candidates) + 8
     with progress.stages(f"{config.name} nightly", total) as on_stage:
-        summary = _nightly(config, as_of, pipeline.StageTimer(on_stage))
+        summary = _nightly(config, as_of, pipeline.StageTimer(on_stage), backfill)
     return _final_state(config, summary)
 
 
@@ -319,7 +328,8 @@ def _final_state(config: DatasetConfig, summary: dict[str, Any]) -> Any:
         f"not forecast: {shown}; see model_scores rows with status 'dropped'"))
 
 
-def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipeline.StageTimer) -> dict[str, Any]:
+def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipeline.StageTimer,
+             backfill: bool = False) -> dict[str, Any]:
     """The body of `nightly`, each stage timed (and shown on the progress bar at a terminal)."""
     with timer.stage("load"):
         panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
@@ -359,7 +369,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
                 quantiles = pipeline.calibrate(config, panel, comparison)
                 registered = in_background(register, config, fitted, champion_run_id,
                                            pipeline.signature_example(panel), quantiles, effective_as_of)
-                decision = decide(config, panel, comparison, fitted, quantiles, current.result())
+                decision = decide(config, panel, comparison, fitted, quantiles, current.result(), backfill)
             with timer.stage("forecast"):
                 rows = _forecast(config, decision, panel)
             with timer.stage("register"):  # what is left of the registration
@@ -504,4 +514,4 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
         raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
     client = _cluster()
     night = nightly if client is None else nightly.with_options(task_runner=task_runner(client.scheduler.address))
-    return [night(config, as_of=date.to_pydatetime()) for date in dates]
+    return [night(config, as_of=date.to_pydatetime(), backfill=True) for date in dates]

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
-from forecasting.config import DatasetConfig
+from forecasting.config import BASELINES, DatasetConfig
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster
@@ -275,9 +275,14 @@ def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecast
 
 
 def same_settings(forecaster: Forecaster, config: DatasetConfig) -> bool:
+    """Whether refitting `forecaster` would build tonight's candidate of that name. Baselines use
+    neither the training block nor covariates: a change there is not theirs."""
+    if forecaster.season_length != config.season_length:
+        return False
+    if forecaster.name in BASELINES:
+        return True
     return (forecaster.training == config.training
-            and tuple(forecaster.covariates) == tuple(config.source.covariates)
-            and forecaster.season_length == config.season_length)
+            and tuple(forecaster.covariates) == tuple(config.source.covariates))
 
 
 def rescore_current(
@@ -355,13 +360,17 @@ def decide(
     fitted: Forecaster,
     quantiles: list[float],
     current: RegisteredForecaster | None,
+    backfill: bool = False,
 ) -> Decision:
     """Whether `champion` moves to the refitted backtest winner (`fitted`) or stays on `current`.
 
     - no current champion, or one that cannot forecast this config's horizon and freq, or whose
       season (which scales MASE and the intervals) is not the config's: promote;
-    - a backfill (the current champion was trained on data after this as_of): the alias stays
-      and this night's own model forecasts, so no later data leaks into a past night;
+    - a night of a backfill (`backfill`), or any night older than the current champion's data:
+      the alias stays and this night's own model forecasts, so no later data leaks into a past
+      night and a backfill never moves production's alias;
+    - a current champion that needs covariates tonight's panel has not (dropped from the
+      config): promote;
     - otherwise the new model is promoted only if its backtest MASE beats the current champion
       re-scored at the same origins (see rescore_current). The same model with the same
       settings ties by construction: it is refreshed, i.e. promoted with the newer weights.
@@ -380,6 +389,8 @@ def decide(
         return Decision(fitted, quantiles, None, decision in ("promoted", "refreshed"), decision, reason,
                         new_mase, current["mase"] if current else None, replaces, current)
 
+    if backfill:
+        return new("backfill", "a night of a backfill: alias untouched, forecast by this night's model")
     if current is None:
         return new("promoted", "no current champion")
     if current.forecaster.horizon != config.horizon or current.forecaster.freq != config.freq:
@@ -394,6 +405,10 @@ def decide(
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "
                    "forecast by this night's model")
+    missing = [c for c in current.forecaster.covariates if c not in panel.columns]
+    if missing:
+        return new("promoted", f"current champion v{current.version} needs covariates {missing}, "
+                   "which the config no longer reads")
     rescored = rescore_current(current.forecaster, config, panel, comparison)
     current_mase = rescored["mase"]
     versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
@@ -414,8 +429,8 @@ def superseded(promotion: Promotion, found: str | None) -> Promotion:
 
     return dataclasses.replace(
         promotion, promoted=False, decision="superseded",
-        reason=f"{promotion.reason}; not promoted: the alias was moved from {named(promotion.replaces)} "
-               f"to {named(found)} during this night, and stays there")
+        reason=f"{promotion.reason}; {'not promoted: ' if promotion.promoted else ''}the alias was moved "
+               f"from {named(promotion.replaces)} to {named(found)} during this night, and stays there")
 
 
 def decision_record(promotion: Promotion) -> tuple[dict[str, str], dict[str, float]]:

@@ -306,6 +306,14 @@ def register(tracking_uri: str, dataset: str, fitted: Forecaster, *, run_id: str
     return version
 
 
+def champion_version(tracking_uri: str, dataset: str) -> str | None:
+    """The version the `champion` alias points at now (None: no alias)."""
+    from forecasting import tracking
+
+    current = tracking.champion_version(_client(tracking_uri), dataset)
+    return str(current.version) if current is not None else None
+
+
 def set_champion(tracking_uri: str, dataset: str, version: str, replaces: str | None) -> str | None:
     """Move `champion` to `version` if it still points at `replaces`; where it points afterwards
     (see tracking.set_champion)."""

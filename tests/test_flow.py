@@ -12,7 +12,7 @@ import requests
 import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
-from flows.nightly import nightly, predict
+from flows.nightly import backfill, nightly, predict
 from forecasting import db
 from forecasting.train import effective_precision, resolve_device
 from forecasting.validate import ValidationFailed
@@ -108,6 +108,53 @@ def test_past_as_of_uses_no_later_data(engine: sa.Engine, env: dict[str, str]) -
     nightly(config=config, as_of=as_of)
     after = forecasts(engine, as_of=pd.Timestamp(as_of))
     pd.testing.assert_series_equal(after["value"], before["value"])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_backfill_never_moves_the_alias(engine: sa.Engine, env: dict[str, str]) -> None:
+    """Not even for nights after the champion's data: production's schedule may have run later
+    nights whose champion was kept, so its data's end says nothing about what production saw."""
+    load_sales(engine)
+    config = tiny_config()
+    first = nightly(config=config, as_of="2019-06-01")
+    nights = backfill(config=config, start="2019-07-01", end="2019-08-01")
+    assert [n["decision"] for n in nights] == ["backfill", "backfill"]
+    assert [n["model_version"] for n in nights] == ["2", "3"]  # each forecast with its own model
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("sales-forecaster", "champion").version) == first["model_version"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A night that keeps v1 forecasts with v1; if the alias leaves v1 before the night ends,
+    the night says so, as a promoting night does. Its model_scores flag v1's own row."""
+    import flows.nightly as flows_nightly
+    from forecasting import pipeline
+
+    load_sales(engine)
+    config = tiny_config()
+    nightly(config=config)  # v1, champion
+    # v1 unbeatable and never the same as tonight's winner: the night keeps it
+    monkeypatch.setattr(pipeline, "same_settings", lambda forecaster, config: False)
+    monkeypatch.setattr(pipeline, "rescore_current", lambda *args: {"mae": 0.0, "rmse": 0.0, "smape": 0.0, "mase": 0.0})
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    write = flows_nightly.write_results
+
+    def write_then_the_alias_is_taken_off(*args: object) -> object:
+        written = write(*args)
+        client.delete_registered_model_alias("sales-forecaster", "champion")
+        return written
+
+    monkeypatch.setattr(flows_nightly, "write_results", write_then_the_alias_is_taken_off)
+    second = nightly(config=config)
+    assert second["decision"] == "superseded" and second["model_version"] == "1"
+    assert forecasts(engine)["model_version"].eq("1").all()
+    assert "the alias was moved from v1 to no version during this night" in \
+        client.get_run(second["parent_run_id"]).data.tags["promotion.reason"]
+    with engine.connect() as conn:
+        flagged = conn.execute(sa.text("SELECT model, mase FROM model_scores WHERE is_champion")).all()
+    assert [(model.endswith(" v1"), mase) for model, mase in flagged] == [(True, 0.0)]
 
 
 # On SQLite only: what this tests is MLflow's alias (two nights a backend); writes on PostgreSQL

@@ -120,6 +120,25 @@ def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: Ml
     assert set(rows.loc[rows["is_champion"], "model"]) == {"naive"} and len(rows) == 3  # a, b, aggregate
 
 
+def test_a_baseline_champion_is_refreshed_after_a_change_to_the_networks_training(client: MlflowClient) -> None:
+    """The training block is the networks': a baseline champion is still tonight's baseline of
+    that name, so it is refreshed, not kept (and re-scored by a backtest of its own) forever."""
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")
+    retuned = CONFIG.model_copy(update={"training": CONFIG.training.model_copy(update={"hidden_size": 16})})
+    night = promote(client, panel, "seasonal_naive", config=retuned)
+    assert night.decision == "refreshed" and night.promoted and night.version == "2"
+
+
+def test_a_champion_needing_a_covariate_the_config_dropped_is_replaced(client: MlflowClient) -> None:
+    panel = seasonal_panel()
+    with_promo = CONFIG.model_copy(update={"source": CONFIG.source.model_copy(update={"covariates": ("promo",)})})
+    promote(client, panel.assign(promo=np.tile(np.arange(60) % 3, 2).astype(float)), "gru", config=with_promo)
+    night = promote(client, panel, "naive", claimed_mase=1e9)  # would lose any comparison
+    assert night.decision == "promoted" and night.version == "2"
+    assert night.reason == "current champion v1 needs covariates ['promo'], which the config no longer reads"
+
+
 def test_same_model_and_settings_is_refreshed_not_stuck(client: MlflowClient) -> None:
     """A neural champion's own weights have seen the backtest window; it is re-scored by
     refitting, so the same model retrained on newer data ties and takes the alias."""
