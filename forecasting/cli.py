@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forecasting.config import ConfigError, Settings, load_config, redact_url
+from forecasting.config import ConfigError, Settings, load_config, parse_as_of, redact_url
 from forecasting.tracking_process import NoChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
@@ -176,6 +176,8 @@ def check_config(args: argparse.Namespace) -> None:
     flow reads it again (it takes a path, as a deployment's parameter does).
     """
     load_config(args.config)
+    for option in ("as_of", "start", "end"):  # the dates, likewise
+        parse_as_of(getattr(args, option, None), name="--" + option.replace("_", "-"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

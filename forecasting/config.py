@@ -8,10 +8,12 @@ names the file, the key and the value.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import pandas as pd
 import yaml
 from pandas.tseries.frequencies import to_offset
 from pandas.tseries.offsets import Tick
@@ -312,3 +314,20 @@ def scrub(text: str, url: str) -> str:
     for secret in {password, unquote(password), quote(unquote(password), safe="")} - {""}:
         text = text.replace(secret, "***")
     return text
+
+
+def parse_as_of(as_of: str | datetime | None, timezone: str = "UTC", *, name: str = "as_of") -> pd.Timestamp | None:
+    """`as_of` (ISO 8601) as a naive timestamp on the wall clock of `timezone`; None for none."""
+    if as_of is None or as_of == "":
+        return None
+    try:
+        # ISO 8601 only: pandas alone would also read 'now', 'NaT' and '01/02/2019' (2 January)
+        parsed = pd.Timestamp(datetime.fromisoformat(as_of) if isinstance(as_of, str) else as_of)
+        if pd.isna(parsed):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"`{name}` ({as_of!r}) is not an ISO 8601 date or date-time, e.g. 2017-12-01"
+        ) from None
+    # Source timestamps are compared on the dataset's wall clock, naive (see db.naive_times).
+    return parsed.tz_convert(timezone).tz_localize(None) if parsed.tzinfo is not None else parsed

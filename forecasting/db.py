@@ -196,7 +196,13 @@ def read_dataset(
         query: Any = sa.select(*(table.c[c] for c in wanted))
     else:
         query = sa.text(source.query)
-    frame = frame_of(conn.execute(query))
+    try:
+        frame = frame_of(conn.execute(query))
+    except sa.exc.DBAPIError as exc:
+        if source.query is not None and _is_query_error(exc):
+            first_line = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            raise DataError(f"dataset {config.name!r}: `source.query` fails: {first_line}") from None
+        raise
     if source.query is not None:
         _require_columns(config, "source.query", wanted, frame.columns)
         twice = sorted({c for c in wanted if list(frame.columns).count(c) > 1})
@@ -207,6 +213,20 @@ def read_dataset(
 
 
 READ_CHUNK_ROWS = 250_000  # rows turned into columns at a time
+
+
+# SQLite reports a mistake in the SQL as OperationalError, the class of a database that cannot
+# be reached or is locked (retried); its message tells the two apart.
+_SQLITE_QUERY_MISTAKES = re.compile(r"^(no such (column|table|function)|.*syntax error|incomplete input|ambiguous column"
+                                    r"|.*(mismatch|misuse|wrong number of arguments))")
+
+
+def _is_query_error(exc: sa.exc.DBAPIError) -> bool:
+    """Whether `exc` is a mistake in the query itself (no retry can help), not the database's
+    being unreachable or busy."""
+    if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.DataError)):  # PostgreSQL: undefined
+        return True                                                 # column, syntax, bad cast
+    return isinstance(exc, sa.exc.OperationalError) and bool(_SQLITE_QUERY_MISTAKES.match(str(exc.orig)))
 
 
 def frame_of(result: sa.CursorResult[Any]) -> pd.DataFrame:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -21,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest
-from forecasting.config import BASELINES, DatasetConfig
+from forecasting.config import BASELINES, DatasetConfig, parse_as_of  # noqa: F401  (flows call it from here)
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster
@@ -48,19 +47,6 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def parse_as_of(as_of: str | datetime | None, timezone: str = "UTC") -> pd.Timestamp | None:
-    if as_of is None or as_of == "":
-        return None
-    try:
-        parsed = pd.Timestamp(as_of)
-    except (ValueError, TypeError):
-        raise ValueError(
-            f"`as_of` ({as_of!r}) is not an ISO 8601 date or date-time, e.g. 2017-12-01"
-        ) from None
-    # Source timestamps are compared on the dataset's wall clock, naive (see db.naive_times).
-    return parsed.tz_convert(timezone).tz_localize(None) if parsed.tzinfo is not None else parsed
 
 
 def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.Timestamp]:

@@ -85,6 +85,22 @@ def test_bad_config_is_a_clear_error_before_anything_starts(
     assert "bad.yaml" in out and "source" in out
 
 
+@pytest.mark.parametrize(("command", "option", "value"), [("run", "--as-of", "now"), ("predict", "--as-of", "NaT"),
+                                                     ("run", "--as-of", "01/02/2019"), ("backfill", "--end", "June 2019")])
+def test_a_date_that_is_not_iso_8601_is_refused_before_anything_starts(
+        command: str, option: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """pandas alone reads 'now' and 'NaT', and '01/02/2019' as 2 January."""
+    def started(*args, **kwargs):
+        raise AssertionError("the flows were loaded for a date that cannot be read")
+
+    monkeypatch.setattr(cli, "flow_module", started)
+    dates = {"--start": "2019-01-01", "--end": "2019-02-01"} if command == "backfill" else {}
+    dates[option] = value
+    args = [command, "--config", str(Path(__file__).resolve().parent.parent / "configs" / "sales.yaml"), *(x for pair in dates.items() for x in pair)]
+    assert main(args) == 2
+    assert f"`{option}` ('{value}') is not an ISO 8601 date or date-time" in capsys.readouterr().out
+
+
 def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
     """The test sales data in the database; the path of a tiny config file for it."""
     load_sales(engine)

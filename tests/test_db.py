@@ -116,6 +116,18 @@ def test_values_after_as_of_are_not_read(small_sales: sa.Engine) -> None:
             db.read_dataset(conn, config)
 
 
+@pytest.mark.parametrize("select", ["SELECT series_id, month, turnovr AS turnover FROM sales",
+                                    "SELECT series_id, month, turnover FROM salez",
+                                    "SELECT series_id, month, turnover FROM sales WHERE"])
+def test_a_mistake_in_source_query_is_a_data_error_naming_it(small_sales: sa.Engine, select: str) -> None:
+    """Not retried as if the database were unreachable (SQLite reports both as OperationalError),
+    nor a traceback (PostgreSQL's ProgrammingError)."""
+    config = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": None, "query": select})})
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match=r"dataset 'sales': `source.query` fails: .*(turnovr|salez|syntax|incomplete input)"):
+            db.read_dataset(conn, config)
+
+
 def test_query_returning_a_column_twice_is_named(small_sales: sa.Engine) -> None:
     config = SALES.model_copy(update={"source": SALES.source.model_copy(update={
         "table": None, "query": "SELECT series_id, month, turnover, month AS month FROM sales"})})

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
-import mlflow
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -24,7 +23,6 @@ from mlflow.tracking import MlflowClient
 
 from flows.nightly import WARNED_STATE, nightly
 from forecasting import db, pipeline, tracking
-from forecasting.config import DatasetConfig
 from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect")
