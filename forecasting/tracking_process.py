@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import pickle
 import re
 import sys
 import threading
@@ -165,14 +166,19 @@ def call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise  # our own messages, built with the URL masked
     except Exception as exc:
         text = str(exc)
-        masked = text
-        for uri in {arg for arg in args if isinstance(arg, str) and "://" in arg and "@" in arg}:
-            masked = scrub(masked, uri)
+        masked = _masked(text, args)
         if masked == text:
             raise
         masked_type = TrackingError if tracking_error_may_pass(exc) else TrackingRefused
         # `from None`: the original error, and the worker's traceback chained to it, hold it too.
         raise masked_type(f"{type(exc).__name__}: {masked}") from None
+
+
+def _masked(text: str, args: tuple[Any, ...]) -> str:
+    """`text` without the password of any URI among a job's arguments."""
+    for uri in {arg for arg in args if isinstance(arg, str) and "://" in arg and "@" in arg}:
+        text = scrub(text, uri)
+    return text
 
 
 def _call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -181,7 +187,7 @@ def _call(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return job(*args, **kwargs)
     pool = _executor()
     try:
-        future = pool.submit(job, *args, **kwargs)
+        future = pool.submit(_in_worker, job, *args, **kwargs)
     except BrokenProcessPool as exc:  # a RuntimeError too: caught first
         return _after_death(pool, exc, job, *args, **kwargs)
     except (RuntimeError, AssertionError, OSError) as exc:  # e.g. "daemonic processes are not allowed to have children"
@@ -220,6 +226,22 @@ def _discard(pool: ProcessPoolExecutor) -> None:
 
 
 # ------------------------------------------------------------------ jobs: run in the worker
+
+
+def _in_worker(job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`job` in the worker. An error that would not rebuild in the caller - an exception class
+    whose constructor takes other arguments than it keeps, as some storage clients' do - broke
+    the pool there ("terminated abruptly"): it was retried as a dead worker, and the worker
+    replaced. It comes back as TrackingError or TrackingRefused instead, by the same rule."""
+    try:
+        return job(*args, **kwargs)
+    except Exception as exc:
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - any failure to round-trip is the case handled
+            again = TrackingError if tracking_error_may_pass(exc) else TrackingRefused
+            raise again(_masked(f"{type(exc).__module__}.{type(exc).__name__} in {job.__name__}: {exc}", args)) from None
+        raise
 
 _clients: dict[str, Any] = {}  # tracking URI -> MlflowClient, in the worker
 

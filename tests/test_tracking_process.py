@@ -48,6 +48,26 @@ def test_a_jobs_error_is_raised_here_with_its_type_and_message() -> None:
         tracking_process.call(refuse, "MLflow store refused the write")
 
 
+class StorageClientError(Exception):
+    """As some storage clients' errors: built from more than the message it keeps, so it does
+    not rebuild from its pickle."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"{status}: {body}")
+
+
+def fail_like_a_storage_client(status: int) -> None:
+    raise StorageClientError(status, "bucket not found")
+
+
+def test_an_error_that_cannot_be_rebuilt_here_comes_back_named_and_the_worker_stays() -> None:
+    worker = tracking_process.call(process_id)
+    with pytest.raises(tracking_process.TrackingRefused,
+                       match=r"test_tracking_process.StorageClientError in fail_like_a_storage_client: 404: bucket not found"):
+        tracking_process.call(fail_like_a_storage_client, 404)
+    assert tracking_process.call(process_id) == worker  # not taken for a dead one
+
+
 def test_a_killed_worker_fails_the_call_as_tracking_error_and_the_next_call_starts_a_new_one() -> None:
     worker = tracking_process.call(process_id)
     os.kill(worker, signal.SIGKILL)
