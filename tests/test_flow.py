@@ -124,20 +124,13 @@ def test_a_backfill_never_moves_the_alias(engine: sa.Engine, env: dict[str, str]
     assert str(client.get_model_version_by_alias("sales-forecaster", "champion").version) == first["model_version"]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
-        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A night that keeps v1 forecasts with v1; if the alias leaves v1 before the night ends,
-    the night says so, as a promoting night does. Its model_scores flag v1's own row."""
+def alias_taken_off_after_the_write(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """The next night's write is followed by an ML engineer taking `champion` off by hand (a
+    backfill or another run beside the schedule would move it); the registry's client."""
     import flows.nightly as flows_nightly
-    from forecasting import pipeline
 
-    load_sales(engine)
-    config = tiny_config()
-    nightly(config=config)  # v1, champion
-    # v1 unbeatable and never the same as tonight's winner: the night keeps it
-    monkeypatch.setattr(pipeline, "same_settings", lambda forecaster, config: False)
-    monkeypatch.setattr(pipeline, "rescore_current", lambda *args: {"mae": 0.0, "rmse": 0.0, "smape": 0.0, "mase": 0.0})
+    # Both URIs named: MLflow's registry URI would otherwise default to a global that another
+    # test, calling the logging jobs in this process, may have set to its own store.
     client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     write = flows_nightly.write_results
 
@@ -147,6 +140,23 @@ def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
         return written
 
     monkeypatch.setattr(flows_nightly, "write_results", write_then_the_alias_is_taken_off)
+    return client
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A night that keeps v1 forecasts with v1; if the alias leaves v1 before the night ends,
+    the night says so, as a promoting night does. Its model_scores flag v1's own row."""
+    from forecasting import pipeline
+
+    load_sales(engine)
+    config = tiny_config()
+    nightly(config=config)  # v1, champion
+    # v1 unbeatable and never the same as tonight's winner: the night keeps it
+    monkeypatch.setattr(pipeline, "same_settings", lambda forecaster, config: False)
+    monkeypatch.setattr(pipeline, "rescore_current", lambda *args: {"mae": 0.0, "rmse": 0.0, "smape": 0.0, "mase": 0.0})
+    client = alias_taken_off_after_the_write(env, monkeypatch)
     second = nightly(config=config)
     assert second["decision"] == "superseded" and second["model_version"] == "1"
     assert forecasts(engine)["model_version"].eq("1").all()
@@ -165,22 +175,10 @@ def test_a_night_whose_alias_was_moved_meanwhile_leaves_it_there(
     """The alias changes while this night runs (here an ML engineer takes it off by hand; a
     backfill beside the schedule would move it): this night's rows are written, the alias stays
     as it was left, and the night says so. (tests/test_tracking.py moves it to another version.)"""
-    import flows.nightly as flows_nightly
-
     load_sales(engine)
     config = tiny_config()
     nightly(config=config)  # v1, champion
-    # Both URIs named: MLflow's registry URI would otherwise default to a global that another
-    # test, calling the logging jobs in this process, may have set to its own store.
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    write = flows_nightly.write_results
-
-    def write_then_the_alias_is_taken_off(*args: object) -> object:
-        written = write(*args)
-        client.delete_registered_model_alias("sales-forecaster", "champion")
-        return written
-
-    monkeypatch.setattr(flows_nightly, "write_results", write_then_the_alias_is_taken_off)
+    client = alias_taken_off_after_the_write(env, monkeypatch)
     second = nightly(config=config)
     assert second["decision"] == "superseded" and second["model_version"] == "2"
     assert client.get_registered_model("sales-forecaster").aliases == {}
