@@ -175,8 +175,8 @@ class NeuralForecaster(Forecaster):
                                   covariates=self.covariates, annual_cycle=t.annual_cycle)
         train_starts, val_starts = window_starts(features, input_window=self.input_window,
                                                  horizon=self.horizon, val_steps=t.val_steps or self.horizon)
-        if len(train_starts) == 0:  # every series has a single window: train on it, no early stopping
-            train_starts = val_starts
+        if len(train_starts) == 0:  # every series has a single window: train on it, and stop
+            train_starts = val_starts  # on its own loss (nothing is held out), as a guard against divergence
         log.info("%s: %d training and %d validation windows of %d+%d steps over %d series on %s",
                  self.name, len(train_starts), len(val_starts), self.input_window, self.horizon,
                  len(features.series_ids), device)

@@ -114,6 +114,8 @@ class RecurrentNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.reference(x)  # [batch, horizon]
         level = self.level(x)  # [batch]
+        if self.config.residual == "none":  # the level taken off the input is added back here
+            base = base + level[:, None]  # [batch, horizon]
         x = torch.cat([x[:, :, :1] - level[:, None, None], x[:, :, 1:]], dim=-1)  # [batch, window, features]
         if self.config.strategy == "direct":
             if self._kernel(x):

@@ -36,8 +36,11 @@ def configure_torch_threads(n: int | None = None) -> int:
     return n
 
 
-def effective_precision(precision: str, device: torch.device) -> str:
+def effective_precision(precision: str, device: torch.device, strategy: str = "direct") -> str:
     """`training.precision` as it applies on `device`: float32 or bf16-mixed.
+
+    bf16-mixed is the direct strategy's CPU kernel's; the recursive strategy trains through
+    torch's own recurrent layers, in float32, whatever was asked for.
 
     auto takes bf16-mixed only where it pays: CPU training on a CPU that multiplies bfloat16 in
     hardware. bf16-mixed asked for by name is the CPU kernel's: on CUDA the networks train in
@@ -45,6 +48,11 @@ def effective_precision(precision: str, device: torch.device) -> str:
     far slower there (emulated products: sales night on an AVX2 EPYC, 2026-11-29, LSTM backtest
     131 s against 12.9 s in float32).
     """
+    if strategy == "recursive":
+        if precision == "bf16-mixed":
+            log.warning("`training.precision` ('bf16-mixed') applies to the direct strategy; with "
+                        "`strategy` ('recursive') the networks train in float32")
+        return "float32"
     if precision == "auto":
         applied = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() is True else "float32"
         _log_auto_choice(applied, device.type)
@@ -92,7 +100,7 @@ def resolve_device(device: str) -> torch.device:
 
 def applied_precision(training: TrainingConfig) -> str:
     """What `training.precision` comes to for the configured device on this host (auto: per CPU)."""
-    return effective_precision(training.precision, resolve_device(training.device))
+    return effective_precision(training.precision, resolve_device(training.device), training.strategy)
 
 
 def _loss_fn(name: str) -> nn.Module:
@@ -120,7 +128,7 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
                   training: TrainingConfig, seed: int, device: torch.device,
                   on_epoch: EpochCallback | None = None) -> list[dict]:
     """Train `net` in place on windows of `data`; return the per-epoch history."""
-    with matmul_precision(effective_precision(training.precision, device)):
+    with matmul_precision(effective_precision(training.precision, device, training.strategy)):
         return _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
                       training=training, seed=seed, device=device, on_epoch=on_epoch)
 

@@ -25,11 +25,13 @@ import torch
 from pandas.tseries.frequencies import to_offset
 
 # Offsets that have no Period of their own map to the Period that counts the same steps.
-_PERIOD_ALIASES = {"MS": "M", "ME": "M", "BMS": "M", "BME": "M", "SMS": "M", "QS": "Q", "QE": "Q",
+_PERIOD_ALIASES = {"MS": "M", "ME": "M", "BMS": "M", "BME": "M", "QS": "Q", "QE": "Q",
                    "BQS": "Q", "BQE": "Q", "YS": "Y", "YE": "Y", "BYS": "Y", "BYE": "Y"}
 N_CALENDAR = 2  # sin and cos of the position in the season
 N_ANNUAL = 2  # sin and cos of the position in the year, with training.annual_cycle
 DAYS_PER_YEAR = 365.2425  # the Gregorian calendar's mean year
+NO_SPREAD = 1e-12  # a series' spread under this times its size (max(1, |mean|)) is none at all
+FLAT_DIVISOR = 1e-9  # the divisor of such a series, times its size
 
 
 # ----------------------------------------------------------------------------- checks
@@ -77,6 +79,10 @@ def season_position(ts: pd.Series | pd.DatetimeIndex, *, freq: str, season_lengt
     code = offset.rule_code
     base = code.partition("-")[0]
     ordinal = None
+    if base in ("SMS", "SME"):  # twice a month: no Period counts them, and months count half
+        second = index.day >= offset.day_of_month if base == "SMS" else index.day > offset.day_of_month
+        halves = 2 * (index.year * 12 + index.month - 1) + np.asarray(second, np.int64)
+        return np.mod(np.asarray(halves, np.int64) // max(offset.n, 1), season_length)
     for period_freq in (code, _PERIOD_ALIASES.get(base, base)):
         try:
             with warnings.catch_warnings():  # PeriodDtype[B] is deprecated but still counts right
@@ -189,7 +195,12 @@ class Scaler:
             owner = np.repeat(np.arange(len(series)), lengths)  # [rows] series of each row
             mean = np.add.reduceat(z, starts) / lengths
             std = np.sqrt(np.add.reduceat((z - mean[owner]) ** 2, starts) / lengths)
-            divisor = np.where((std > 1e-8) & np.isfinite(std), std, 1.0)  # _safe_std
+            # A series without spread (constant, in log1p's units too) gets a divisor that is tiny
+            # against its own size: the network's small residual output then moves its forecast by
+            # nothing, where a divisor of 1 turned 0.02 into a 2% error in log units. Spread is
+            # judged relative to the size too: 1e9 +- 1 has a spread of 1e-9 after log1p.
+            size = np.maximum(1.0, np.abs(mean))
+            divisor = np.where((std > NO_SPREAD * size) & np.isfinite(std), std, FLAT_DIVISOR * size)
             if self.scale_by == "seasonal_diff":
                 m = np.where(lengths > self.season_length, self.season_length, 1)  # [series]
                 mad = np.full(len(series), np.nan)
@@ -200,7 +211,7 @@ class Scaler:
                     total = np.bincount(owner, weights=diff, minlength=len(series))
                     with np.errstate(invalid="ignore", divide="ignore"):
                         mad = np.where(m == lag, total / (lengths - lag), mad)
-                use = (lengths > m) & np.isfinite(mad) & (mad > 1e-8)
+                use = (lengths > m) & np.isfinite(mad) & (mad > NO_SPREAD * size)
                 divisor = np.where(use, mad, divisor)
             for i, index in enumerate(series):
                 sid = blocks.ids[index]
@@ -344,6 +355,11 @@ def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_len
         first = int(blocks.starts[series[0]])
         out = slice(first, first + len(rows))
         owner = np.repeat(series, blocks.lengths[series])  # [rows]
+        if scaler.log:  # a series seen in training may since hold a value log1p cannot take
+            bad = np.flatnonzero(values[rows] <= -1)
+            if len(bad):
+                raise ValueError(f"`value` of series {blocks.ids[owner[bad[0]]]!r} holds {values[rows][bad[0]]} "
+                                 "but the model was trained with log1p scaling (values must be > -1)")
         data[out, 0] = scaler.scale_rows(values[rows], mean[owner], std[owner])
         index = pd.DatetimeIndex(ts[rows])  # built once per chunk: both calendars read it
         pos = season_position(index, freq=freq, season_length=season_length)

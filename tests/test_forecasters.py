@@ -146,6 +146,25 @@ def test_bad_input_names_parameter_series_and_value():
         make_forecaster("gru", freq="MS", horizon=3, season_length=12, training=tiny_training()).predict(TRAIN)
 
 
+def test_a_seen_series_below_minus_one_at_predict_is_named_not_forecast_as_nan():
+    fitted = _fit("gru", max_epochs=1)  # positive data: log1p scaling
+    recent = TRAIN.copy()
+    recent.loc[recent[recent["series_id"] == "s2"].index[-1], "value"] = -3.0
+    with pytest.raises(ValueError, match=r"`value` of series 's2' holds -3.0 but the model was trained with log1p"):
+        fitted.predict(recent)
+
+
+def test_a_constant_series_is_forecast_as_its_constant():
+    """A series without spread: its divisor is tiny against its size, so the network's residual
+    output cannot move it (a divisor of 1 in log1p's units made that a 2% error)."""
+    flat = make_panel(1, 96).assign(series_id="flat", value=1e9)
+    panel = pd.concat([TRAIN, flat.iloc[:-HORIZON]], ignore_index=True)
+    forecast = make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON,
+                               training=tiny_training(max_epochs=2)).fit(panel).predict(panel)
+    values = forecast.loc[forecast["series_id"] == "flat", "value"].to_numpy()
+    np.testing.assert_allclose(values, 1e9, rtol=1e-7)
+
+
 def _fit_on(panel):
     return make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON,
                            training=tiny_training(max_epochs=1)).fit(panel)

@@ -31,6 +31,19 @@ def test_untrained_net_starts_at_the_seasonal_naive_reference(strategy):
     torch.testing.assert_close(last(x), x[:, -1:, 0].expand(2, 3))
 
 
+@pytest.mark.parametrize("strategy", ["direct", "recursive"])
+def test_without_a_reference_the_level_taken_off_the_input_is_added_back(strategy):
+    """residual 'none' with local_level: the network sees the window less its last season's
+    mean, so a window shifted by c must give a forecast shifted by c, not the same forecast."""
+    torch.manual_seed(0)
+    net = RecurrentNet(NetConfig(cell="gru", input_size=3, horizon=4, strategy=strategy, season_length=12,
+                                 residual="none", local_level=True))
+    x = torch.randn(2, 24, 3)
+    shifted = x.clone()
+    shifted[:, :, 0] += 5.0
+    torch.testing.assert_close(net(shifted) - net(x), torch.full((2, 4), 5.0), atol=1e-5, rtol=0)
+
+
 def test_recursive_feeds_its_prediction_back_with_the_calendar_advanced():
     net = RecurrentNet(NetConfig(cell="rnn", input_size=4, horizon=2, strategy="recursive", season_length=4))
     row = torch.tensor([[[9.0, 0.0, 1.0, 5.0]]])  # value, sin, cos (position 0), covariate
@@ -247,6 +260,22 @@ def test_auto_precision_takes_bf16_mixed_only_on_a_cpu_that_multiplies_bfloat16(
     with caplog.at_level("WARNING", logger="forecasting.train"):
         assert train.effective_precision("auto", torch.device(device)) == expected
     assert caplog.text == ""  # auto's choice is not a misconfiguration
+
+
+def test_the_recursive_strategy_trains_and_reports_float32_whatever_was_asked_for(monkeypatch, caplog):
+    """bf16-mixed is the direct strategy's kernel: a recursive network trains in float32, and
+    the run's `precision_applied` param says so (it said bf16-mixed, with a slowness warning)."""
+    from forecasting import train
+    from forecasting.config import TrainingConfig
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="forecasting.train"):
+        assert train.effective_precision("auto", torch.device("cpu"), "recursive") == "float32"
+        assert caplog.text == ""
+        assert train.effective_precision("bf16-mixed", torch.device("cpu"), "recursive") == "float32"
+    assert "with `strategy` ('recursive') the networks train in float32" in caplog.text
+    assert train.applied_precision(TrainingConfig(strategy="recursive", device="cpu")) == "float32"
+    assert train.applied_precision(TrainingConfig(strategy="direct", device="cpu")) == "bf16-mixed"
 
 
 def test_bf16_mixed_by_name_on_a_cpu_without_it_is_kept_and_warned_about_once(monkeypatch, caplog):

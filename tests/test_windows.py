@@ -132,8 +132,9 @@ def test_features_of_all_series_at_once_equal_series_by_series(scale_by, monkeyp
             assert scaler.mean[sid] == pytest.approx(z.mean(), rel=1e-12)
             m = 12 if len(z) > 12 else 1
             diff = np.abs(z[m:] - z[:-m]).mean()
-            std = z.std() if z.std() > 1e-8 else 1.0
-            want = diff if scale_by == "seasonal_diff" and diff > 1e-8 else std
+            size = max(1.0, abs(z.mean()))  # a flat series: a divisor tiny against its size
+            std = z.std() if z.std() > windows.NO_SPREAD * size else windows.FLAT_DIVISOR * size
+            want = diff if scale_by == "seasonal_diff" and diff > windows.NO_SPREAD * size else std
             assert scaler.std[sid] == pytest.approx(want, rel=1e-10)
         feats = build_features(frame, scaler, freq="MS", season_length=12)
         expected, ids = _reference_features(frame, scaler, freq="MS", season_length=12)
@@ -168,3 +169,13 @@ def test_feature_construction_makes_no_float64_copy_of_the_panel(monkeypatch):
     batch = gather_windows(feats.data, starts, 35)
     assert batch.shape == (3, 35, 3) and batch.dtype == torch.float32
     torch.testing.assert_close(batch[2], feats.data[2000:2035])
+
+
+@pytest.mark.parametrize("freq", ["SMS", "SME", "2SMS"])
+def test_semi_month_steps_take_consecutive_season_positions(freq):
+    """Twice a month: each step its own position (both halves of a month took one before)."""
+    from forecasting.windows import season_position
+
+    ts = pd.date_range("2020-01-01", periods=30, freq=freq)
+    position = season_position(ts, freq=freq, season_length=24)
+    assert (np.diff(position) % 24 == 1).all()
