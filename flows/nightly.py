@@ -17,7 +17,10 @@ forecast, one task per shard. Database and MLflow tasks stay in the flow's proce
 never need the database or tracking URLs; each worker process sets torch's threads once.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `forecasting serve` hands each run to a new
+# process by cloudpickling the flow, which keeps only the globals that the function bodies use;
+# string annotations then named types (DatasetConfig) the child could not resolve, and every
+# served run failed its parameter validation. Evaluated annotations travel with the function.
 
 import contextlib
 import contextvars

@@ -121,6 +121,13 @@ def _executor() -> ProcessPoolExecutor:
         if _pool is None:
             _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_exit_without_teardown)
+            # Stop the worker when this process ends. A process that multiprocessing started
+            # itself (how `forecasting serve` runs each flow run) ends by joining its children
+            # before any other exit hook, concurrent.futures' among them: the idle worker never
+            # heard to stop, and the run's process never ended. Finalizers of priority >= 0 run
+            # before that join, in any process, highest first: above 10, where multiprocessing
+            # closes its queues, the pool's among them (the stop would then never be sent).
+            multiprocessing.util.Finalize(None, _pool.shutdown, exitpriority=100)
         return _pool
 
 

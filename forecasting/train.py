@@ -28,10 +28,15 @@ EpochCallback = Callable[[int, float, float], None]
 
 
 def configure_torch_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads once for the process (None: one per CPU core)."""
+    """Set torch's intra-op threads once for the process (None: $OMP_NUM_THREADS if set, else one
+    per CPU core this process may run on: taskset's and a container's CPU set count, not the
+    host's)."""
     if n is not None and n < 1:
         raise ValueError(f"`n` ({n!r}) must be >= 1 or None")
-    n = n or os.cpu_count() or 1
+    if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"]) or None
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
 

@@ -397,3 +397,18 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, tmp_
                                    rtol=1e-5, atol=1e-6)
     finally:
         fused_cells.library.cache_clear()
+
+
+def test_torch_threads_follow_omp_num_threads_else_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    from forecasting.train import configure_torch_threads
+
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_torch_threads() == 1 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_torch_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(previous)
