@@ -243,24 +243,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
-    """The deployments of prefect.yaml as `Flow.to_deployment` keyword arguments."""
-    from prefect.schedules import Cron
+# What `forecasting serve` reads of a prefect.yaml deployment; `work_pool` is `prefect deploy`'s.
+_DEPLOYMENT_KEYS = {"name", "entrypoint", "description", "parameters", "tags", "schedules", "work_pool"}
+_SCHEDULE_KEYS = {"timezone", "active", "parameters", "slug", "day_or", "anchor_date"}
 
+
+def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
+    """The deployments of prefect.yaml as `Flow.to_deployment` keyword arguments.
+
+    A key this does not carry over is refused, naming it, rather than dropped: a schedule's
+    `active: false` or `parameters` silently lost would run what the file says not to.
+    """
     spec = yaml.safe_load(path.read_text())
     deployments = []
     for item in spec.get("deployments", []):
+        name = item.get("name")
+        unknown = sorted(set(item) - _DEPLOYMENT_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: deployment {name!r}: key {unknown[0]!r} is not read by "
+                              "`forecasting serve`; use `prefect deploy` for it")
         parameters = dict(item.get("parameters", {}))
         if "config" in parameters:  # relative to the project, as `prefect deploy` would run it
             parameters["config"] = str((path.parent / parameters["config"]).resolve())
         deployments.append(dict(
-            name=item["name"],
+            name=name,
             description=item.get("description"),
             parameters=parameters,
             tags=item.get("tags", []),
-            schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in item.get("schedules", [])],
+            schedules=[_schedule(path, name, raw) for raw in item.get("schedules", [])],
         ))
     return deployments
+
+
+def _schedule(path: Path, deployment: str, raw: dict[str, Any]) -> Any:
+    """One schedule of prefect.yaml: cron, interval (seconds) or rrule, with its options."""
+    from prefect.schedules import Cron, Interval, RRule
+
+    kinds = [k for k in ("cron", "interval", "rrule") if k in raw]
+    unknown = sorted(set(raw) - _SCHEDULE_KEYS - {"cron", "interval", "rrule"})
+    if len(kinds) != 1 or unknown:
+        problem = f"key {unknown[0]!r} is not read" if unknown else "needs exactly one of cron, interval, rrule"
+        raise ConfigError(f"{path}: deployment {deployment!r}: schedule {raw!r}: {problem}")
+    kind = kinds[0]
+    options = {k: v for k, v in raw.items() if k != kind}
+    try:
+        return {"cron": Cron, "interval": Interval, "rrule": RRule}[kind](raw[kind], **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: deployment {deployment!r}: schedule {raw!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------- output

@@ -13,6 +13,7 @@ import yaml
 
 from forecasting import cli
 from forecasting.cli import deployments_from_yaml, main
+from forecasting.config import ConfigError
 from tests.flow_fixtures import load_sales, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +128,28 @@ def test_predict_before_any_champion_says_what_to_run_first(engine: sa.Engine, e
     assert main(["predict", "--config", str(path)]) == 2
     out = capsys.readouterr().out
     assert "no version of 'sales-forecaster' has the alias 'champion' yet; run `forecasting run` first" in out
+
+
+def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kind(tmp_path: Path) -> None:
+    """A schedule's `active: false` or own parameters silently dropped would run what the file
+    says not to; interval and rrule schedules raised KeyError."""
+    def spec(**deployment: object) -> Path:
+        path = tmp_path / "prefect.yaml"
+        path.write_text(yaml.safe_dump({"deployments": [{"name": "d", "parameters": {}, **deployment}]}))
+        return path
+
+    [read] = deployments_from_yaml(spec(schedules=[
+        {"cron": "0 2 * * *", "timezone": "UTC", "active": False, "parameters": {"as_of": "2020-01-01"}},
+        {"interval": 3600}, {"rrule": "FREQ=DAILY;BYHOUR=2"}]))
+    cron, interval, rrule = read["schedules"]
+    assert cron.active is False and cron.parameters == {"as_of": "2020-01-01"}
+    assert interval.interval.total_seconds() == 3600 and rrule.rrule == "FREQ=DAILY;BYHOUR=2"
+    with pytest.raises(ConfigError, match=r"deployment 'd': key 'concurrency_limit' is not read by `forecasting serve`"):
+        deployments_from_yaml(spec(concurrency_limit=1))
+    with pytest.raises(ConfigError, match=r"schedule .*: key 'max_active_runs' is not read"):
+        deployments_from_yaml(spec(schedules=[{"cron": "0 2 * * *", "max_active_runs": 1}]))
+    with pytest.raises(ConfigError, match=r"schedule .*: needs exactly one of cron, interval, rrule"):
+        deployments_from_yaml(spec(schedules=[{"timezone": "UTC"}]))
 
 
 def test_serve_reads_both_deployments_of_prefect_yaml() -> None:
