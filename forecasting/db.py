@@ -200,12 +200,12 @@ def read_dataset(
         frame = frame_of(conn.execute(query))
     except sa.exc.DBAPIError as exc:
         if source.query is not None and _is_query_error(exc):
-            first_line = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
-            raise DataError(f"dataset {config.name!r}: `source.query` fails: {first_line}") from None
+            reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
+            raise DataError(f"dataset {config.name!r}: `source.query` fails: {reason}") from None
         raise
     if source.query is not None:
         _require_columns(config, "source.query", wanted, frame.columns)
-        twice = sorted({c for c in wanted if list(frame.columns).count(c) > 1})
+        twice = sorted(set(frame.columns[frame.columns.duplicated()]) & set(wanted))
         if twice:
             raise DataError(f"dataset {config.name!r}: `source.query` returns the column {twice[0]!r} more "
                             "than once; name each column once (AS ...)")
@@ -537,12 +537,13 @@ def write_run(
     a race with a concurrent writer of the same key.
     """
     _require_finite(forecasts, dataset=dataset)
-    if pd.Timestamp(as_of).tzinfo is not None:  # the tables' TIMESTAMPs are the dataset's wall clock
+    stamp = pd.Timestamp(as_of)
+    if stamp.tzinfo is not None:  # the tables' TIMESTAMPs are the dataset's wall clock
         raise ValueError(f"dataset {dataset!r}: `as_of` ({as_of!r}) must be naive, on the dataset's "
-                         "wall clock (see pipeline.parse_as_of)")
+                         "wall clock (see config.parse_as_of)")
+    as_of = stamp.to_pydatetime()
     forecasts_table = reflect_table(conn, FORECASTS)
     scores_table = reflect_table(conn, MODEL_SCORES)
-    as_of = pd.Timestamp(as_of).to_pydatetime()
     created_at = datetime.now().replace(microsecond=0)
     lock_run(conn, dataset=dataset, as_of=as_of)
     tables = [forecasts_table] if scores is None else [forecasts_table, scores_table]

@@ -167,8 +167,7 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
         problems.append(Problem(series_id, "unsorted", ts.iloc[position],
                                 "rows are not in time order"))
     for column in ("value", *covariates):
-        problems += _value_problems(series_id, ts, _floats(group[column]), column=column,
-                                    role="target" if column == "value" else "covariate")
+        problems += _value_problems(series_id, ts, _floats(group[column]), column=column)
     unique = pd.DatetimeIndex(ts.drop_duplicates().sort_values())
     expected = pd.date_range(unique[0], unique[-1], freq=offset)
     off_grid = unique.difference(expected)
@@ -187,9 +186,9 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     return problems
 
 
-def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column: str,
-                    role: str) -> list[Problem]:
-    """NaN/NULL and infinite values of one numeric column of one series."""
+def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column: str) -> list[Problem]:
+    """NaN/NULL and infinite values of one numeric column of one series (`value`: the target)."""
+    role = "target" if column == "value" else "covariate"
     what = "target" if role == "target" else f"covariate {column!r}"
     missing = np.isnan(values)
     if missing.all():

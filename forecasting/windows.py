@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,10 +186,8 @@ class Scaler:
             lengths = blocks.lengths[series]
             z = values[rows]  # [rows] the chunk's series one after another
             if self.log:
-                bad = np.flatnonzero(z <= -1)
-                if len(bad):
-                    first = series[int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))]
-                    self._transform(values[blocks.rows(np.array([first]))], blocks.ids[first])  # raises
+                ends = np.cumsum(lengths)
+                require_log_domain(z, lambda row: blocks.ids[series[int(np.searchsorted(ends, row, side="right"))]])
                 z = np.log1p(z)
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             owner = np.repeat(np.arange(len(series)), lengths)  # [rows] series of each row
@@ -220,9 +218,7 @@ class Scaler:
 
     def _transform(self, values: np.ndarray, sid: str) -> np.ndarray:
         if self.log:
-            if (values <= -1).any():
-                raise ValueError(f"`value` of series {sid!r} holds {values.min()} but the model was "
-                                 "trained with log1p scaling (values must be > -1)")
+            require_log_domain(values, lambda row: sid)
             return np.log1p(values)
         return values
 
@@ -258,6 +254,16 @@ class Scaler:
         return cls(log=bool(raw["log"]), scale_by=raw["scale_by"], season_length=int(raw["season_length"]),
                    mean=dict(raw["mean"]), std=dict(raw["std"]),
                    cov_mean=dict(raw["cov_mean"]), cov_std=dict(raw["cov_std"]))
+
+
+def require_log_domain(values: np.ndarray, series_of_row: Callable[[int], str]) -> None:
+    """Refuse values log1p cannot take (<= -1) in a model scaled with it, naming the series of
+    the first: at fit, a new series' own history; at predict, a seen one's recent rows, which
+    would otherwise become NaN forecasts without a word."""
+    bad = np.flatnonzero(values <= -1)
+    if len(bad):
+        raise ValueError(f"`value` of series {series_of_row(int(bad[0]))!r} holds {values[bad[0]]} but the "
+                         "model was trained with log1p scaling (values must be > -1)")
 
 
 def _safe_std(values: np.ndarray) -> float:
@@ -356,10 +362,7 @@ def build_features(panel: pd.DataFrame, scaler: Scaler, *, freq: str, season_len
         out = slice(first, first + len(rows))
         owner = np.repeat(series, blocks.lengths[series])  # [rows]
         if scaler.log:  # a series seen in training may since hold a value log1p cannot take
-            bad = np.flatnonzero(values[rows] <= -1)
-            if len(bad):
-                raise ValueError(f"`value` of series {blocks.ids[owner[bad[0]]]!r} holds {values[rows][bad[0]]} "
-                                 "but the model was trained with log1p scaling (values must be > -1)")
+            require_log_domain(values[rows], lambda row: blocks.ids[owner[row]])
         data[out, 0] = scaler.scale_rows(values[rows], mean[owner], std[owner])
         index = pd.DatetimeIndex(ts[rows])  # built once per chunk: both calendars read it
         pos = season_position(index, freq=freq, season_length=season_length)
