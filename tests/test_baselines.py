@@ -28,6 +28,24 @@ def test_ets_falls_back_on_short_or_odd_series():
         assert forecast.shape == (4,) and np.isfinite(forecast).all()
 
 
+def test_ets_on_a_short_noisy_history_stays_near_it():
+    # 13 months of noise, on which the damped trend alone forecast 6.6x the history's maximum;
+    # AICc prefers the level there, as it should for noise.
+    y = np.exp(np.random.default_rng(8).normal(3, 1.0, 13))
+    assert baselines.ets(y, 12, 12).max() < 1.5 * y.max()
+    many = np.exp(np.random.default_rng(0).normal(3, 1.0, 100))
+    assert max(baselines.ets(many[i:i + n], 12, 12).max() / many[i:i + n].max()
+               for i, n in enumerate(range(10, 40))) < 1.5
+
+
+def test_ets_on_a_short_trending_history_keeps_its_trend():
+    # AICc must not take the trend away where the data have one.
+    t = np.arange(20.0)
+    y = 100 + 5 * t + np.random.default_rng(1).normal(0, 1, 20)
+    forecast = baselines.ets(y, 6, 12)
+    assert forecast[-1] > y[-1] + 10
+
+
 @pytest.mark.parametrize("name", ["naive", "seasonal_naive", "ets"])
 def test_baseline_forecasters_share_the_interface(name, tmp_path):
     panel = make_panel(2, 40)
