@@ -145,6 +145,10 @@ def init_db(conn: Connection) -> list[str]:
     migration is recorded as applied; a database created by an older release gets the
     migrations it has not had, in file-name order. Returns the migrations applied now.
     """
+    # One transaction on SQLite too: pysqlite runs DDL outside any transaction of its own, so
+    # an init-db stopped half-way left tables without their schema_migrations rows, and every
+    # later init-db re-ran a migration's ALTER TABLE ("duplicate column name").
+    take_write_lock(conn)
     existed = sa.inspect(conn).has_table(FORECASTS)
     apply_sql(conn, SQL_DIR / "schema.sql")
     done = set(conn.execute(sa.text("SELECT name FROM schema_migrations")).scalars())
@@ -156,8 +160,41 @@ def init_db(conn: Connection) -> list[str]:
             apply_sql(conn, path)
             applied.append(path.name)
         conn.execute(sa.text("INSERT INTO schema_migrations (name) VALUES (:name)"), {"name": path.name})
-    apply_sql(conn, SQL_DIR / "views.sql")
+    apply_views(conn)
     return applied
+
+
+def apply_views(conn: Connection) -> None:
+    """views.sql. On PostgreSQL each view is replaced in place (CREATE OR REPLACE VIEW), so the
+    views analysts build on ours survive init-db; PostgreSQL refuses to drop a view others
+    depend on. Only a view whose columns a release changes is dropped and created again, and
+    if other objects depend on it the error names them (SQLite does not track dependencies)."""
+    postgres = conn.dialect.name == "postgresql"
+    for statement in sql_statements(SQL_DIR / "views.sql"):
+        if not postgres:
+            conn.exec_driver_sql(statement)
+            continue
+        if statement.upper().startswith("DROP VIEW"):
+            continue  # dropped below, only if it cannot be replaced
+        name = re.match(r"CREATE VIEW (\w+)", statement).group(1)  # type: ignore[union-attr]
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(statement.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1))
+            continue
+        except sa.exc.DBAPIError:  # its columns changed, which only a new view can do
+            pass
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
+                conn.exec_driver_sql(statement)
+        except sa.exc.DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "2BP01":  # dependent objects still exist
+                raise
+            detail = str(getattr(exc.orig.diag, "message_detail", "") or "").replace("\n", "; ")
+            raise DatabaseError(
+                f"init-db must replace the view {name!r}, whose columns this release changes, but other "
+                f"objects depend on it ({detail}). Drop them, run init-db, then create them again"
+            ) from None
 
 
 def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) -> sa.Table:

@@ -1,5 +1,7 @@
 -- Views for analysts, created by `forecasting init-db` on SQLite and PostgreSQL.
--- DROP + CREATE keeps them idempotent and lets a new release change their columns.
+-- DROP + CREATE keeps them idempotent and lets a new release change their columns. On
+-- PostgreSQL, init-db replaces each in place instead (db.apply_views), so that views built on
+-- them survive.
 
 -- Per dataset and series, the rows of the newest as_of.
 DROP VIEW IF EXISTS latest_forecasts;
@@ -29,7 +31,8 @@ SELECT
     a.value - f.value AS error,
     CASE WHEN a.value = 0 THEN NULL ELSE ABS(a.value - f.value) / ABS(a.value) END
         AS absolute_percentage_error,
-    CASE WHEN a.value BETWEEN f.lower AND f.upper THEN 1 ELSE 0 END AS inside_interval
+    CASE WHEN f.lower IS NULL OR f.upper IS NULL THEN NULL  -- no interval: not a miss
+         WHEN a.value BETWEEN f.lower AND f.upper THEN 1 ELSE 0 END AS inside_interval
 FROM forecasts f
 JOIN actuals a
   ON a.dataset = f.dataset AND a.series_id = f.series_id AND a.ts = f.ts;

@@ -346,3 +346,23 @@ def test_unreachable_database_error_hides_password() -> None:
     error = db.connect_error(engine, caught.value)
     assert "s3cr3t-SENTINEL" not in str(error)
     assert "127.0.0.1:1/prod" in str(error)
+
+
+def test_init_db_stopped_half_way_leaves_nothing_and_runs_again(engine: sa.Engine,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite the tables used to stay, without their schema_migrations rows, and every later
+    init-db re-ran a migration's ALTER TABLE and failed ("duplicate column name")."""
+    def broken(conn: sa.Connection) -> None:
+        raise RuntimeError("stopped while creating the views")
+
+    monkeypatch.setattr(db, "apply_views", broken)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with engine.begin() as conn:
+            db.init_db(conn)
+    assert table_names(engine) == set()
+    monkeypatch.undo()
+    with engine.begin() as conn:
+        assert db.init_db(conn) == []
+    with engine.begin() as conn:
+        assert db.init_db(conn) == []
+    assert {"forecasts", "model_scores", "actuals", "schema_migrations"} <= table_names(engine)

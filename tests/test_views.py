@@ -79,3 +79,38 @@ def test_model_leaderboard_counts_runs_and_wins(two_runs: sa.Engine) -> None:
     assert board.loc["naive", "mean_mase"] == pytest.approx(1.0)
     assert board.loc["lstm", "times_champion"] == 1 and board.loc["naive", "times_champion"] == 1
     assert pd.Timestamp(board.loc["lstm", "last_as_of"]) == pd.Timestamp("2020-04-01")
+
+
+def test_a_forecast_without_interval_is_not_counted_as_a_miss(two_runs: sa.Engine) -> None:
+    with two_runs.begin() as conn:
+        conn.exec_driver_sql("UPDATE forecasts SET lower = NULL, upper = NULL WHERE series_id = 'a'")
+    accuracy = query(two_runs, "SELECT inside_interval FROM forecast_accuracy")
+    assert len(accuracy) == 1 and accuracy["inside_interval"].isna().all()
+    coverage = query(two_runs, "SELECT AVG(inside_interval) AS coverage FROM forecast_accuracy")
+    assert coverage["coverage"].isna().all()  # unknown, not 0%
+
+
+def test_views_that_analysts_build_on_ours_survive_init_db(two_runs: sa.Engine) -> None:
+    with two_runs.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW my_latest AS SELECT series_id, value FROM latest_forecasts")
+    with two_runs.begin() as conn:
+        db.init_db(conn)
+    assert len(query(two_runs, "SELECT * FROM my_latest")) == 4
+
+
+def test_a_changed_view_with_dependants_is_refused_by_name_on_postgresql(two_runs: sa.Engine) -> None:
+    """A release that changes a view's columns must drop it; PostgreSQL refuses while another
+    view depends on it, and init-db says which, leaving everything as it was."""
+    with two_runs.begin() as conn:  # an older release's latest_forecasts, with other columns
+        conn.exec_driver_sql("DROP VIEW latest_forecasts")
+        conn.exec_driver_sql("CREATE VIEW latest_forecasts AS SELECT series_id AS old_name FROM forecasts")
+        conn.exec_driver_sql("CREATE VIEW my_latest AS SELECT old_name FROM latest_forecasts")
+    if two_runs.dialect.name == "sqlite":  # which tracks no dependencies: the view is replaced
+        with two_runs.begin() as conn:
+            db.init_db(conn)
+        assert "value" in query(two_runs, "SELECT * FROM latest_forecasts").columns
+        return
+    with pytest.raises(db.DatabaseError, match=r"view 'latest_forecasts'.*my_latest"):
+        with two_runs.begin() as conn:
+            db.init_db(conn)
+    assert list(query(two_runs, "SELECT * FROM my_latest").columns) == ["old_name"]
