@@ -2,7 +2,9 @@
 
 MASE divides the absolute error by the in-sample mean absolute error of the seasonal-naive
 forecast on the training part of the series (the history up to the forecast origin). The
-aggregate row of a model (series_id None) is the plain mean of its per-series values.
+aggregate row of a model (series_id None) is the plain mean of its per-series values, leaving
+out series whose MASE is undefined (a constant history). A model that forecast a non-finite
+value for any series has NaN metrics for it and NaN aggregates: it cannot be champion.
 """
 
 from __future__ import annotations
@@ -68,17 +70,28 @@ def score(predictions: pd.DataFrame, history: pd.DataFrame, *, season_length: in
     preds = preds.merge(scales, on=["series_id", "origin"], how="left")
     preds["abs_err"] = (preds["y"] - preds["yhat"]).abs()
     preds["scaled_err"] = preds["abs_err"] / preds["scale"]
-    rows = []
+    preds["failed"] = ~np.isfinite(pd.to_numeric(preds["yhat"]).to_numpy(dtype=float, na_value=np.nan))
+    rows, failed = [], {}
     for (model, sid), g in preds.groupby(["model", "series_id"], sort=False):
+        if g["failed"].any():
+            # A forecast that is not a number is not a good one: unscored, never skipped (a
+            # NaN step used to count as perfect in sMAPE and be left out of MASE).
+            failed.setdefault(model, []).append(sid)
+            rows.append({"model": model, "series_id": sid, **dict.fromkeys(METRICS, np.nan)})
+            continue
         rows.append({"model": model, "series_id": sid, "mae": mae(g["y"], g["yhat"]),
                      "rmse": rmse(g["y"], g["yhat"]), "smape": smape(g["y"], g["yhat"]),
                      "mase": float(g["scaled_err"].mean())})
     per_series = pd.DataFrame(rows, columns=["model", "series_id", *METRICS])
-    undefined = per_series.loc[per_series["mase"].isna(), "series_id"].unique()
+    undefined = per_series.loc[per_series["mase"].isna() & per_series["mae"].notna(), "series_id"].unique()
     if len(undefined):
         log.warning("MASE undefined (constant or too short training part) for %d series, e.g. %r",
                     len(undefined), undefined[0])
     aggregate = per_series.groupby("model", sort=False)[list(METRICS)].mean().reset_index()
+    for model, series in failed.items():
+        log.warning("%s forecast non-finite values for %d series (e.g. %r): unscored, and no aggregate "
+                    "score, so it cannot be champion", model, len(series), series[0])
+        aggregate.loc[aggregate["model"] == model, list(METRICS)] = np.nan
     aggregate.insert(1, "series_id", None)
     return pd.concat([per_series, aggregate], ignore_index=True)
 

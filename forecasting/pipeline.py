@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -488,8 +489,10 @@ def score_rows(
     kept = promotion.decision == "kept"
     scores["is_champion"] = (scores["model"] == champion) & (not kept)
     scores["mlflow_run_id"] = scores["model"].map(run_ids)
-    scores["status"] = "scored"
-    scores["detail"] = None
+    # A model/series with no MAE forecast non-finite values in the backtest (metrics.score).
+    unscored = scores["mae"].isna()
+    scores["status"] = np.where(unscored, "failed", "scored")
+    scores["detail"] = np.where(unscored, "non-finite backtest forecast: not scored, cannot be champion", None)
     if kept:
         champion = kept_label(promotion)
         run_ids = {**run_ids, champion: promotion.run_id}

@@ -26,7 +26,8 @@ CREATE INDEX IF NOT EXISTS forecasts_by_as_of ON forecasts (dataset, as_of);
 -- model. The aggregate row has series_id NULL; the key uses series_key (series_id, or '' for the
 -- aggregate) because NULLs never collide in a UNIQUE constraint, so they cannot be upserted.
 -- A series that validation dropped (policy `drop`) gets one row with status 'dropped', the
--- model that forecast the others, NULL scores and the failed check in `detail`.
+-- model that forecast the others, NULL scores and the failed check in `detail`. A model that
+-- forecast non-finite values in the backtest has status 'failed' and NULL scores.
 CREATE TABLE IF NOT EXISTS model_scores (
     dataset        VARCHAR(64)      NOT NULL,
     as_of          TIMESTAMP        NOT NULL,
@@ -39,8 +40,8 @@ CREATE TABLE IF NOT EXISTS model_scores (
     mase           DOUBLE PRECISION,
     interval_coverage DOUBLE PRECISION,  -- aggregate rows: share of actuals inside the interval
     is_champion    BOOLEAN          NOT NULL DEFAULT FALSE,
-    status         VARCHAR(16)      NOT NULL DEFAULT 'scored',  -- scored | dropped
-    detail         VARCHAR(1000),                               -- why a series was dropped
+    status         VARCHAR(16)      NOT NULL DEFAULT 'scored',  -- scored | dropped | failed
+    detail         VARCHAR(1000),                               -- why a series was dropped or failed
     mlflow_run_id  VARCHAR(64),
     created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
     CONSTRAINT model_scores_key UNIQUE (dataset, as_of, model, series_key),

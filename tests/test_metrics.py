@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forecasting.metrics import mae, mase, mase_scale, rmse, score, smape
+from forecasting.backtest import choose_champion
+from forecasting.metrics import METRICS, mae, mase, mase_scale, rmse, score, smape
 
 
 def test_point_metrics_against_hand_computed_values():
@@ -42,6 +43,25 @@ def test_score_per_series_and_aggregate_rows():
     agg = out[out["series_id"].isna()].iloc[0]
     assert agg["mase"] == pytest.approx((0.25 + 0.5) / 2)
     assert agg["mae"] == pytest.approx((0.5 + 2.0) / 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_forecast_is_unscored_and_cannot_win(bad: float):
+    """A NaN step used to count as perfect in sMAPE and be skipped in MASE, so a model that
+    failed on part of a series scored better than one that forecast it all, and won."""
+    ts = pd.date_range("2020-01-01", periods=6, freq="D")
+    history = pd.DataFrame({"series_id": ["a"] * 4 + ["b"] * 4, "ts": list(ts[:4]) * 2,
+                            "value": [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 14.0, 14.0]})
+    y = [5.0, 6.0, 10.0, 10.0]
+    preds = pd.DataFrame({"model": ["broken"] * 4 + ["fine"] * 4, "series_id": ["a", "a", "b", "b"] * 2,
+                          "ts": [ts[4], ts[5]] * 4, "y": y * 2,
+                          "yhat": [5.0, 6.0, bad, 10.0, 4.0, 7.0, 12.0, 12.0]})
+    out = score(preds, history, season_length=2)
+    broken = out[out["model"] == "broken"]
+    assert broken.loc[broken["series_id"] == "a", "mase"].tolist() == [0.0]  # its finite series stays scored
+    assert broken.loc[broken["series_id"] == "b", list(METRICS)].isna().all(axis=None)
+    assert broken.loc[broken["series_id"].isna(), list(METRICS)].isna().all(axis=None)
+    assert choose_champion(out) == "fine"
 
 
 def test_score_scales_by_the_history_up_to_each_origin():

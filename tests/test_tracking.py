@@ -118,6 +118,12 @@ def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: Ml
     rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")]),
                                {"naive": promoted.run_id}, promotion=promoted)
     assert set(rows.loc[rows["is_champion"], "model"]) == {"naive"} and len(rows) == 3  # a, b, aggregate
+    assert (rows["status"] == "scored").all() and rows["detail"].isna().all()
+    comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")])
+    comparison.scores.loc[comparison.scores["series_id"] == "a", ["mae", "rmse", "smape", "mase"]] = float("nan")
+    rows = pipeline.score_rows(comparison, {"naive": promoted.run_id}, promotion=promoted)
+    failed = rows[rows["status"] == "failed"]  # metrics.score leaves non-finite forecasts unscored
+    assert failed["series_id"].tolist() == ["a"] and "non-finite" in failed["detail"].iloc[0]
 
 
 def test_a_baseline_champion_is_refreshed_after_a_change_to_the_networks_training(client: MlflowClient) -> None:
