@@ -160,8 +160,11 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
 
     settings = Settings()
     engine = db.make_engine(settings)
-    with engine.begin() as conn:
-        written = demo.load_demo(conn)
+    try:
+        with engine.begin() as conn:
+            written = demo.load_demo(conn)
+    except db.CONNECTION_ERRORS as exc:
+        raise db.connect_error(engine, exc) from None  # its text may hold the URL
     for table, rows in written.items():
         console.print(f"{table}: {rows} rows upserted into {settings.safe_database_url}")
     return 0

@@ -232,7 +232,9 @@ def read_dataset(
         _require_columns(config, source.table, wanted, table.columns.keys())
         query: Any = sa.select(*(table.c[c] for c in wanted))
     else:
-        query = sa.text(source.query)
+        # Escaped: text() reads ':word' as a bind parameter, even inside a string literal
+        # ('store :north'), and no parameters are ever bound here; '::' casts stay as they are.
+        query = sa.text(source.query.replace(":", "\\:"))
     try:
         frame = frame_of(conn.execute(query))
     except sa.exc.DBAPIError as exc:
@@ -318,6 +320,7 @@ def to_long_frame(
                 f"{int(ids.isna().sum())} row(s); every row must name its series"
             )
         out["series_id"] = ids.astype(str)
+        _require_storable_ids(out["series_id"], config=config)
     else:
         out["series_id"] = pd.Series(config.name, index=frame.index, dtype=object)
     try:
@@ -347,13 +350,38 @@ def to_long_frame(
     return out
 
 
+SERIES_ID_LENGTH = 255  # the series_id columns of forecasts, model_scores and actuals (schema.sql)
+
+
+def _require_storable_ids(ids: pd.Series, *, config: DatasetConfig) -> None:
+    """Refuse ids the output tables cannot hold, before any training: an empty id (which
+    PostgreSQL keeps apart from NULL) fails model_scores' aggregate check, a longer one
+    PostgreSQL's VARCHAR(255) - both at the write, after the night's work."""
+    lengths = ids.str.len()
+    bad = (lengths == 0) | (lengths > SERIES_ID_LENGTH)
+    if bad.any():
+        first = ids[bad.idxmax()]
+        shown = repr(first) if len(first) <= 60 else f"{first[:60]!r}... ({len(first)} characters)"
+        raise DataError(
+            f"dataset {config.name!r}, series {shown}: column {config.source.id_column!r} (id_column) "
+            f"must be 1 to {SERIES_ID_LENGTH} characters ({int(bad.sum())} row(s) are not)"
+        )
+
+
+# A time of day followed by a UTC offset or Z: text that carries its own zone (SQLite's way).
+_TEXT_OFFSET = re.compile(r"\d{2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)$")
+
+
 def naive_times(column: pd.Series, timezone: str) -> pd.Series:
     """Timestamps without a zone: aware ones (PostgreSQL timestamptz, which psycopg returns in
-    the session's zone) on the wall clock of `timezone`; naive ones as they are."""
+    the session's zone, or text with an offset, as SQLite stores them) on the wall clock of
+    `timezone`; naive ones as they are."""
     aware = isinstance(column.dtype, pd.DatetimeTZDtype)
-    if column.dtype == object:
+    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
         first = column.first_valid_index()
-        aware = first is not None and getattr(column[first], "tzinfo", None) is not None
+        value = column[first] if first is not None else None
+        aware = getattr(value, "tzinfo", None) is not None or (
+            isinstance(value, str) and _TEXT_OFFSET.search(value.strip()) is not None)
     ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
     if aware:
         ts = ts.dt.tz_convert(timezone)

@@ -68,6 +68,16 @@ def test_init_db_twice_then_load_demo(env: dict[str, str], capsys: pytest.Captur
     engine.dispose()
 
 
+@pytest.mark.parametrize("command", ["init-db", "load-demo"])
+def test_an_unreachable_database_is_named_with_its_password_masked(
+        command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", "postgresql+psycopg://me:Secret-7@127.0.0.1:1/nowhere")
+    assert main([command]) == 2
+    out = capsys.readouterr().out
+    assert "error: database postgresql+psycopg://me:***@127.0.0.1:1/nowhere is not usable" in out
+    assert "Secret-7" not in out
+
+
 @pytest.mark.parametrize("command", ["run", "predict", "backfill"])
 def test_bad_config_is_a_clear_error_before_anything_starts(
         command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,6 +180,44 @@ def test_null_series_id_or_time_is_named(small_sales: sa.Engine) -> None:
             db.read_dataset(conn, null_time, as_of=datetime(2020, 6, 1))
 
 
+def test_series_ids_the_output_tables_cannot_hold_are_named_at_the_read(small_sales: sa.Engine) -> None:
+    """An empty id failed model_scores' aggregate check, a 300-character one PostgreSQL's
+    VARCHAR(255): both at the write, after the night's training."""
+    def from_query(select: str) -> DatasetConfig:
+        return SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": None, "query": select})})
+
+    empty = from_query("SELECT CASE WHEN series_id = 'a' THEN '' ELSE series_id END AS series_id, month, turnover FROM sales")
+    long = from_query(f"SELECT CASE WHEN series_id = 'a' THEN '{'x' * 300}' ELSE series_id END AS series_id, "
+                      "month, turnover FROM sales")
+    with small_sales.connect() as conn:
+        with pytest.raises(db.DataError, match=r"dataset 'sales', series '': column 'series_id' \(id_column\) must be "
+                                               r"1 to 255 characters \(6 row\(s\)"):
+            db.read_dataset(conn, empty)
+        with pytest.raises(db.DataError, match=r"series 'x{60}'\.\.\. \(300 characters\)"):
+            db.read_dataset(conn, long)
+
+
+def test_a_colon_word_in_source_query_is_sql_not_a_bind_parameter(small_sales: sa.Engine) -> None:
+    config = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": None, "query": (
+        "SELECT series_id, month, turnover FROM sales WHERE industry <> 'store :north' AND state <> 'x:y'")})})
+    with small_sales.connect() as conn:
+        assert len(db.read_dataset(conn, config)) == 12
+
+
+def test_text_timestamps_with_an_offset_are_read_on_the_wall_clock_of_source_timezone() -> None:
+    """SQLite keeps times as text: one with an offset was read in UTC, off the local grid."""
+    config = DatasetConfig.from_mapping({
+        "name": "readings", "source": {"table": "r", "id_column": "sid", "time_column": "d", "target_column": "y",
+                                       "timezone": "Europe/Berlin"},
+        "freq": "D", "horizon": 3, "season_length": 7})
+    frame = pd.DataFrame({"sid": "a", "d": ["2020-01-01 00:00:00+01:00", "2020-07-02 00:00:00+02:00",
+                                            "2020-07-03 00:00:00+02:00"], "y": [1.0, 2.0, 3.0]})
+    out = db.to_long_frame(frame, config)
+    assert out["ts"].tolist() == [pd.Timestamp("2020-01-01"), pd.Timestamp("2020-07-02"), pd.Timestamp("2020-07-03")]
+    naive = frame.assign(d=["2020-01-01 00:00:00", "2020-07-02 00:00:00", "2020-07-03 00:00:00"])
+    assert db.to_long_frame(naive, config)["ts"].dt.day.tolist() == [1, 2, 3]
+
+
 def test_pg_timestamptz_is_read_on_the_wall_clock_of_source_timezone(pg_url: str) -> None:
     """Monthly local midnights in a timestamptz (both daylight-saving offsets): on the dataset's
     zone they are the monthly grid, whatever the reading session's zone; in UTC, the day before."""
