@@ -487,6 +487,10 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
             f"dataset {config.name!r}: no version of {tracking_process.registered_model_name(config.name)!r} "
             f"has the alias {tracking_process.CHAMPION_ALIAS!r} yet; run `forecasting run` first"
         )
+    unlike = pipeline.unlike_config(champion, config)
+    if unlike is not None:
+        raise ValueError(f"dataset {config.name!r}: {unlike}; run `forecasting run` to train and "
+                         "promote a champion for this config")
     if champion.trained_through is not None and champion.trained_through > effective_as_of:
         raise ValueError(
             f"dataset {config.name!r}: champion v{champion.version} was trained on data through "

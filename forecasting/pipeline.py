@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -380,14 +381,9 @@ def decide(
         return new("backfill", "a night of a backfill: alias untouched, forecast by this night's model")
     if current is None:
         return new("promoted", "no current champion")
-    if current.forecaster.horizon != config.horizon or current.forecaster.freq != config.freq:
-        return new("promoted", f"current champion v{current.version} forecasts "
-                   f"{current.forecaster.horizon} x {current.forecaster.freq!r}, the config now "
-                   f"{config.horizon} x {config.freq!r}")
-    if current.forecaster.season_length != config.season_length:
-        # MASE and the intervals' units are scaled by the season: the two would not compare.
-        return new("promoted", f"current champion v{current.version} has season_length "
-                   f"{current.forecaster.season_length}, the config now {config.season_length}")
+    unlike = unlike_config(current, config)
+    if unlike is not None:
+        return new("promoted", unlike)
     if current.trained_through is not None and current.trained_through > as_of:
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "
@@ -406,6 +402,24 @@ def decide(
                    rescored)
     return Decision(current.forecaster, current.quantiles, current, False, "kept",
                     f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase, replaces, rescored)
+
+
+def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str | None:
+    """Why the registered `current` cannot make this config's forecast, or None if it can: its
+    horizon and freq, its season (which scales MASE and its intervals' units: the two would
+    not compare) and the level its intervals were calibrated for must be the config's."""
+    model = current.forecaster
+    if model.horizon != config.horizon or model.freq != config.freq:
+        return (f"current champion v{current.version} forecasts {model.horizon} x {model.freq!r}, "
+                f"the config now {config.horizon} x {config.freq!r}")
+    if model.season_length != config.season_length:
+        return (f"current champion v{current.version} has season_length {model.season_length}, "
+                f"the config now {config.season_length}")
+    level = current.interval_level
+    if level is not None and not math.isclose(level, config.interval_level):
+        return (f"current champion v{current.version}'s intervals are calibrated at level {level:g}, "
+                f"the config now asks {config.interval_level:g}")
+    return None
 
 
 def superseded(promotion: Promotion, found: str | None) -> Promotion:

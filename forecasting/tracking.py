@@ -276,6 +276,7 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
 
 INTERVAL_TAG = "interval_quantiles"
+INTERVAL_LEVEL_TAG = "interval_level"
 TRAINED_THROUGH_TAG = "trained_through"
 
 
@@ -286,7 +287,7 @@ def tag_version(
     """What a later night needs of a version: its interval quantiles and its data's end."""
     name = registered_model_name(dataset)
     client.set_model_version_tag(name, version, INTERVAL_TAG, json.dumps(quantiles))
-    client.set_model_version_tag(name, version, "interval_level", str(level))
+    client.set_model_version_tag(name, version, INTERVAL_LEVEL_TAG, str(level))
     client.set_model_version_tag(name, version, "interval_method", intervals.METHOD)
     client.set_model_version_tag(name, version, TRAINED_THROUGH_TAG, str(trained_through))
 
@@ -395,8 +396,10 @@ def load_version(client: MlflowClient, dataset: str, version: str) -> Registered
     if len(quantiles) != forecaster.horizon:  # registered before intervals: no interval
         quantiles = [float("nan")] * forecaster.horizon
     trained = model_version.tags.get(TRAINED_THROUGH_TAG)
+    level = model_version.tags.get(INTERVAL_LEVEL_TAG)
     return RegisteredForecaster(forecaster, str(version), model_version.run_id, quantiles,
-                                pd.Timestamp(trained) if trained else None)
+                                pd.Timestamp(trained) if trained else None,
+                                float(level) if level else None)
 
 
 def load_champion(client: MlflowClient, dataset: str) -> RegisteredForecaster | None:

@@ -105,6 +105,7 @@ class RegisteredForecaster:
     run_id: str  # the MLflow run that logged the model
     quantiles: list[float]  # interval half-widths per step, calibrated on its backtest
     trained_through: pd.Timestamp | None  # the last timestamp of the data it was fitted on
+    interval_level: float | None = None  # the level its quantiles were calibrated for
 
 
 _pool: ProcessPoolExecutor | None = None

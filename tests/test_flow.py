@@ -84,6 +84,12 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     assert (after_predict["lower"] <= after_predict["value"]).all()
     assert (after_predict["value"] <= after_predict["upper"]).all()
 
+    # The champion's intervals were calibrated at the config's level: not at another one.
+    with pytest.raises(ValueError, match=r"intervals are calibrated at level 0\.8, the config now asks 0\.95; "
+                                         r"run `forecasting run`"):
+        predict(config=config.model_copy(update={"interval_level": 0.95}))
+    pd.testing.assert_frame_equal(forecasts(engine), after_predict)
+
 
 def test_past_as_of_uses_no_later_data(engine: sa.Engine, env: dict[str, str]) -> None:
     load_sales(engine)

@@ -99,6 +99,23 @@ def test_a_changed_season_promotes_rather_than_compare_mase_on_two_scales(client
     assert night.reason == "current champion v1 has season_length 12, the config now 6"
 
 
+def test_a_changed_interval_level_promotes_and_predict_refuses_the_old_champion(client: MlflowClient) -> None:
+    """A kept champion used to forecast with intervals calibrated at the old level (and
+    `predict` always did): a champion's intervals must be at the config's level."""
+    panel = seasonal_panel()
+    first = promote(client, panel, "seasonal_naive")
+    loaded = tracking_process.current_champion(Settings().mlflow_tracking_uri, "sales")
+    assert loaded.interval_level == CONFIG.interval_level
+    assert pipeline.unlike_config(loaded, CONFIG) is None
+    wider = CONFIG.model_copy(update={"interval_level": 0.95})
+    night = promote(client, panel, "naive", claimed_mase=1e9, config=wider)  # would have been kept
+    assert night.promoted and night.decision == "promoted" and night.version == "2"
+    assert night.reason == (f"current champion v1's intervals are calibrated at level {CONFIG.interval_level:g}, "
+                            "the config now asks 0.95")
+    assert first.version == "1"
+    assert pipeline.unlike_config(loaded, wider) == night.reason
+
+
 def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: MlflowClient) -> None:
     """On a night that keeps the current champion, `is_champion` marks the model that forecast:
     a row of its own, with the scores it was re-scored to, not tonight's candidate's."""
