@@ -623,6 +623,7 @@ def write_run(
         conn, forecasts_table, forecast_rows, key=("dataset", "series_id", "as_of", "ts")
     )
     if scores is None:
+        _flag_forecasting_model(conn, scores_table, dataset=dataset, as_of=as_of, forecasts=forecasts)
         return n_forecasts, 0
     score_frame = scores.assign(
         series_key=scores["series_id"].where(scores["series_id"].notna(), AGGREGATE_KEY)
@@ -630,6 +631,20 @@ def write_run(
     score_rows = score_frame.assign(dataset=dataset, as_of=as_of, created_at=created_at)
     n_scores = upsert(conn, scores_table, score_rows, key=("dataset", "as_of", "model", "series_key"))
     return n_forecasts, n_scores
+
+
+def _flag_forecasting_model(conn: Connection, scores_table: sa.Table, *, dataset: str, as_of: datetime,
+                            forecasts: pd.DataFrame) -> None:
+    """Forecasts replaced without scores (`forecasting predict`): `is_champion` keeps marking
+    the model that made the as_of's forecast. Its rows are those logged by the forecasts' MLflow
+    run (the registered model's); if no score row of the as_of is, none is flagged."""
+    runs = forecasts["mlflow_run_id"].dropna().unique() if "mlflow_run_id" in forecasts else []
+    made_it = sa.and_(scores_table.c.mlflow_run_id.in_(list(runs)), scores_table.c.status == "scored")
+    conn.execute(
+        sa.update(scores_table)
+        .where(scores_table.c.dataset == dataset, scores_table.c.as_of == as_of)
+        .values(is_champion=sa.case((made_it, True), else_=False))
+    )
 
 
 def _require_finite(forecasts: pd.DataFrame, *, dataset: str) -> None:

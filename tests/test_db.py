@@ -290,6 +290,35 @@ def test_upsert_twice_keeps_one_row_per_key_with_newer_value(engine: sa.Engine) 
     assert scores["series_id"].isna().sum() == 1  # the aggregate row
 
 
+def test_forecasts_replaced_without_scores_flag_the_model_that_made_them(engine: sa.Engine) -> None:
+    """`forecasting predict` replaces an as_of's forecasts, not its scores: is_champion used to
+    keep marking the night's model after another (the alias moved by hand) made the forecast."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+    as_of = datetime(2020, 12, 1)
+    night = pd.concat([score_rows(1.0), score_rows(2.0).assign(model="gru", is_champion=False, mlflow_run_id="r2")])
+
+    def flagged() -> list[tuple[str, object]]:
+        with engine.connect() as conn:
+            rows = pd.read_sql("SELECT model, series_key FROM model_scores WHERE is_champion ORDER BY model, series_key", conn)
+        return list(rows.itertuples(index=False, name=None))
+
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=as_of, forecasts=forecast_rows(1.0), scores=night)
+    assert flagged() == [("lstm", ""), ("lstm", "a")]
+    with engine.begin() as conn:  # the same champion again: the same flags
+        db.write_run(conn, dataset="sales", as_of=as_of, forecasts=forecast_rows(1.0), scores=None)
+    assert flagged() == [("lstm", ""), ("lstm", "a")]
+    with engine.begin() as conn:  # tonight's gru, promoted by hand, forecasts
+        db.write_run(conn, dataset="sales", as_of=as_of, scores=None,
+                     forecasts=forecast_rows(2.0).assign(model="gru", model_version="2", mlflow_run_id="r2"))
+    assert flagged() == [("gru", ""), ("gru", "a")]
+    with engine.begin() as conn:  # an older version, which no score row of this as_of describes
+        db.write_run(conn, dataset="sales", as_of=as_of, scores=None,
+                     forecasts=forecast_rows(3.0).assign(model="rnn", model_version="0", mlflow_run_id="r0"))
+    assert flagged() == []
+
+
 def test_upsert_refuses_a_column_the_table_has_not(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         db.init_db(conn)
