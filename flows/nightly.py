@@ -506,7 +506,9 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
 
 @flow(name="backfill", task_runner=task_runner(Settings().forecasting_dask_address))
 def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str, Any]]:
-    """The nightly flow for every as_of from start to end at the dataset's freq, oldest first.
+    """The nightly flow for every as_of from start to end at the dataset's freq, oldest first;
+    a date with no data of its own (after the data's end, in a gap) is skipped, with a warning,
+    rather than repeat the night before it.
 
     Under a Dask task runner every night runs on that one cluster (a subflow would otherwise
     keep its own task runner).
@@ -519,6 +521,23 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     dates = pd.date_range(first, last, freq=config.freq)
     if len(dates) == 0:
         raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
+    nights, skipped = pipeline.backfill_nights(dates, data_times(config, last))
+    if skipped:
+        get_run_logger().warning(
+            "dataset %r: %d as_of date(s) skipped, which have no data of their own (after the data's end, in a "
+            "gap, or before its start) and would repeat the night of the date before them: %s",
+            config.name, len(skipped), ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in skipped[:10]))
     client = _cluster()
     night = nightly if client is None else nightly.with_options(task_runner=task_runner(client.scheduler.address))
-    return [night(config, as_of=date.to_pydatetime(), backfill=True) for date in dates]
+    return [night(config, as_of=date.to_pydatetime(), backfill=True) for date in nights]
+
+
+@task(name="data-times", **IO_RETRIES)
+def data_times(config: DatasetConfig, until: pd.Timestamp) -> pd.DatetimeIndex:
+    """The timestamps of the dataset's rows up to `until`."""
+    engine = db.make_engine(Settings())
+    try:
+        with engine.connect() as conn:
+            return db.read_times(conn, config, until=until)
+    except db.CONNECTION_ERRORS as exc:
+        raise db.connect_error(engine, exc) from None  # its text may hold the URL

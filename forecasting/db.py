@@ -232,16 +232,8 @@ def read_dataset(
         _require_columns(config, source.table, wanted, table.columns.keys())
         query: Any = sa.select(*(table.c[c] for c in wanted))
     else:
-        # Escaped: text() reads ':word' as a bind parameter, even inside a string literal
-        # ('store :north'), and no parameters are ever bound here; '::' casts stay as they are.
-        query = sa.text(source.query.replace(":", "\\:"))
-    try:
-        frame = frame_of(conn.execute(query))
-    except sa.exc.DBAPIError as exc:
-        if source.query is not None and _is_query_error(exc):
-            reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
-            raise DataError(f"dataset {config.name!r}: `source.query` fails: {reason}") from None
-        raise
+        query = _source_query(source.query)
+    frame = frame_of(_execute_source(conn, config, query))
     if source.query is not None:
         _require_columns(config, "source.query", wanted, frame.columns)
         twice = sorted(set(frame.columns[frame.columns.duplicated()]) & set(wanted))
@@ -249,6 +241,38 @@ def read_dataset(
             raise DataError(f"dataset {config.name!r}: `source.query` returns the column {twice[0]!r} more "
                             "than once; name each column once (AS ...)")
     return to_long_frame(frame, config, as_of=as_of)
+
+
+def _source_query(sql: str) -> sa.TextClause:
+    # Escaped: text() reads ':word' as a bind parameter, even inside a string literal
+    # ('store :north'), and no parameters are ever bound here; '::' casts stay as they are.
+    return sa.text(sql.replace(":", "\\:"))
+
+
+def _execute_source(conn: Connection, config: DatasetConfig, query: Any) -> sa.CursorResult[Any]:
+    try:
+        return conn.execute(query)
+    except sa.exc.DBAPIError as exc:
+        if config.source.query is not None and _is_query_error(exc):
+            reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
+            raise DataError(f"dataset {config.name!r}: `source.query` fails: {reason}") from None
+        raise
+
+
+def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> pd.DatetimeIndex:
+    """The distinct timestamps of the dataset up to `until`, oldest first: the as_of dates that
+    have data of their own (a backfill's nights), read without reading the values."""
+    source = config.source
+    if source.table is not None:
+        table = reflect_table(conn, source.table, dataset=config.name)
+        _require_columns(config, source.table, [source.time_column], table.columns.keys())
+        query: Any = sa.select(table.c[source.time_column]).distinct()
+    else:
+        rows = _source_query(source.query).columns(sa.column(source.time_column)).subquery("source_rows")
+        query = sa.select(rows.c[source.time_column]).distinct()
+    raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
+    times = naive_times(raw, source.timezone) if len(raw) else pd.Series([], dtype="datetime64[ns]")
+    return pd.DatetimeIndex(sorted(set(times[times <= pd.Timestamp(until)])))
 
 
 READ_CHUNK_ROWS = 250_000  # rows turned into columns at a time

@@ -70,6 +70,22 @@ def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> t
     return panel, panel["ts"].max()
 
 
+def backfill_nights(dates: pd.DatetimeIndex, times: pd.DatetimeIndex) -> tuple[list[pd.Timestamp], list[pd.Timestamp]]:
+    """(the dates to run, the dates skipped) of a backfill over `dates`, given the data's
+    timestamps `times`. A night uses the data up to its date, so a date with no data of its own
+    (past the data's end, or in a gap) would train and write again the night of the date
+    before it with data; a date before any data would fail. Both are skipped."""
+    run, skipped, seen = [], [], set()
+    ends = np.searchsorted(times.to_numpy(), dates.to_numpy(), side="right")  # data up to each date
+    for date, end in zip(dates, ends):
+        if end == 0 or end in seen:
+            skipped.append(date)
+            continue
+        seen.add(end)
+        run.append(date)
+    return run, skipped
+
+
 def input_window(config: DatasetConfig) -> int:
     if config.training.input_window is not None:
         return config.training.input_window

@@ -247,6 +247,25 @@ def test_pg_timestamptz_is_read_on_the_wall_clock_of_source_timezone(pg_url: str
     assert up_to["ts"].max() == pd.Timestamp("2020-06-01")
 
 
+def test_read_times_gives_the_distinct_timestamps_up_to_a_date(small_sales: sa.Engine) -> None:
+    by_query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, turnover FROM sales WHERE series_id = 'a'"})})
+    with small_sales.connect() as conn:
+        for config in (SALES, by_query):
+            times = db.read_times(conn, config, until=datetime(2020, 4, 15))
+            assert list(times) == list(pd.date_range("2020-01-01", periods=4, freq="MS"))
+
+
+def test_backfill_nights_skip_dates_without_data_of_their_own() -> None:
+    from forecasting.pipeline import backfill_nights
+
+    times = pd.DatetimeIndex(["2020-02-01", "2020-03-01", "2020-05-01"])  # April missing: a gap
+    dates = pd.date_range("2020-01-01", "2020-07-01", freq="MS")
+    run, skipped = backfill_nights(dates, times)
+    assert [d.strftime("%m") for d in run] == ["02", "03", "05"]
+    assert [d.strftime("%m") for d in skipped] == ["01", "04", "06", "07"]
+
+
 def test_invalid_identifier_is_refused(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         with pytest.raises(ValueError, match="not a valid SQL identifier"):

@@ -86,6 +86,13 @@ def test_transient_database_error_is_retried(engine: sa.Engine, env: dict[str, s
     assert len(calls) == 2 and summary["forecast_rows"] == len(SERIES) * 6
 
 
+def test_backfill_past_the_data_end_runs_each_night_once(engine: sa.Engine, env: dict[str, str]) -> None:
+    """Dates after the data's last month used to train and write that month's night again."""
+    load_sales(engine)  # monthly, to 2019-12-01
+    summaries = backfill(config=tiny_config(), start="2019-11-01", end="2020-02-01")
+    assert [s["as_of"] for s in summaries] == ["2019-11-01 00:00:00", "2019-12-01 00:00:00"]
+
+
 def test_backfill_touches_only_its_dates_and_reruns_change_nothing(engine: sa.Engine, env: dict[str, str]) -> None:
     load_sales(engine)
     config = tiny_config()
