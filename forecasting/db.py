@@ -210,6 +210,11 @@ def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) ->
     except sa.exc.NoSuchTableError:
         where = f"dataset {dataset!r}: " if dataset else ""
         hint = " (run `forecasting init-db`)" if name in (FORECASTS, MODEL_SCORES, ACTUALS) else ""
+        inspector = sa.inspect(conn)
+        same_but_case = [t for t in (*inspector.get_table_names(), *inspector.get_view_names())
+                         if t.lower() == name.lower() and t != name]
+        if same_but_case:  # PostgreSQL folds unquoted names to lower case: CREATE TABLE Sales made sales
+            hint = f"; {same_but_case[0]!r} does: names are case-sensitive here, write it so in the config"
         raise DataError(f"{where}table {name!r} does not exist{hint}") from None
 
 

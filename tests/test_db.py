@@ -152,6 +152,13 @@ def test_missing_table_and_column_are_named(small_sales: sa.Engine) -> None:
     with small_sales.connect() as conn:
         with pytest.raises(db.DataError, match="dataset 'sales': table 'nope' does not exist"):
             db.read_dataset(conn, missing_table)
+        # PostgreSQL made `CREATE TABLE Sales` sales; SQLite, whose names ignore case, reads it
+        other_case = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": "Sales"})})
+        if conn.dialect.name == "postgresql":
+            with pytest.raises(db.DataError, match=r"table 'Sales' does not exist; 'sales' does: names are case-sensitive"):
+                db.read_dataset(conn, other_case)
+        else:
+            assert len(db.read_dataset(conn, other_case)) == 12
         with pytest.raises(db.DataError, match=r"`source.target_column` \('revenue'\) not found in sales"):
             db.read_dataset(conn, missing_column)
 
