@@ -374,7 +374,8 @@ def decide(
       the alias stays and this night's own model forecasts, so no later data leaks into a past
       night and a backfill never moves production's alias;
     - a current champion that needs covariates tonight's panel has not (dropped from the
-      config): promote;
+      config), or that cannot be re-scored on it (its input window is longer than tonight's
+      series allow, or it forecast non-finite values): promote;
     - otherwise the new model is promoted only if its backtest MASE beats the current champion
       re-scored at the same origins (see rescore_current). The same model with the same
       settings ties by construction: it is refreshed, i.e. promoted with the newer weights.
@@ -408,8 +409,14 @@ def decide(
     if missing:
         return new("promoted", f"current champion v{current.version} needs covariates {missing}, "
                    "which the config no longer reads")
-    rescored = rescore_current(current.forecaster, config, panel, comparison)
+    try:
+        rescored = rescore_current(current.forecaster, config, panel, comparison)
+    except ValueError as exc:  # e.g. a longer input window than tonight's series allow
+        return new("promoted", f"current champion v{current.version} cannot be re-scored on tonight's data: {exc}")
     current_mase = rescored["mase"]
+    if not math.isfinite(current_mase):  # it forecast non-finite values (metrics.score)
+        return new("promoted", f"current champion v{current.version} re-scored to no MASE "
+                   "(non-finite forecasts)", rescored)
     versus = f"v{current.version} {current.forecaster.name} re-scored {current_mase:.4f}"
     if new_mase < current_mase:
         return new("promoted", f"new {name} MASE {new_mase:.4f} < {versus}", rescored)

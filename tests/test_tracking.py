@@ -116,6 +116,19 @@ def test_a_changed_interval_level_promotes_and_predict_refuses_the_old_champion(
     assert pipeline.unlike_config(loaded, wider) == night.reason
 
 
+def test_a_champion_that_cannot_backtest_on_tonights_data_is_replaced_not_a_failed_night(client: MlflowClient) -> None:
+    """Its input window is longer than tonight's series allow (the config's window was
+    shortened, and validation sized the series for that): re-scoring it raised, and every
+    night failed in `decide` until someone moved the alias by hand."""
+    long_window = CONFIG.model_copy(update={"training": CONFIG.training.model_copy(update={"input_window": 40})})
+    first = promote(client, seasonal_panel(), "lstm", config=long_window)
+    assert first.version == "1"
+    short = seasonal_panel().groupby("series_id").tail(36).reset_index(drop=True)
+    night = promote(client, short, "naive", claimed_mase=1e9)  # would have been kept
+    assert night.promoted and night.version == "2"
+    assert night.reason.startswith("current champion v1 cannot be re-scored on tonight's data: ")
+
+
 def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: MlflowClient) -> None:
     """On a night that keeps the current champion, `is_champion` marks the model that forecast:
     a row of its own, with the scores it was re-scored to, not tonight's candidate's."""
