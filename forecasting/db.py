@@ -8,6 +8,7 @@ every value is a bound parameter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -178,13 +179,13 @@ def apply_views(conn: Connection) -> None:
             continue  # dropped below, only if it cannot be replaced
         name = re.match(r"CREATE VIEW (\w+)", statement).group(1)  # type: ignore[union-attr]
         try:
-            with conn.begin_nested():
+            with _savepoint(conn):
                 conn.exec_driver_sql(statement.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1))
             continue
         except sa.exc.DBAPIError:  # its columns changed, which only a new view can do
             pass
         try:
-            with conn.begin_nested():
+            with _savepoint(conn):
                 conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
                 conn.exec_driver_sql(statement)
         except sa.exc.DBAPIError as exc:
@@ -195,6 +196,13 @@ def apply_views(conn: Connection) -> None:
                 f"init-db must replace the view {name!r}, whose columns this release changes, but other "
                 f"objects depend on it ({detail}). Drop them, run init-db, then create them again"
             ) from None
+
+
+def _savepoint(conn: Connection) -> contextlib.AbstractContextManager[Any]:
+    """A savepoint, so that a failed statement leaves the transaction usable; none on an
+    AUTOCOMMIT connection, where each statement is its own transaction (and SAVEPOINT fails)."""
+    autocommit = bool(getattr(conn.connection.dbapi_connection, "autocommit", False))  # psycopg's flag
+    return contextlib.nullcontext() if autocommit else conn.begin_nested()
 
 
 def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) -> sa.Table:
