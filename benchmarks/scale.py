@@ -41,7 +41,6 @@ from overhead import (  # noqa: E402  (same directory)
     breakdown,
     forecasting_cmd,
     instrumented_run,
-    saved_run,
     timed_command,
 )
 
@@ -105,16 +104,11 @@ validation:
 """)
 
 
-def run_size(n_series: int, *, days: int, repeat: int, epochs: int, batches: int, keep: Path | None,
-             reuse: bool = False) -> list[dict]:
+def run_size(n_series: int, *, days: int, repeat: int, epochs: int, batches: int,
+             keep: Path | None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix=f"scale-{n_series}-") as tmp:
         workdir = (keep / str(n_series)) if keep else Path(tmp)
-        saved = [saved_run(workdir, i) for i in range(repeat)] if reuse else []
-        if saved and all(saved):  # measured before with --keep: take those runs as they are
-            print(f"{n_series} series: reusing {repeat} run(s) saved in {workdir}", flush=True)
-            rows = n_series * days
-            return [dict(r, series=n_series, rows=rows, reused=True) for r in saved]
         workdir.mkdir(parents=True, exist_ok=True)
         env = bench_env(workdir)
         start = time.time()
@@ -150,8 +144,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="training budget: max_epochs")
     parser.add_argument("--batches", type=int, default=20, help="training budget: max_batches_per_epoch")
     parser.add_argument("--keep", type=Path, default=None, help="keep each size's databases under this folder")
-    parser.add_argument("--reuse", action="store_true",
-                        help="with --keep: take a size's runs saved there by an earlier invocation")
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -159,7 +151,7 @@ def main() -> None:
     rows, per_stage, peaks, tree_peaks, all_records = {}, {}, {}, {}, {}
     for n in sizes:
         records = all_records[n] = run_size(n, days=args.days, repeat=args.repeat, epochs=args.epochs,
-                           batches=args.batches, keep=args.keep, reuse=args.reuse)
+                           batches=args.batches, keep=args.keep)
         med = lambda values: statistics.median(values)  # noqa: E731
         stages = {s: med([stage_seconds(r).get(s, 0.0) for r in records]) for s in STAGES}
         parts = [breakdown(r) for r in records]
@@ -187,10 +179,6 @@ def main() -> None:
     notes = [f"fixed training budget: max_epochs {args.epochs}, max_batches_per_epoch {args.batches}, "
              f"batch_size 512; {args.days} days per series, h = {HORIZON}, season {SEASON}; "
              f"{args.repeat} run(s) per size (median)"]
-    for n in sizes:
-        if any(r.get("reused") for r in all_records[n]):
-            started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(all_records[n][0]["t_spawn"]))
-            notes.append(f"{n} series: run(s) reused from an earlier invocation (--reuse), started {started}")
     ratios = []
     for small, large in zip(sizes, sizes[1:]):
         total = (table.loc[large, "total s"] / large) / (table.loc[small, "total s"] / small)
@@ -198,7 +186,7 @@ def main() -> None:
                     for s in STAGES if per_stage[small][s] > 0}
         worst = max(by_stage, key=by_stage.get)
         line = (f"per-series cost {large}/{small}: total {total:.2f}x "
-                f"({'no worse than' if total <= 1.05 else 'WORSE than'} linear); per stage: "
+                f"({'no worse than' if total <= 1.0 else 'WORSE than'} linear); per stage: "
                 + ", ".join(f"{s} {v:.2f}x" for s, v in by_stage.items())
                 + f"; worst {worst} {by_stage[worst]:.2f}x")
         ratios.append(line)
