@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forecasting.config import ConfigError, Settings, load_config, parse_as_of, redact_url
+from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, parse_as_of, redact_url
 from forecasting.tracking_process import NoChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
@@ -178,9 +178,28 @@ def check_config(args: argparse.Namespace) -> None:
     fresh PREFECT_HOME), which would have been left running until this process exits. The
     flow reads it again (it takes a path, as a deployment's parameter does).
     """
-    load_config(args.config)
-    for option in ("as_of", "start", "end"):  # the dates, likewise
-        parse_as_of(getattr(args, option, None), name="--" + option.replace("_", "-"))
+    config = load_config(args.config)
+    dates = {option: parse_as_of(getattr(args, option, None), name="--" + option.replace("_", "-"))
+             for option in ("as_of", "start", "end")}  # the dates, likewise
+    if dates["start"] is not None and dates["end"] is not None and dates["start"] > dates["end"]:
+        raise ValueError(f"backfill range --start ({args.start}) .. --end ({args.end}) is reversed")
+    check_source(config)
+
+
+def check_source(config: DatasetConfig) -> None:
+    """The source table (or query) and its columns, checked without reading a row (tens of
+    milliseconds): a typo fails here, not after Prefect's start-up with the flow's tracebacks.
+    An unreachable database is left to the flow, whose load task retries it."""
+    from forecasting import db
+
+    engine = db.make_engine(Settings())
+    try:
+        with engine.connect() as conn:
+            db.check_source(conn, config)
+    except db.CONNECTION_ERRORS:
+        pass
+    finally:
+        engine.dispose()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -223,7 +223,7 @@ def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) ->
                          if t.lower() == name.lower() and t != name]
         if same_but_case:  # PostgreSQL folds unquoted names to lower case: CREATE TABLE Sales made sales
             hint = f"; {same_but_case[0]!r} does: names are case-sensitive here, write it so in the config"
-        raise DataError(f"{where}table {name!r} does not exist{hint}") from None
+        raise DataError(f"{where}table {name!r} does not exist in {describe(conn.engine)}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------- read
@@ -270,6 +270,23 @@ def _execute_source(conn: Connection, config: DatasetConfig, query: Any) -> sa.C
             reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
             raise DataError(f"dataset {config.name!r}: `source.query` fails: {reason}") from None
         raise
+
+
+def check_source(conn: Connection, config: DatasetConfig) -> None:
+    """The config's source exists and has its columns, checked without reading a row: the CLI
+    runs it before starting a flow, so that a typo fails in a second, not after Prefect's
+    start-up with the flow's tracebacks."""
+    source = config.source
+    wanted = [c for c in (source.id_column, source.time_column, source.target_column, *source.covariates) if c]
+    if source.table is not None:
+        table = reflect_table(conn, source.table, dataset=config.name)
+        _require_columns(config, source.table, wanted, table.columns.keys())
+        return
+    inner = source.query.strip().rstrip(";")
+    result = _execute_source(conn, config, _source_query(f"SELECT * FROM ({inner}) AS source_rows LIMIT 0"))
+    keys = list(result.keys())
+    result.close()
+    _require_columns(config, "source.query", wanted, keys)
 
 
 def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> pd.DatetimeIndex:

@@ -112,6 +112,36 @@ def test_a_date_that_is_not_iso_8601_is_refused_before_anything_starts(
     assert f"`{option}` ('{value}') is not an ISO 8601 date or date-time" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["run", "predict", "backfill"])
+def test_a_source_mistake_is_refused_before_anything_starts(
+        command: str, engine: sa.Engine, env: dict[str, str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column typo, a bad query or a reversed backfill range used to fail inside the flow,
+    after Prefect's start-up (12 s), under 90 lines of tracebacks."""
+    load_sales(engine)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flows were loaded for a source that cannot be read")
+
+    monkeypatch.setattr(cli, "flow_module", started)
+    dates = ["--start", "2019-01-01", "--end", "2019-02-01"] if command == "backfill" else []
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(tiny_config(source={"table": "sales", "id_column": "series_id", "time_column": "month",
+                                                       "target_column": "turnovr"}).model_dump(mode="json")))
+    assert main([command, "--config", str(typo), *dates]) == 2
+    assert "`source.target_column` ('turnovr') not found in sales" in capsys.readouterr().out
+    query = tmp_path / "query.yaml"
+    query.write_text(yaml.safe_dump(tiny_config(source={"query": "SELECT series_id, month, turnover FROM sales;",
+                                                        "id_column": "series_id", "time_column": "month",
+                                                        "target_column": "revenue"}).model_dump(mode="json")))
+    assert main([command, "--config", str(query), *dates]) == 2
+    assert "`source.target_column` ('revenue') not found in source.query" in capsys.readouterr().out
+    if command == "backfill":
+        good = sales_loaded_and_its_config(engine, tmp_path)
+        assert main(["backfill", "--config", str(good), "--start", "2019-02-01", "--end", "2019-01-01"]) == 2
+        assert "--start (2019-02-01) .. --end (2019-01-01) is reversed" in capsys.readouterr().out
+
+
 def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
     """The test sales data in the database; the path of a tiny config file for it."""
     load_sales(engine)

@@ -155,7 +155,7 @@ def test_missing_table_and_column_are_named(small_sales: sa.Engine) -> None:
         # PostgreSQL made `CREATE TABLE Sales` sales; SQLite, whose names ignore case, reads it
         other_case = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": "Sales"})})
         if conn.dialect.name == "postgresql":
-            with pytest.raises(db.DataError, match=r"table 'Sales' does not exist; 'sales' does: names are case-sensitive"):
+            with pytest.raises(db.DataError, match=r"table 'Sales' does not exist in postgresql.*; 'sales' does: names are case-sensitive"):
                 db.read_dataset(conn, other_case)
         else:
             assert len(db.read_dataset(conn, other_case)) == 12
