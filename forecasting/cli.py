@@ -244,10 +244,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = Settings()
     console.print(f"\ndemo finished in {time.perf_counter() - started:.0f}s\n")
     console.print("Look at the runs and the registry in the MLflow UI:")
-    console.print(f"  mlflow ui --backend-store-uri {redact_url(settings.mlflow_tracking_uri)}   # then open http://127.0.0.1:5000")
+    mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, whether activated or not
+    command = os.path.relpath(mlflow) if mlflow.exists() else "mlflow"
+    console.print(f"  {command} ui --backend-store-uri {redact_url(settings.mlflow_tracking_uri)}   # then open http://127.0.0.1:5000")
     console.print("Query the forecasts:")
     url = settings.database_url
     if url.startswith("sqlite:///"):
+        console.print("  (with the sqlite3 command-line tool, e.g. apt install sqlite3)")
         console.print(f"  sqlite3 {url.removeprefix('sqlite:///')} \"SELECT series_id, ts, value, model FROM forecasts WHERE dataset = 'sales' ORDER BY as_of DESC, series_id, ts LIMIT 24\"")
     else:
         console.print("  SELECT series_id, ts, value, model FROM forecasts WHERE dataset = 'sales' ORDER BY as_of DESC, series_id, ts LIMIT 24;")
@@ -256,10 +259,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
-
-    from flows.nightly import nightly
+    from prefect.settings import PREFECT_API_URL
 
     deployments = deployments_from_yaml(args.prefect_yaml)
+    if not PREFECT_API_URL.value():
+        # Prefect would serve them from a temporary API that exists only while this process
+        # runs: the schedules, runs and UI would vanish with it (and its Ctrl+C ends in
+        # connection tracebacks, as that API stops before the runner).
+        raise ConfigError("`forecasting serve` needs a Prefect server: start one (`prefect server start`) "
+                          "and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    from flows.nightly import nightly
+
     console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
     serve(*(nightly.to_deployment(**d) for d in deployments))
     return 0

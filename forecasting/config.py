@@ -206,7 +206,10 @@ class DatasetConfig(_Strict):
         try:
             offset = to_offset(value)
         except ValueError as exc:
-            raise ValueError(f"`freq` ({value!r}) is not a pandas offset alias: {exc}") from None
+            reason = str(exc).splitlines()[0].split(". Failed to parse")[0]
+            monthly = " (monthly: MS for month starts, ME for month ends)" if value.strip().upper() in ("M", "MONTHLY") else ""
+            raise ValueError(f"`freq` ({value!r}) is not a pandas offset alias{monthly}; e.g. MS, ME, W-MON, D, h "
+                             f"(pandas: {reason})") from None
         if offset.n < 1:
             raise ValueError(f"`freq` ({value!r}) must step forward in time (a multiple of at least 1)")
         # Tick offsets (h, min, s, ms, ...) have a fixed length; finer than a second cannot be

@@ -192,6 +192,15 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
         deployments_from_yaml(spec(schedules=[{"timezone": "UTC"}]))
 
 
+def test_serve_without_a_prefect_server_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to serve from a temporary API that vanished with the process, schedules and all."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert main(["serve"]) == 2
+    assert "`forecasting serve` needs a Prefect server" in capsys.readouterr().out
+
+
 def test_serve_reads_both_deployments_of_prefect_yaml() -> None:
     deployments = deployments_from_yaml(ROOT / "prefect.yaml")
     assert [d["name"] for d in deployments] == ["sales-nightly", "weather-nightly"]

@@ -51,6 +51,7 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(query="SELECT * FROM sales"), "source", "exactly one of"),
         (with_source(table=None), "source", "exactly one of"),
         ({**VALID, "freq": "fortnightly"}, "freq", "'fortnightly'"),
+        ({**VALID, "freq": "M"}, "freq", "(monthly: MS for month starts, ME for month ends)"),
         ({**VALID, "horizon": 0}, "horizon", "greater than or equal to 1"),
         ({**VALID, "models": ["lstm", "transformer"]}, "models", "transformer"),
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
