@@ -50,9 +50,10 @@ def ets(history: np.ndarray, horizon: int, season_length: int, *, series_id: str
 
     Positive series are modelled on the log scale (multiplicative seasonality and trend, fitted
     stably as additive in logs). Two full seasons are needed for the seasonal part. Histories
-    under SELECT_BELOW_SEASONS seasons (or SELECT_BELOW_POINTS points) take whichever of damped trend (+ season), season alone
-    and level alone has the lowest AICc; under 10 points, the level alone. If statsmodels
-    fails, the series falls back to seasonal naive - a baseline must always forecast.
+    under SELECT_BELOW_SEASONS seasons (or SELECT_BELOW_POINTS points) take whichever of damped
+    trend (+ season), season alone and level alone has the lowest AICc; under 10 points, the
+    level alone. If statsmodels fails, the series falls back to seasonal naive - a baseline must
+    always forecast.
     """
     forecast, failed = _ets(history, horizon, season_length, series_id=series_id)
     if failed:
