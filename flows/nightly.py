@@ -521,7 +521,10 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     dates = pd.date_range(first, last, freq=config.freq)
     if len(dates) == 0:
         raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
-    nights, skipped = pipeline.backfill_nights(dates, data_times(config, last))
+    nights, skipped = pipeline.backfill_nights(dates, data_times(config, last), config.freq)
+    if not nights:
+        raise ValueError(f"dataset {config.name!r}: no {config.freq!r} date from {start!r} to {end!r} has data "
+                         "of its own (the range is after the data's end, before its start, or in a gap)")
     if skipped:
         get_run_logger().warning(
             "dataset %r: %d as_of date(s) skipped, which have no data of their own (after the data's end, in a "
@@ -541,3 +544,5 @@ def data_times(config: DatasetConfig, until: pd.Timestamp) -> pd.DatetimeIndex:
             return db.read_times(conn, config, until=until)
     except db.CONNECTION_ERRORS as exc:
         raise db.connect_error(engine, exc) from None  # its text may hold the URL
+    finally:
+        engine.dispose()

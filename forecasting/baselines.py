@@ -50,9 +50,9 @@ def ets(history: np.ndarray, horizon: int, season_length: int, *, series_id: str
 
     Positive series are modelled on the log scale (multiplicative seasonality and trend, fitted
     stably as additive in logs). Two full seasons are needed for the seasonal part. Histories
-    under SELECT_BELOW_SEASONS seasons (or SELECT_BELOW_POINTS points) take whichever of damped
-    trend (+ season), season alone and level alone has the lowest AICc; under 10 points, the
-    level alone. If statsmodels fails, the series falls back to seasonal naive - a baseline must
+    under SELECT_BELOW_SEASONS seasons + 2 points (or SELECT_BELOW_POINTS points) take whichever
+    of damped trend with season, damped trend, season and level alone has the lowest AICc; under
+    10 points, the level alone. If statsmodels fails, the series falls back to seasonal naive - a baseline must
     always forecast.
     """
     forecast, failed = _ets(history, horizon, season_length, series_id=series_id)
@@ -68,6 +68,7 @@ def _ets(history: np.ndarray, horizon: int, season_length: int, *, series_id: st
     seasonal = season_length > 1 and len(y) >= 2 * season_length + 2
     damped = {"trend": "add", "damped_trend": True, "seasonal": "add" if seasonal else None,
               "seasonal_periods": season_length if seasonal else None}
+    trend = {"trend": "add", "damped_trend": True, "seasonal": None}
     level = {"trend": None, "seasonal": None}
     season = {"trend": None, "seasonal": "add", "seasonal_periods": season_length}
     if len(y) < 10:
@@ -76,7 +77,9 @@ def _ets(history: np.ndarray, horizon: int, season_length: int, *, series_id: st
         # A short history: a trend (and a season) estimated from a few dozen points can run away
         # (on 13 points of noise the damped trend forecast 25x the history's maximum), so the
         # models compete on AICc, which weighs their extra parameters, and the level alone may win.
-        attempts = [[damped, season, level] if seasonal else [damped, level]]
+        # The trend alone competes too: with its season's parameters a trend model rarely wins
+        # on 2-4 seasons, and a trending series was forecast flat.
+        attempts = [[damped, trend, season, level] if seasonal else [damped, level]]
     else:
         # Long histories take the first model that fits, in this order: recorded accuracy on
         # aus_retail is with it, and AICc there would change half its series' models at three

@@ -262,6 +262,15 @@ def _source_query(sql: str) -> sa.TextClause:
     return sa.text(sql.replace(":", "\\:"))
 
 
+def _subquery_of(sql: str) -> str:
+    """`sql` ready to be wrapped as `(...) AS name`: without comments (a trailing `-- ...` would
+    swallow the closing parenthesis) or a final semicolon (it would end the statement), both of
+    which a query run as written may have. sqlparse knows string literals from comments."""
+    import sqlparse
+
+    return sqlparse.format(sql, strip_comments=True).strip().rstrip(";").strip()
+
+
 def _execute_source(conn: Connection, config: DatasetConfig, query: Any) -> sa.CursorResult[Any]:
     try:
         return conn.execute(query)
@@ -282,8 +291,8 @@ def check_source(conn: Connection, config: DatasetConfig) -> None:
         table = reflect_table(conn, source.table, dataset=config.name)
         _require_columns(config, source.table, wanted, table.columns.keys())
         return
-    inner = source.query.strip().rstrip(";")
-    result = _execute_source(conn, config, _source_query(f"SELECT * FROM ({inner}) AS source_rows LIMIT 0"))
+    inner = _subquery_of(source.query)
+    result = _execute_source(conn, config, _source_query(f"SELECT * FROM (\n{inner}\n) AS source_rows LIMIT 0"))
     keys = list(result.keys())
     result.close()
     _require_columns(config, "source.query", wanted, keys)
@@ -298,7 +307,7 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
         _require_columns(config, source.table, [source.time_column], table.columns.keys())
         query: Any = sa.select(table.c[source.time_column]).distinct()
     else:
-        rows = _source_query(source.query).columns(sa.column(source.time_column)).subquery("source_rows")
+        rows = _source_query(_subquery_of(source.query)).columns(sa.column(source.time_column)).subquery("source_rows")
         query = sa.select(rows.c[source.time_column]).distinct()
     raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
     times = naive_times(raw, source.timezone) if len(raw) else pd.Series([], dtype="datetime64[ns]")

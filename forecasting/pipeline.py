@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -27,6 +28,7 @@ from forecasting.forecasters import Forecaster, default_input_window, make_forec
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster
 from forecasting.validate import Problem
+from forecasting.windows import SeriesTooShort
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +72,17 @@ def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> t
     return panel, panel["ts"].max()
 
 
-def backfill_nights(dates: pd.DatetimeIndex, times: pd.DatetimeIndex) -> tuple[list[pd.Timestamp], list[pd.Timestamp]]:
+def backfill_nights(dates: pd.DatetimeIndex, times: pd.DatetimeIndex,
+                    freq: str) -> tuple[list[pd.Timestamp], list[pd.Timestamp]]:
     """(the dates to run, the dates skipped) of a backfill over `dates`, given the data's
     timestamps `times`. A night uses the data up to its date, so a date with no data of its own
-    (past the data's end, or in a gap) would train and write again the night of the date
-    before it with data; a date before any data would fail. Both are skipped."""
-    run, skipped, seen = [], [], set()
-    ends = np.searchsorted(times.to_numpy(), dates.to_numpy(), side="right")  # data up to each date
-    for date, end in zip(dates, ends):
-        if end == 0 or end in seen:
-            skipped.append(date)
-            continue
-        seen.add(end)
-        run.append(date)
-    return run, skipped
+    - none in the `freq` step that ends at it: past the data's end, in a gap, before its start -
+    would train and write again the night of an earlier date, or fail. Those are skipped."""
+    stamps = times.to_numpy()
+    ends = np.searchsorted(stamps, dates.to_numpy(), side="right")  # data up to each date
+    starts = np.searchsorted(stamps, (dates - to_offset(freq)).to_numpy(), side="right")  # ... before its step
+    has_own = ends > starts
+    return list(dates[has_own]), list(dates[~has_own])
 
 
 def input_window(config: DatasetConfig) -> int:
@@ -411,7 +410,7 @@ def decide(
                    "which the config no longer reads")
     try:
         rescored = rescore_current(current.forecaster, config, panel, comparison)
-    except ValueError as exc:  # e.g. a longer input window than tonight's series allow
+    except SeriesTooShort as exc:  # its input window is longer than tonight's series allow
         return new("promoted", f"current champion v{current.version} cannot be re-scored on tonight's data: {exc}")
     current_mase = rescored["mase"]
     if not math.isfinite(current_mase):  # it forecast non-finite values (metrics.score)

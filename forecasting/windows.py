@@ -43,6 +43,10 @@ def check_horizon(horizon: int) -> int:
     return int(horizon)
 
 
+class SeriesTooShort(ValueError):
+    """A series has fewer observations than a model's input window and horizon need."""
+
+
 def check_panel(panel: pd.DataFrame, *, covariates: Sequence[str] = (), min_length: int = 1,
                 min_length_name: str = "input_window + horizon") -> None:
     """Raise a ValueError naming the parameter, the series and the value for unusable input."""
@@ -63,7 +67,7 @@ def check_panel(panel: pd.DataFrame, *, covariates: Sequence[str] = (), min_leng
     short = lengths[lengths < min_length]
     if len(short):
         sid, n = short.index[0], int(short.iloc[0])
-        raise ValueError(
+        raise SeriesTooShort(
             f"series {sid!r} has {n} observations, fewer than `{min_length_name}` ({min_length})"
             + (f"; {len(short)} series are that short" if len(short) > 1 else "")
         )

@@ -38,10 +38,13 @@ def test_ets_on_a_short_noisy_history_stays_near_it():
                for i, n in enumerate(range(10, 40))) < 1.5
 
 
-def test_ets_on_a_short_trending_history_keeps_its_trend():
-    # AICc must not take the trend away where the data have one.
-    t = np.arange(20.0)
-    y = 100 + 5 * t + np.random.default_rng(1).normal(0, 1, 20)
+@pytest.mark.parametrize("n", [20, 26, 36, 49])
+def test_ets_on_a_short_trending_history_keeps_its_trend(n: int):
+    # AICc must not take the trend away where the data have one: not without a season (20
+    # points), nor with 2 to 4 seasons, where a trend that carried a season's parameters too
+    # lost to the level and the forecast was flat.
+    t = np.arange(float(n))
+    y = 100 + 5 * t + np.random.default_rng(1).normal(0, 1, n)
     forecast = baselines.ets(y, 6, 12)
     assert forecast[-1] > y[-1] + 10
 

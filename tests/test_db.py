@@ -206,7 +206,7 @@ def test_series_ids_the_output_tables_cannot_hold_are_named_at_the_read(small_sa
 
 def test_a_colon_word_in_source_query_is_sql_not_a_bind_parameter(small_sales: sa.Engine) -> None:
     config = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": None, "query": (
-        "SELECT series_id, month, turnover FROM sales WHERE industry <> 'store :north' AND state <> 'x:y'")})})
+        "SELECT series_id, month, turnover FROM sales WHERE industry <> 'store :north'")})})
     with small_sales.connect() as conn:
         assert len(db.read_dataset(conn, config)) == 12
 
@@ -254,13 +254,19 @@ def test_pg_timestamptz_is_read_on_the_wall_clock_of_source_timezone(pg_url: str
     assert up_to["ts"].max() == pd.Timestamp("2020-06-01")
 
 
-def test_read_times_gives_the_distinct_timestamps_up_to_a_date(small_sales: sa.Engine) -> None:
+@pytest.mark.parametrize("ending", ["", ";", "  -- the demo table", "; -- the demo table", "\n/* note */ ;\n"])
+def test_a_query_source_is_checked_and_its_times_read_whatever_its_ending(small_sales: sa.Engine, ending: str) -> None:
+    """check_source and read_times wrap source.query as a subquery: a final ';' or comment,
+    which a query run as written may have, broke them."""
     by_query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
-        "table": None, "query": "SELECT series_id, month, turnover FROM sales WHERE series_id = 'a'"})})
+        "table": None, "query": "SELECT series_id, month, turnover FROM sales WHERE series_id = 'a' "
+                                "AND industry <> 'x -- y'" + ending})})
     with small_sales.connect() as conn:
         for config in (SALES, by_query):
+            db.check_source(conn, config)
             times = db.read_times(conn, config, until=datetime(2020, 4, 15))
             assert list(times) == list(pd.date_range("2020-01-01", periods=4, freq="MS"))
+        assert len(db.read_dataset(conn, by_query)) == 6
 
 
 def test_backfill_nights_skip_dates_without_data_of_their_own() -> None:
@@ -268,9 +274,18 @@ def test_backfill_nights_skip_dates_without_data_of_their_own() -> None:
 
     times = pd.DatetimeIndex(["2020-02-01", "2020-03-01", "2020-05-01"])  # April missing: a gap
     dates = pd.date_range("2020-01-01", "2020-07-01", freq="MS")
-    run, skipped = backfill_nights(dates, times)
+    run, skipped = backfill_nights(dates, times, "MS")
     assert [d.strftime("%m") for d in run] == ["02", "03", "05"]
     assert [d.strftime("%m") for d in skipped] == ["01", "04", "06", "07"]
+    # a range that starts after the data's end, or in a gap: its first date too
+    assert backfill_nights(pd.date_range("2020-06-01", "2020-07-01", freq="MS"), times, "MS") == (
+        [], list(pd.date_range("2020-06-01", "2020-07-01", freq="MS")))
+    assert backfill_nights(pd.date_range("2020-04-01", "2020-05-01", freq="MS"), times, "MS")[0] == [
+        pd.Timestamp("2020-05-01")]
+    # daily data, weekly nights: a week with any day of data runs
+    days = pd.DatetimeIndex(["2020-01-01", "2020-01-02", "2020-01-10"])
+    weeks = pd.date_range("2020-01-05", "2020-01-26", freq="W-SUN")
+    assert backfill_nights(weeks, days, "W-SUN")[0] == [pd.Timestamp("2020-01-05"), pd.Timestamp("2020-01-12")]
 
 
 def test_invalid_identifier_is_refused(engine: sa.Engine) -> None:

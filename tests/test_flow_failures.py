@@ -91,6 +91,8 @@ def test_backfill_past_the_data_end_runs_each_night_once(engine: sa.Engine, env:
     load_sales(engine)  # monthly, to 2019-12-01
     summaries = backfill(config=tiny_config(), start="2019-11-01", end="2020-02-01")
     assert [s["as_of"] for s in summaries] == ["2019-11-01 00:00:00", "2019-12-01 00:00:00"]
+    with pytest.raises(ValueError, match=r"no 'MS' date from '2020-03-01' to '2020-04-01' has data of its own"):
+        backfill(config=tiny_config(), start="2020-03-01", end="2020-04-01")
 
 
 def test_backfill_touches_only_its_dates_and_reruns_change_nothing(engine: sa.Engine, env: dict[str, str]) -> None:

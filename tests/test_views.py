@@ -91,6 +91,8 @@ def test_a_forecast_without_interval_is_not_counted_as_a_miss(two_runs: sa.Engin
 
 
 def test_views_that_analysts_build_on_ours_survive_init_db(two_runs: sa.Engine) -> None:
+    """PostgreSQL refused to DROP a view another depends on, so init-db failed; SQLite, which
+    tracks no dependencies, never did (its case checks only that init-db leaves it working)."""
     with two_runs.begin() as conn:
         conn.exec_driver_sql("CREATE VIEW my_latest AS SELECT series_id, value FROM latest_forecasts")
     with two_runs.begin() as conn:
