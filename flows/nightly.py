@@ -540,9 +540,7 @@ def data_times(config: DatasetConfig, until: pd.Timestamp) -> pd.DatetimeIndex:
     """The timestamps of the dataset's rows up to `until`."""
     engine = db.make_engine(Settings())
     try:
-        with engine.connect() as conn:
+        with db.naming_connection_errors(engine), engine.connect() as conn:
             return db.read_times(conn, config, until=until)
-    except db.CONNECTION_ERRORS as exc:
-        raise db.connect_error(engine, exc) from None  # its text may hold the URL
     finally:
         engine.dispose()

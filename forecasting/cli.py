@@ -144,11 +144,8 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
     settings = Settings()
     engine = db.make_engine(settings)
-    try:
-        with engine.begin() as conn:
-            migrated = db.init_db(conn)
-    except db.CONNECTION_ERRORS as exc:
-        raise db.connect_error(engine, exc) from None  # its text may hold the URL
+    with db.naming_connection_errors(engine), engine.begin() as conn:
+        migrated = db.init_db(conn)
     console.print(f"schema applied to {settings.safe_database_url}")
     for name in migrated:
         console.print(f"migrated: {name}")
@@ -160,11 +157,8 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
 
     settings = Settings()
     engine = db.make_engine(settings)
-    try:
-        with engine.begin() as conn:
-            written = demo.load_demo(conn)
-    except db.CONNECTION_ERRORS as exc:
-        raise db.connect_error(engine, exc) from None  # its text may hold the URL
+    with db.naming_connection_errors(engine), engine.begin() as conn:
+        written = demo.load_demo(conn)
     for table, rows in written.items():
         console.print(f"{table}: {rows} rows upserted into {settings.safe_database_url}")
     return 0

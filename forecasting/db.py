@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def describe(engine: Engine) -> str:
     return redact_url(engine.url.render_as_string(hide_password=False))
+
+
+@contextlib.contextmanager
+def naming_connection_errors(engine: Engine) -> Iterator[None]:
+    """Connection errors inside, raised as a DatabaseError that names the database with its
+    password masked: their own text may hold the URL."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise connect_error(engine, exc) from None
 
 
 def connect_error(engine: Engine, exc: Exception) -> DatabaseError:
@@ -238,11 +248,9 @@ def read_dataset(
     check or model sees them, so a past as_of never leaks later data.
     """
     source = config.source
-    wanted = [c for c in (source.id_column, source.time_column, source.target_column) if c]
-    wanted += list(source.covariates)
+    wanted = _source_columns(config)
     if source.table is not None:
-        table = reflect_table(conn, source.table, dataset=config.name)
-        _require_columns(config, source.table, wanted, table.columns.keys())
+        table = _source_table(conn, config, wanted)
         query: Any = sa.select(*(table.c[c] for c in wanted))
     else:
         query = _source_query(source.query)
@@ -260,6 +268,19 @@ def _source_query(sql: str) -> sa.TextClause:
     # Escaped: text() reads ':word' as a bind parameter, even inside a string literal
     # ('store :north'), and no parameters are ever bound here; '::' casts stay as they are.
     return sa.text(sql.replace(":", "\\:"))
+
+
+def _source_columns(config: DatasetConfig) -> list[str]:
+    """The source columns the config reads: id (if any), time, target, covariates."""
+    source = config.source
+    return [c for c in (source.id_column, source.time_column, source.target_column, *source.covariates) if c]
+
+
+def _source_table(conn: Connection, config: DatasetConfig, wanted: Sequence[str]) -> sa.Table:
+    """The config's source table, reflected, refused by name if it lacks a `wanted` column."""
+    table = reflect_table(conn, config.source.table, dataset=config.name)
+    _require_columns(config, config.source.table, wanted, table.columns.keys())
+    return table
 
 
 def _subquery_of(sql: str) -> str:
@@ -286,10 +307,9 @@ def check_source(conn: Connection, config: DatasetConfig) -> None:
     runs it before starting a flow, so that a typo fails in a second, not after Prefect's
     start-up with the flow's tracebacks."""
     source = config.source
-    wanted = [c for c in (source.id_column, source.time_column, source.target_column, *source.covariates) if c]
+    wanted = _source_columns(config)
     if source.table is not None:
-        table = reflect_table(conn, source.table, dataset=config.name)
-        _require_columns(config, source.table, wanted, table.columns.keys())
+        _source_table(conn, config, wanted)
         return
     inner = _subquery_of(source.query)
     result = _execute_source(conn, config, _source_query(f"SELECT * FROM (\n{inner}\n) AS source_rows LIMIT 0"))
@@ -303,8 +323,7 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
     have data of their own (a backfill's nights), read without reading the values."""
     source = config.source
     if source.table is not None:
-        table = reflect_table(conn, source.table, dataset=config.name)
-        _require_columns(config, source.table, [source.time_column], table.columns.keys())
+        table = _source_table(conn, config, [source.time_column])
         query: Any = sa.select(table.c[source.time_column]).distinct()
     else:
         rows = _source_query(_subquery_of(source.query)).columns(sa.column(source.time_column)).subquery("source_rows")

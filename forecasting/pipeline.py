@@ -59,13 +59,11 @@ def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> t
     Also checks that the output tables accept writes, so that a read-only target fails the
     night now rather than after training (see db.check_output_writable).
     """
-    try:
+    with db.naming_connection_errors(engine):
         with engine.connect() as conn:
             panel = db.read_dataset(conn, config, as_of=as_of)
         with engine.connect() as conn:  # a transaction of its own: a writer from its start
             db.check_output_writable(conn, dataset=config.name)
-    except db.CONNECTION_ERRORS as exc:
-        raise db.connect_error(engine, exc) from None  # its text may hold the URL
     if panel.empty:
         when = f" up to as_of {as_of}" if as_of is not None else ""
         raise db.DataError(f"dataset {config.name!r}: the source holds no rows{when}")
