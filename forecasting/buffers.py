@@ -35,8 +35,11 @@ class BufferPool:
         with self._lock:
             free = self._free.get(key)
             if free:
-                self._free.move_to_end(key)
                 tensor = free.pop()
+                if free:
+                    self._free.move_to_end(key)
+                else:  # no empty list stays behind: `give` evicts from the oldest list
+                    del self._free[key]
                 self._bytes -= tensor.nbytes
                 return tensor
         return torch.empty(shape, dtype=dtype, device=device)

@@ -322,6 +322,22 @@ def test_buffer_pool_reuses_by_shape_and_stays_under_its_bound():
         BufferPool(max_bytes=-1)
 
 
+def test_buffer_pool_evicts_past_a_shape_whose_buffers_are_all_taken():
+    """A shape whose last free buffer was taken left an empty list behind; once it was the
+    oldest, eviction popped from it and every later backward pass raised IndexError (seen with
+    two networks training in threads, and a 2-layer net on a small pool)."""
+    from forecasting.buffers import BufferPool
+
+    cpu = torch.device("cpu")
+    pool = BufferPool(max_bytes=4 * 1000)
+    pool.give(torch.empty(1000))
+    held = pool.take(1000, dtype=torch.float32, device=cpu)  # [1000]'s list is empty now, and oldest
+    pool.give(torch.empty(500), torch.empty(2000))  # over the bound: evicts, oldest first
+    assert pool.free_bytes <= 4 * 1000
+    pool.give(held)
+    assert pool.take(1000, dtype=torch.float32, device=cpu) is held
+
+
 def test_kernel_outputs_survive_later_training_steps():
     """The kernel's buffers go back to a pool after each backward pass: what it returned must not
     be one of them (a later step would overwrite a forecast or activation someone still holds)."""
