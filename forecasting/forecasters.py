@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ EpochCallback = Callable[[int, float, float], None]
 CONFIG_FILE = "forecaster.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
+# Each member's initial weights and its dropout masks come from torch's global generator, seeded
+# per member. Two networks training in threads of one process (a Dask worker with several
+# threads) would interleave their draws, and the same seed would give other models: one network
+# trains at a time in a process. They would share its cores anyway (one torch thread pool).
+_GLOBAL_RNG_HELD = threading.Lock()
 PREDICT_BATCH = 4096  # series per forward pass at predict: bounds the activations' memory
 
 
@@ -182,15 +188,16 @@ class NeuralForecaster(Forecaster):
                  len(features.series_ids), device)
         ensemble = EnsembleNet(self.net_config, members=t.ensemble)
         self.history = []
-        for i, member in enumerate(ensemble.members):
-            torch.manual_seed(t.seed + i)
-            member.load_state_dict(type(member)(self.net_config).state_dict())  # init from this seed
-            offset = len(self.history)
-            callback = None if on_epoch is None else (lambda e, tr, va, o=offset: on_epoch(o + e, tr, va))
-            history = train_network(member, features.data, train_starts, val_starts,
-                                    input_window=self.input_window, horizon=self.horizon, training=t,
-                                    seed=t.seed + i, device=device, on_epoch=callback)
-            self.history += [{**h, "epoch": offset + h["epoch"]} for h in history]
+        with _GLOBAL_RNG_HELD:
+            for i, member in enumerate(ensemble.members):
+                torch.manual_seed(t.seed + i)
+                member.load_state_dict(type(member)(self.net_config).state_dict())  # init from this seed
+                offset = len(self.history)
+                callback = None if on_epoch is None else (lambda e, tr, va, o=offset: on_epoch(o + e, tr, va))
+                history = train_network(member, features.data, train_starts, val_starts,
+                                        input_window=self.input_window, horizon=self.horizon, training=t,
+                                        seed=t.seed + i, device=device, on_epoch=callback)
+                self.history += [{**h, "epoch": offset + h["epoch"]} for h in history]
         self.torch_module = ensemble.cpu().eval()
         return self
 
