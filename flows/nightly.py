@@ -47,7 +47,7 @@ from prefect.task_runners import TaskRunner
 from forecasting import db, pipeline, progress, shards, tracking_process
 from forecasting.config import BASELINES, DatasetConfig, Settings, load_config
 from forecasting.forecasters import Forecaster
-from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError
+from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
 from forecasting.train import configure_torch_threads
 from forecasting.validate import ValidationReport, observed_rows, validate
 
@@ -117,9 +117,18 @@ def start_tracking(config: DatasetConfig, as_of: pd.Timestamp, report: Validatio
 
 
 @task(name="load-champion", **IO_RETRIES)
-def current_champion(config: DatasetConfig) -> RegisteredForecaster | None:
-    """The registered version the `champion` alias points at, loaded; None before the first."""
-    return tracking_process.call(tracking_process.current_champion, _tracking_uri(), config.name)
+def current_champion(config: DatasetConfig) -> RegisteredForecaster | UnusableChampion | None:
+    """The registered version the `champion` alias points at, loaded; None before the first.
+
+    A version this pipeline cannot load (registered by hand) comes back as its UnusableChampion,
+    not raised: a night replaces it (pipeline.decide) rather than failing every night after the
+    training, and `predict` refuses it.
+    """
+    try:
+        return tracking_process.call(tracking_process.current_champion, _tracking_uri(), config.name)
+    except UnusableChampion as exc:
+        get_run_logger().warning("%s", exc)
+        return exc
 
 
 @task(name="backtest", **COMPUTE)
@@ -482,6 +491,10 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     report = validate_series(config, panel, effective_as_of)
     champion = current_champion(config)
+    if isinstance(champion, UnusableChampion):
+        raise UnusableChampion(champion.version, f"{champion.reason}; point the alias "
+                               f"{tracking_process.CHAMPION_ALIAS!r} at a version this pipeline registered, "
+                               "or run `forecasting run` to train and promote one")
     if champion is None:
         raise NoChampion(
             f"dataset {config.name!r}: no version of {tracking_process.registered_model_name(config.name)!r} "

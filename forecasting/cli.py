@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, parse_as_of, redact_url
-from forecasting.tracking_process import NoChampion
+from forecasting.tracking_process import NoChampion, UnusableChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
 # fresh SQLite database ("database is locked" tracebacks in every first run) and cannot reach
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ValueError, RuntimeError, NoChampion) as exc:
+    except (ConfigError, ValueError, RuntimeError, NoChampion, UnusableChampion) as exc:
         config = getattr(args, "config", None)
         where = f"{config}: " if config is not None and str(config) not in str(exc) else ""
         console.print(f"[bold red]error:[/] {escape(f'{where}{exc}')}", highlight=False)

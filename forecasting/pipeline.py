@@ -26,7 +26,7 @@ from forecasting.backtest import BacktestResult, choose_champion, run_backtest
 from forecasting.config import BASELINES, DatasetConfig, parse_as_of  # noqa: F401  (flows call it from here)
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
-from forecasting.tracking_process import RegisteredForecaster
+from forecasting.tracking_process import RegisteredForecaster, UnusableChampion
 from forecasting.validate import Problem
 from forecasting.windows import SeriesTooShort
 
@@ -360,13 +360,14 @@ def decide(
     comparison: Comparison,
     fitted: Forecaster,
     quantiles: list[float],
-    current: RegisteredForecaster | None,
+    current: RegisteredForecaster | UnusableChampion | None,
     backfill: bool = False,
 ) -> Decision:
     """Whether `champion` moves to the refitted backtest winner (`fitted`) or stays on `current`.
 
-    - no current champion, or one that cannot forecast this config's horizon and freq, or whose
-      season (which scales MASE and the intervals) is not the config's: promote;
+    - no current champion, one this pipeline cannot load (UnusableChampion: e.g. registered by
+      hand), one that cannot forecast this config's horizon and freq, or one whose season
+      (which scales MASE and the intervals) is not the config's: promote;
     - a night of a backfill (`backfill`), or any night older than the current champion's data:
       the alias stays and this night's own model forecasts, so no later data leaks into a past
       night and a backfill never moves production's alias;
@@ -395,6 +396,8 @@ def decide(
         return new("backfill", "a night of a backfill: alias untouched, forecast by this night's model")
     if current is None:
         return new("promoted", "no current champion")
+    if isinstance(current, UnusableChampion):
+        return new("promoted", f"current champion v{current.version} cannot be used: {current.reason}")
     unlike = unlike_config(current, config)
     if unlike is not None:
         return new("promoted", unlike)

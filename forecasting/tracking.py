@@ -36,8 +36,8 @@ from forecasting.config import Settings, redact_url, scrub
 from forecasting.forecasters import Forecaster, load_forecaster
 from forecasting.plots import forecast_vs_actual, forecast_with_intervals
 from forecasting.tracking_process import (  # noqa: F401  (defined where the flows, which never import mlflow, see them)
-    CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, TrackingRefused, mlflow_error_may_pass,
-    registered_model_name)
+    CHAMPION_ALIAS, NoChampion, RegisteredForecaster, TrackingError, TrackingRefused, UnusableChampion,
+    mlflow_error_may_pass, registered_model_name)
 
 if TYPE_CHECKING:
     from forecasting.pipeline import CandidateLog, NightLog
@@ -385,8 +385,10 @@ def load_version(client: MlflowClient, dataset: str, version: str) -> Registered
     name = registered_model_name(dataset)
     model_version = client.get_model_version(name, version)
     subdir = model_version.tags.get(FORECASTER_DIR_TAG)
-    if subdir is None:
-        raise TrackingError(f"model {name} version {version} has no {FORECASTER_DIR_TAG!r} tag")
+    if subdir is None:  # registered by hand, or by another tool: nothing here can load it
+        raise UnusableChampion(str(version), (
+            f"dataset {dataset!r}: version {version} of {name!r} has no {FORECASTER_DIR_TAG!r} tag, so it "
+            "was not registered by this pipeline and cannot be loaded by it"))
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}", dst_path=tmp

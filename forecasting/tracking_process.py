@@ -94,6 +94,20 @@ class NoChampion(LookupError):
     """No version of the dataset's registered model carries the `champion` alias yet."""
 
 
+class UnusableChampion(LookupError):
+    """The version the `champion` alias points at is not one this pipeline can load (e.g. one
+    registered by hand, without the pipeline's files): a lasting state, not retried. A night
+    replaces it (pipeline.decide); `predict` refuses it."""
+
+    def __init__(self, version: str, reason: str) -> None:
+        super().__init__(version, reason)  # both in args: the error survives the logging process's pickling
+        self.version = version
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 def registered_model_name(dataset: str) -> str:
     return f"{dataset}-forecaster"
 

@@ -194,6 +194,32 @@ def test_a_night_whose_alias_was_moved_meanwhile_leaves_it_there(
     assert "the alias was moved from v1 to no version during this night" in parent.data.tags["promotion.reason"]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_champion_registered_by_hand_is_refused_by_predict_and_replaced_by_the_next_night(
+        engine: sa.Engine, env: dict[str, str]) -> None:
+    """An ML engineer points `champion` at a version this pipeline did not register (here one
+    made by hand from v1's files, without the pipeline's tags). Loading it used to fail as a
+    retried TrackingError, after every candidate had trained, on every night from then on."""
+    from forecasting.tracking_process import UnusableChampion
+
+    load_sales(engine)
+    config = tiny_config()
+    nightly(config=config)  # v1, champion
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
+    v1 = client.get_model_version("sales-forecaster", "1")
+    by_hand = client.create_model_version("sales-forecaster", v1.source, run_id=v1.run_id)
+    client.set_registered_model_alias("sales-forecaster", "champion", by_hand.version)
+    with pytest.raises(UnusableChampion, match="dataset 'sales': version 2 of 'sales-forecaster' has no "
+                       "'forecaster_dir' tag.*point the alias 'champion' at a version this pipeline registered"):
+        predict(config=config)
+    night = nightly(config=config)
+    assert night["decision"] == "promoted" and night["model_version"] == "3"
+    assert str(client.get_registered_model("sales-forecaster").aliases["champion"]) == "3"
+    reason = client.get_run(night["parent_run_id"]).data.tags["promotion.reason"]
+    assert reason.startswith("current champion v2 cannot be used: dataset 'sales': version 2 of ")
+    assert forecasts(engine)["model_version"].eq("3").all()
+
+
 def test_validation_failure_fails_the_flow_with_its_message(engine: sa.Engine, env: dict[str, str]) -> None:
     frame = synthetic_sales()
     frame = frame[~((frame["series_id"] == "s2") & (frame["month"] == pd.Timestamp("2017-03-01").date()))]
