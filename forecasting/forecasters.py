@@ -228,9 +228,15 @@ class NeuralForecaster(Forecaster):
         return self._frame(features.series_ids, features.last_ts, values)
 
     def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:
-        first = panel["series_id"].iloc[0]
-        features, _ = self._features(panel[panel["series_id"] == first])
-        return last_windows(features, self.input_window).numpy()  # [1, window, features] float32
+        """The last windows of the panel's first two series: [2, window, features] float32.
+
+        Never one window: MLflow saves the network through torch.export, which fixes a batch
+        dimension of size 1 for good, and MLflow's own loaders then take one window per call.
+        """
+        first = panel["series_id"].drop_duplicates().head(2)
+        features, _ = self._features(panel[panel["series_id"].isin(first)])
+        windows = last_windows(features, self.input_window).numpy()
+        return windows if len(windows) > 1 else np.concatenate([windows, windows])
 
     @property
     def params(self) -> dict[str, Any]:

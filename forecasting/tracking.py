@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,15 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def experiment_id(client: MlflowClient, dataset: str) -> str:
     experiment = client.get_experiment_by_name(dataset)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        # MLflow keeps a deleted experiment's name taken and refuses runs in it; every night
+        # would fail on that. Restoring it, or purging it, is a person's call.
+        eid = experiment.experiment_id
+        raise TrackingRefused(
+            f"dataset {dataset!r}: its MLflow experiment {dataset!r} (id {eid}) is deleted, and MLflow "
+            f"takes no runs in it: restore it (MLflow UI, or `mlflow experiments restore --experiment-id "
+            f"{eid}`) or delete it for good (`mlflow gc --experiment-ids {eid}`) so that the next night "
+            "starts a new one")
     if experiment is not None:
         return experiment.experiment_id
     try:
@@ -216,7 +226,8 @@ def end_run(client: MlflowClient, run_id: str, *, status: str = "FINISHED") -> N
 
 
 def _now_ms() -> int:
-    return int(pd.Timestamp.now().timestamp() * 1000)
+    """Milliseconds since the epoch, as MLflow stamps runs (not the naive local clock read as UTC)."""
+    return int(time.time() * 1000)
 
 
 def log_figure(client: MlflowClient, run_id: str, figure: Any, name: str) -> None:
@@ -390,8 +401,11 @@ def load_version(client: MlflowClient, dataset: str, version: str) -> Registered
             f"dataset {dataset!r}: version {version} of {name!r} has no {FORECASTER_DIR_TAG!r} tag, so it "
             "was not registered by this pipeline and cannot be loaded by it"))
     with tempfile.TemporaryDirectory() as tmp:
+        # From the client's own store: "models:/name/N" would be resolved in MLflow's global
+        # registry, which a caller's client need not be (another store's version N, or none).
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=tmp
+            artifact_uri=client.get_model_version_download_uri(name, version), dst_path=tmp,
+            tracking_uri=client.tracking_uri,
         )
         forecaster = load_forecaster(Path(local) / subdir)
     quantiles = json.loads(model_version.tags.get(INTERVAL_TAG, "[]"))

@@ -116,9 +116,11 @@ def test_history_callback_params_and_example_input():
     assert [e for e, _, _ in epochs] == [1, 2, 3]
     assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va} for e, tr, va in epochs]
     x = f.example_input(TRAIN)
-    assert x.shape == (1, 36, 3) and x.dtype == np.float32  # [1, window, value+sin+cos]
+    assert x.shape == (2, 36, 3) and x.dtype == np.float32  # [2 series, window, value+sin+cos]
     out = f.torch_module(torch.from_numpy(x))
-    assert out.shape == (1, HORIZON)
+    assert out.shape == (2, HORIZON)
+    one_series = f.example_input(TRAIN[TRAIN["series_id"] == "s1"])
+    assert one_series.shape == (2, 36, 3)  # never a batch of 1 (see example_input)
     assert f.params["input_window"] == 36 and f.params["cell"] == "rnn"
     assert f.params["strategy"] == "direct" and f.params["epochs_trained"] == 3
 
@@ -129,7 +131,7 @@ def test_covariates_are_extra_inputs():
     for strategy in ("direct", "recursive"):
         f = make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON, covariates=["price"],
                             training=tiny_training(max_epochs=2, strategy=strategy)).fit(train)
-        assert f.example_input(train).shape == (1, 36, 4)
+        assert f.example_input(train).shape == (2, 36, 4)
         assert np.isfinite(f.predict(train)["value"]).all()
     with pytest.raises(ValueError, match=r"`panel` lacks columns \['price'\]"):
         f.predict(TRAIN)

@@ -253,6 +253,69 @@ def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadab
     assert client.get_model_version("sales-forecaster", "1").tags["model"] == "seasonal_naive"
 
 
+def test_load_champion_reads_the_clients_store_not_mlflows_global_one(
+        client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README loads the champion with `load_champion(client, ...)`. The files were fetched by
+    "models:/name/N" through MLflow's global registry: another store's version N (a wrong
+    model, no error), or none."""
+    import mlflow
+
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")  # v1 of this store
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    other_client = tracking.connect(Settings())  # MLflow's global URIs now name the other store
+    promote(other_client, panel, "naive")  # v1 there
+    assert mlflow.get_registry_uri() == other
+    loaded = tracking.load_champion(client, CONFIG.name)
+    assert loaded.version == "1" and loaded.forecaster.name == "seasonal_naive"
+
+
+def test_a_registered_network_takes_any_number_of_windows_in_mlflows_own_loader(client: MlflowClient) -> None:
+    """MLflow saves the network through torch.export, which fixed the batch dimension to the
+    example's: with a one-window example, `mlflow.pyfunc.load_model(...).predict` refused
+    anything but one window ("Guard failed: x.size()[0] == 1")."""
+    import mlflow
+
+    panel = seasonal_panel()
+    promote(client, panel, "gru")
+    model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
+    ours = tracking.load_champion(client, CONFIG.name).forecaster
+    windows = np.concatenate([ours.example_input(panel)] * 2)[:3]  # 3 windows
+    out = model.predict(windows)
+    assert np.asarray(out).shape == (3, CONFIG.horizon)
+
+
+def test_metric_timestamps_are_epoch_milliseconds_whatever_the_machines_time_zone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local wall clock, read as UTC, put every metric 11 hours after its run in Sydney."""
+    import time
+
+    monkeypatch.setenv("TZ", "Australia/Sydney")
+    time.tzset()
+    try:
+        assert abs(tracking._now_ms() - time.time() * 1000) < 60_000
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_deleted_experiment_is_refused_naming_it_and_the_way_out(client: MlflowClient) -> None:
+    """Someone deletes the dataset's experiment in the UI: MLflow refused the night's runs in
+    it with "must be in the 'active' state", naming neither the dataset nor a remedy."""
+    uri = Settings().mlflow_tracking_uri
+    tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})
+    eid = client.get_experiment_by_name(CONFIG.name).experiment_id
+    client.delete_experiment(eid)
+    with pytest.raises(tracking_process.TrackingRefused,
+                       match=rf"dataset 'sales': its MLflow experiment 'sales' \(id {eid}\) is deleted.*"
+                             rf"mlflow experiments restore --experiment-id {eid}"):
+        tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})
+    assert not tracking_process.tracking_error_may_pass(tracking_process.TrackingRefused("x"))
+    client.restore_experiment(eid)
+    assert tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})[0] == eid
+
+
 def test_a_run_whose_logging_fails_is_left_failed_not_running_for_the_retry(
         client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried start-tracking or log-candidate makes a new run; the failed attempt's run is
