@@ -156,7 +156,7 @@ class TrainingConfig(_Strict):
     #   before the first validation target, so each extra step costs a training window.
     grad_clip: float = Field(default=1.0, gt=0.0)
     ensemble: int = Field(default=1, ge=1)  # networks per cell, each with its own seed, averaged
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**32)  # with ensemble members' seed + i: within every RNG's range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Precision of the matrix products in CPU training (the direct strategy's kernel). bf16-mixed:
     # they take bfloat16 copies of their inputs and their outputs are widened back to float32;
@@ -227,6 +227,9 @@ class DatasetConfig(_Strict):
             raise ValueError(f"`models` ({list(value)!r}) holds unknown cells {unknown}; known: {list(CELLS)}")
         if not value:
             raise ValueError("`models` must name at least one of " + ", ".join(CELLS))
+        twice = sorted({m for m in value if value.count(m) > 1})
+        if twice:  # each would train again, and their runs and score rows would overwrite each other
+            raise ValueError(f"`models` ({list(value)!r}) names {twice} more than once")
         return value
 
     @property

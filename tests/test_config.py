@@ -54,6 +54,11 @@ def test_defaults(tmp_path: Path) -> None:
         ({**VALID, "freq": "M"}, "freq", "(monthly: MS for month starts, ME for month ends)"),
         ({**VALID, "horizon": 0}, "horizon", "greater than or equal to 1"),
         ({**VALID, "models": ["lstm", "transformer"]}, "models", "transformer"),
+        # twice: trained twice, two MLflow runs of one name, score rows overwriting each other
+        ({**VALID, "models": ["gru", "lstm", "gru"]}, "models", "names ['gru'] more than once"),
+        # past 64 bits torch's seeding failed deep in training, naming neither key nor dataset
+        ({**VALID, "training": {"seed": 2**70}}, "training.seed", "less than 4294967296"),
+        ({**VALID, "training": {"seed": -1}}, "training.seed", "greater than or equal to 0"),
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
