@@ -339,7 +339,12 @@ def _requirements() -> list[str]:
     in a subprocess, several seconds per model logged."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "numpy", "pandas", "statsmodels", "mlflow")]
+    from packaging.version import Version
+
+    # Without a local label ("2.13.0+cpu"), which no package index but the build's own serves;
+    # MLflow's own inference drops it too.
+    return [f"{package}=={Version(version(package)).public}"
+            for package in ("torch", "numpy", "pandas", "statsmodels", "mlflow")]
 
 
 def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:

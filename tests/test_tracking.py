@@ -316,6 +316,18 @@ def test_a_deleted_experiment_is_refused_naming_it_and_the_way_out(client: Mlflo
     assert tracking_process.start_night(uri, CONFIG.name, "parent", {}, {})[0] == eid
 
 
+def test_registered_requirements_pin_public_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's CPU wheel is 2.13.0+cpu: pinned as such, no index but PyTorch's own has it, and
+    restoring the model's environment (`mlflow models serve`) failed."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda package: "2.13.0+cpu" if package == "torch" else real(package))
+    pins = tracking._requirements()
+    assert "torch==2.13.0" in pins and all("+" not in pin for pin in pins)
+
+
 def test_a_run_whose_logging_fails_is_left_failed_not_running_for_the_retry(
         client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried start-tracking or log-candidate makes a new run; the failed attempt's run is
