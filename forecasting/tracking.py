@@ -101,7 +101,7 @@ def _prepare_sqlite_store(uri: str) -> None:
     lock beside the database lets the first process migrate while the others wait; it also
     switches the file to WAL, so that readers never block the runs that log to it.
     """
-    path = Path(uri.removeprefix("sqlite:///"))
+    path = sqlite_store_path(uri)
     if str(path) in ("", ":memory:"):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +113,13 @@ def _prepare_sqlite_store(uri: str) -> None:
                 conn.execute("PRAGMA journal_mode=WAL")  # persistent: once per file
             except sqlite3.OperationalError as exc:  # busy: another run holds it; stay as is
                 log.info("MLflow store %s stays in its journal mode: %s", path, exc)
+
+
+def sqlite_store_path(uri: str) -> Path:
+    """The file of a sqlite:/// store URI, without its query (`?timeout=60`), as SQLAlchemy reads it."""
+    import sqlalchemy as sa
+
+    return Path(sa.make_url(uri).database or "")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -152,7 +159,7 @@ def _artifact_location(dataset: str) -> str | None:
     """Beside a sqlite tracking database, not in whatever directory the worker started in."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
-        db_path = Path(uri.removeprefix("sqlite:///")).resolve()
+        db_path = sqlite_store_path(uri).resolve()
         return (db_path.parent / "mlartifacts" / dataset).as_uri()
     return None
 

@@ -328,6 +328,17 @@ def test_registered_requirements_pin_public_versions(monkeypatch: pytest.MonkeyP
     assert "torch==2.13.0" in pins and all("+" not in pin for pin in pins)
 
 
+def test_a_sqlite_store_uri_with_a_query_locks_and_stores_beside_its_own_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`?timeout=60` (SQLAlchemy's, which MLflow passes on) was taken as part of the file name:
+    the migration lock, WAL and artifacts went to a stray `mlflow.db?timeout=60`."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=60")
+    tracking.connect(Settings())
+    assert sorted(p.name for p in tmp_path.iterdir() if "?" in p.name) == []
+    assert (tmp_path / "mlflow.db.lock").exists()
+    assert tracking._artifact_location("sales") == (tmp_path / "mlartifacts" / "sales").resolve().as_uri()
+
+
 def test_a_run_whose_logging_fails_is_left_failed_not_running_for_the_retry(
         client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried start-tracking or log-candidate makes a new run; the failed attempt's run is
