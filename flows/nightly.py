@@ -17,10 +17,14 @@ forecast, one task per shard. Database and MLflow tasks stay in the flow's proce
 never need the database or tracking URLs; each worker process sets torch's threads once.
 """
 
-# No `from __future__ import annotations` here: `forecasting serve` hands each run to a new
-# process by cloudpickling the flow, which keeps only the globals that the function bodies use;
-# string annotations then named types (DatasetConfig) the child could not resolve, and every
-# served run failed its parameter validation. Evaluated annotations travel with the function.
+# Deployments name this flow by module path, `flows.nightly:nightly` (prefect.yaml, `forecasting
+# serve`): each run's process loads it from there, and the tasks Dask pickles for a cluster then
+# name `flows.nightly`, which a worker with the package installed imports. (By file path it was
+# loaded as a module `nightly`, which no remote worker has.)
+# No `from __future__ import annotations` here: a flow cloudpickled into a new process (Prefect's
+# `run_flow_in_subprocess`, which runners use for flows they hold in memory) keeps only the
+# globals its body uses; string annotations then named types (DatasetConfig) the child could not
+# resolve, and the run failed its parameter validation. Evaluated annotations travel with it.
 
 import contextlib
 import contextvars

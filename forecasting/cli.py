@@ -262,11 +262,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # connection tracebacks, as that API stops before the runner).
         raise ConfigError("`forecasting serve` needs a Prefect server: start one (`prefect server start`) "
                           "and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
+    serve(*served_deployments(deployments))
+    return 0
+
+
+def served_deployments(deployments: list[dict[str, Any]]) -> list[Any]:
+    """The nightly flow's RunnerDeployments, named by module path (`flows.nightly:nightly`).
+
+    The runner starts each run as `python -m prefect.engine`, which loads the flow from its
+    entrypoint. From a file path (`flows/nightly.py:nightly`, to_deployment's default) it is
+    loaded as a module `nightly`, and the tasks Dask pickles for a remote cluster name that
+    module, which no worker can import: every run on such a cluster failed.
+    """
+    from prefect.deployments.runner import EntrypointType
+
     from flows.nightly import nightly
 
-    console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
-    serve(*(nightly.to_deployment(**d) for d in deployments))
-    return 0
+    return [nightly.to_deployment(**d, entrypoint_type=EntrypointType.MODULE_PATH) for d in deployments]
 
 
 # What `forecasting serve` reads of a prefect.yaml deployment; `work_pool` is `prefect deploy`'s.

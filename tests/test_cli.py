@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import yaml
 
 from forecasting import cli
-from forecasting.cli import deployments_from_yaml, main
+from forecasting.cli import deployments_from_yaml, main, served_deployments
 from forecasting.config import ConfigError
 from tests.flow_fixtures import load_sales, tiny_config
 
@@ -207,41 +207,64 @@ def test_serve_reads_both_deployments_of_prefect_yaml() -> None:
     for deployment in deployments:
         assert Path(deployment["parameters"]["config"]).exists()
         assert deployment["schedules"][0].timezone
+    assert [d.entrypoint for d in served_deployments(deployments)] == ["flows.nightly.nightly"] * 2  # a module path
+
+
+def test_deployed_runs_ship_tasks_a_remote_dask_worker_can_import(tmp_path: Path) -> None:
+    """A deployed run's process loads the flow from its entrypoint, and Dask pickles the tasks it
+    sends to a cluster. Loaded from a file path (flows/nightly.py:nightly), the module was
+    `nightly`, and every worker outside this checkout failed: No module named 'nightly'."""
+    import cloudpickle
+    from prefect.flows import load_flow_from_entrypoint
+
+    entrypoints = {d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert entrypoints == {"flows.nightly:nightly"}
+    flow = load_flow_from_entrypoint(entrypoints.pop())
+    shipped = cloudpickle.dumps(sys.modules[flow.fn.__module__].backtest)
+    worker = subprocess.run(  # a worker elsewhere: the package installed, not this directory
+        [sys.executable, "-c", "import cloudpickle, sys; print(cloudpickle.loads(sys.stdin.buffer.read()).name)"],
+        input=shipped, cwd=tmp_path, capture_output=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr.decode()[-500:]
+    assert worker.stdout.decode().strip() == "backtest"
 
 
 @pytest.mark.usefixtures("prefect")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_served_deployments_run_completes_in_a_process_of_its_own(
         engine: sa.Engine, env: dict[str, str], tmp_path: Path) -> None:
-    """What `forecasting serve`'s runner does with each scheduled run: the flow is cloudpickled
-    into a new process, which validates the run's parameters, runs it and ends. (With postponed
-    annotations there, every served run failed: `NightlyModel` is not fully defined; and the
-    process then waited forever for its idle MLflow logging worker.)"""
+    """What `forecasting serve`'s runner does with each scheduled run: `python -m prefect.engine`
+    in a new process, which loads the flow from the deployment's entrypoint, validates the run's
+    parameters, runs it and ends. (With postponed annotations in a cloudpickled flow, every such
+    run failed: `NightlyModel` is not fully defined; and the process then waited forever for its
+    idle MLflow logging worker.)"""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.flow_engine import run_flow_in_subprocess
+    from prefect.settings import PREFECT_API_URL
 
-    from flows.nightly import nightly
     from tests.flow_fixtures import SERIES, tiny_config
 
     config = sales_loaded_and_its_config(engine, tmp_path)
     spec = tmp_path / "prefect.yaml"
     spec.write_text(yaml.safe_dump({"deployments": [{
-        "name": "tiny-nightly", "entrypoint": "flows/nightly.py:nightly", "parameters": {"config": str(config)},
+        "name": "tiny-nightly", "entrypoint": "flows.nightly:nightly", "parameters": {"config": str(config)},
         "schedules": [{"cron": "0 2 * * *", "timezone": "UTC"}]}]}))
     [deployment] = deployments_from_yaml(spec)
-    served = nightly.to_deployment(**deployment)  # as cmd_serve builds them
+    [served] = served_deployments([deployment])  # as cmd_serve builds them
 
     async def served_run():  # type: ignore[no-untyped-def]
         deployment_id = await served.apply()
         async with get_client() as client:
             run = await client.create_flow_run_from_deployment(deployment_id)
-            process = run_flow_in_subprocess(nightly, flow_run=run)
-            await asyncio.to_thread(process.join, 240)
-            if process.exitcode is None:  # its MLflow logging worker kept it alive: it hung
-                process.kill()
-            return process.exitcode, await client.read_flow_run(run.id)
+            engine_env = {**os.environ, "PREFECT__FLOW_RUN_ID": str(run.id), "PREFECT_API_URL": PREFECT_API_URL.value()}
+            try:  # as the runner starts it (prefect.runner's EngineCommandStarter)
+                process = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "prefect.engine"], env=engine_env, cwd=tmp_path,
+                    capture_output=True, timeout=240)
+                exitcode = process.returncode
+            except subprocess.TimeoutExpired:  # its MLflow logging worker kept it alive: it hung
+                exitcode = None
+            return exitcode, await client.read_flow_run(run.id)
 
     exitcode, run = asyncio.run(served_run())
     assert run.state.is_completed(), run.state.message
