@@ -49,7 +49,7 @@ from prefect.states import Completed
 from prefect.task_runners import TaskRunner
 
 from forecasting import db, pipeline, progress, shards, tracking_process
-from forecasting.config import BASELINES, DatasetConfig, Settings, load_config
+from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
 from forecasting.train import configure_torch_threads
@@ -76,7 +76,7 @@ IO_RETRIES: dict[str, Any] = dict(
 )
 COMPUTE: dict[str, Any] = dict(cache_policy=NO_CACHE)
 WARNED_STATE = "Completed with dropped series"  # a COMPLETED run that left series out
-LOCAL_CLUSTER = "local"  # the address meaning: start a Dask LocalCluster for the run
+LOCAL_CLUSTER = LOCAL_DASK  # the address meaning: start a Dask LocalCluster for the run
 
 
 @task(name="load", **IO_RETRIES)
@@ -253,6 +253,7 @@ def task_runner(address: str | None) -> TaskRunner | None:
     closed after it; anything else the address of a running Dask scheduler (tcp://host:8786)."""
     if not address:
         return None
+    check_dask_address(address, name="the Dask address")
     from prefect_dask import DaskTaskRunner
 
     if address == LOCAL_CLUSTER:

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, parse_as_of, redact_url
+from forecasting.config import (ConfigError, DatasetConfig, Settings, SettingError, check_dask_address, load_config,
+                                parse_as_of, redact_url)
 from forecasting.tracking_process import NoChampion, UnusableChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
@@ -41,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (ConfigError, ValueError, RuntimeError, NoChampion, UnusableChampion) as exc:
         config = getattr(args, "config", None)
-        where = f"{config}: " if config is not None and str(config) not in str(exc) else ""
+        where = f"{config}: " if config is not None and str(config) not in str(exc) and not isinstance(
+            exc, SettingError) else ""
         console.print(f"[bold red]error:[/] {escape(f'{where}{exc}')}", highlight=False)
         return 2
 
@@ -177,7 +179,21 @@ def check_config(args: argparse.Namespace) -> None:
              for option in ("as_of", "start", "end")}  # the dates, likewise
     if dates["start"] is not None and dates["end"] is not None and dates["start"] > dates["end"]:
         raise ValueError(f"backfill range --start ({args.start}) .. --end ({args.end}) is reversed")
+    check_cluster(args)
     check_source(config)
+
+
+def check_cluster(args: argparse.Namespace) -> None:
+    """--dask, else $FORECASTING_DASK_ADDRESS: 'local' or a scheduler address; one that answers
+    where the command runs on it (the commands with --dask). The flows' module reads the
+    variable when imported, so every flow command checks its form."""
+    uses_cluster = hasattr(args, "dask")
+    name, address = "--dask", getattr(args, "dask", None)
+    if address is None:  # as Settings reads it (names are case-insensitive there)
+        name = "FORECASTING_DASK_ADDRESS"
+        address = next((v for k, v in os.environ.items() if k.upper() == name), None)
+    if address:
+        check_dask_address(address, name=name, reachable=uses_cluster)
 
 
 def check_source(config: DatasetConfig) -> None:

@@ -35,6 +35,11 @@ class ConfigError(ValueError):
     """A dataset config that cannot be used; the message names the file, the key and the value."""
 
 
+class SettingError(ValueError):
+    """A setting (environment variable or command-line option) that cannot be used, whatever the
+    dataset config; the message names the setting and its value."""
+
+
 def check_identifier(value: str, *, key: str) -> str:
     if not isinstance(value, str) or not IDENTIFIER.match(value):
         raise ValueError(
@@ -281,6 +286,35 @@ def load_config(config: DatasetConfig | str | Path | dict[str, Any]) -> DatasetC
     return DatasetConfig.from_yaml(config)
 
 
+LOCAL_DASK = "local"  # the Dask address meaning: a LocalCluster started for the run
+
+
+def check_dask_address(address: str, *, name: str, reachable: bool = False) -> str:
+    """`address` if it is LOCAL_DASK or a scheduler address with a port (tcp://host:8786), and
+    with `reachable`, a scheduler that accepts a connection within 5 s.
+
+    Checked before the flow starts: Dask's own error ("missing port number in address
+    'Local'") came after Prefect's start-up and named neither the setting nor the option.
+    """
+    if address == LOCAL_DASK:
+        return address
+    from distributed.comm import parse_address, parse_host_port  # only where an address is set
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as exc:
+        raise SettingError(f"{name} ({address!r}) is neither {LOCAL_DASK!r} nor a Dask scheduler address "
+                           f"such as tcp://host:8786: {exc}") from None
+    if reachable:  # else the flow waits 30 s for it, after Prefect's start-up, then fails
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            raise SettingError(f"{name} ({address!r}): no Dask scheduler answers there: {exc}") from None
+    return address
+
+
 class Settings(BaseSettings):
     """Where the pipeline reads and writes; from the environment, with embedded defaults."""
 
@@ -291,6 +325,11 @@ class Settings(BaseSettings):
     # Unset: every task runs in the flow's process, as always. "local": training and per-series
     # shards run on a Dask LocalCluster started for the run; else a scheduler, tcp://host:8786.
     forecasting_dask_address: str | None = None
+
+    @field_validator("forecasting_dask_address")
+    @classmethod
+    def _dask_address(cls, value: str | None) -> str | None:
+        return check_dask_address(value, name="FORECASTING_DASK_ADDRESS") if value else None
 
     @property
     def database_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import distributed
 import numpy as np
@@ -65,6 +66,45 @@ def test_dask_option_parses_and_picks_the_runner(monkeypatch: pytest.MonkeyPatch
     assert Settings().forecasting_dask_address is None
     monkeypatch.setenv("FORECASTING_DASK_ADDRESS", "tcp://scheduler:8786")
     assert Settings().forecasting_dask_address == "tcp://scheduler:8786"
+
+
+def test_a_bad_or_silent_dask_address_is_refused_before_the_flow_starts(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """`FORECASTING_DASK_ADDRESS=Local` failed after Prefect's start-up (16 s) as an error of the
+    config file, naming neither the setting nor its value; a scheduler that does not answer,
+    after 30 s more, with a traceback."""
+    import socket
+    import time
+
+    from forecasting.cli import main
+
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", f"sqlite:///{tmp_path / 'none.db'}")
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        silent = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "sales.yaml")
+    cases = [
+        ({"FORECASTING_DASK_ADDRESS": "Local"}, ["run", "--config", config],
+         "error: FORECASTING_DASK_ADDRESS ('Local') is neither 'local' nor a Dask scheduler address such as "
+         "tcp://host:8786: missing port number in address 'Local'"),
+        ({}, ["run", "--config", config, "--dask", "tcp://scheduler"],
+         "error: --dask ('tcp://scheduler') is neither 'local' nor a Dask scheduler address"),
+        ({}, ["backfill", "--config", config, "--start", "2019-01-01", "--end", "2019-02-01", "--dask", silent],
+         f"error: --dask ('{silent}'): no Dask scheduler answers there:"),
+        ({"FORECASTING_DASK_ADDRESS": silent}, ["run", "--config", config],
+         f"error: FORECASTING_DASK_ADDRESS ('{silent}'): no Dask scheduler answers there:"),
+    ]
+    for environment, argv, message in cases:
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        started = time.monotonic()
+        assert main(argv) == 2
+        assert time.monotonic() - started < 10
+        assert message in " ".join(capsys.readouterr().out.split())
+        for key in environment:
+            monkeypatch.delenv(key)
+    with pytest.raises(ValueError, match=r"the Dask address \('tcp://h'\) is neither"):
+        task_runner("tcp://h")
 
 
 @pytest.fixture
