@@ -184,7 +184,8 @@ def register(config: DatasetConfig, fitted: Forecaster, champion_run_id: str, ex
 
 @task(name="decide", **COMPUTE)
 def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comparison, fitted: Forecaster,
-           quantiles: list[float], current: RegisteredForecaster | None, backfill: bool) -> pipeline.Decision:
+           quantiles: list[float], current: RegisteredForecaster | UnusableChampion | None,
+           backfill: bool) -> pipeline.Decision:
     decision = pipeline.decide(config=config, panel=panel, comparison=comparison, fitted=fitted,
                                quantiles=quantiles, current=current, backfill=backfill)
     get_run_logger().info("promotion: %s (%s)", decision.decision, decision.reason)

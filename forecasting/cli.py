@@ -41,11 +41,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (ConfigError, ValueError, RuntimeError, NoChampion, UnusableChampion) as exc:
+        exc = _setting_error_in(exc) or exc
         config = getattr(args, "config", None)
         where = f"{config}: " if config is not None and str(config) not in str(exc) and not isinstance(
             exc, SettingError) else ""
         console.print(f"[bold red]error:[/] {escape(f'{where}{exc}')}", highlight=False)
         return 2
+
+
+def _setting_error_in(exc: Exception) -> SettingError | None:
+    """The SettingError that pydantic wrapped when Settings() validated the environment (e.g. on
+    importing the flows), so that it prints as itself: one line naming the variable."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors) or not isinstance(exc, ValueError):
+        return None
+    try:
+        found = [e.get("ctx", {}).get("error") for e in errors()]
+    except Exception:  # noqa: BLE001 - another ValueError with an errors attribute
+        return None
+    return next((e for e in found if isinstance(e, SettingError)), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,13 +201,13 @@ def check_cluster(args: argparse.Namespace) -> None:
     """--dask, else $FORECASTING_DASK_ADDRESS: 'local' or a scheduler address; one that answers
     where the command runs on it (the commands with --dask). The flows' module reads the
     variable when imported, so every flow command checks its form."""
-    uses_cluster = hasattr(args, "dask")
-    name, address = "--dask", getattr(args, "dask", None)
-    if address is None:  # as Settings reads it (names are case-insensitive there)
-        name = "FORECASTING_DASK_ADDRESS"
-        address = next((v for k, v in os.environ.items() if k.upper() == name), None)
-    if address:
-        check_dask_address(address, name=name, reachable=uses_cluster)
+    option = getattr(args, "dask", None)
+    variable = "FORECASTING_DASK_ADDRESS"
+    environment = next((v for k, v in os.environ.items() if k.upper() == variable), None)  # as Settings reads it
+    if environment:  # read (and validated) by every Settings(), --dask or not
+        check_dask_address(environment, name=variable, reachable=option is None and hasattr(args, "dask"))
+    if option:
+        check_dask_address(option, name="--dask", reachable=True)
 
 
 def check_source(config: DatasetConfig) -> None:

@@ -51,7 +51,8 @@ FORMAT_VERSION = 1
 # Each member's initial weights and its dropout masks come from torch's global generator, seeded
 # per member. Two networks training in threads of one process (a Dask worker with several
 # threads) would interleave their draws, and the same seed would give other models: one network
-# trains at a time in a process. They would share its cores anyway (one torch thread pool).
+# trains at a time in a process, and building one (whose init draws) waits for it. They would
+# share its cores anyway (one torch thread pool).
 _GLOBAL_RNG_HELD = threading.Lock()
 PREDICT_BATCH = 4096  # series per forward pass at predict: bounds the activations' memory
 
@@ -186,9 +187,9 @@ class NeuralForecaster(Forecaster):
         log.info("%s: %d training and %d validation windows of %d+%d steps over %d series on %s",
                  self.name, len(train_starts), len(val_starts), self.input_window, self.horizon,
                  len(features.series_ids), device)
-        ensemble = EnsembleNet(self.net_config, members=t.ensemble)
         self.history = []
         with _GLOBAL_RNG_HELD:
+            ensemble = EnsembleNet(self.net_config, members=t.ensemble)  # its init draws too
             for i, member in enumerate(ensemble.members):
                 torch.manual_seed(t.seed + i)
                 member.load_state_dict(type(member)(self.net_config).state_dict())  # init from this seed
@@ -288,7 +289,8 @@ def load_forecaster(directory: Path) -> Forecaster:
         forecaster.net_config = NetConfig(**state["net"])
         forecaster.scaler = Scaler.from_dict(state["scaler"])
         forecaster.history = list(state["history"])
-        module = EnsembleNet(forecaster.net_config, members=forecaster.training.ensemble)
+        with _GLOBAL_RNG_HELD:  # its random init (then overwritten) would shift a fit's draws
+            module = EnsembleNet(forecaster.net_config, members=forecaster.training.ensemble)
         weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         module.load_state_dict(weights)
         forecaster.torch_module = module.eval()

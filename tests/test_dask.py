@@ -87,6 +87,9 @@ def test_a_bad_or_silent_dask_address_is_refused_before_the_flow_starts(
         ({"FORECASTING_DASK_ADDRESS": "Local"}, ["run", "--config", config],
          "error: FORECASTING_DASK_ADDRESS ('Local') is neither 'local' nor a Dask scheduler address such as "
          "tcp://host:8786: missing port number in address 'Local'"),
+        # the variable is read by every Settings(), so it is checked with --dask given too
+        ({"FORECASTING_DASK_ADDRESS": "Local"}, ["run", "--config", config, "--dask", "local"],
+         "error: FORECASTING_DASK_ADDRESS ('Local') is neither"),
         ({}, ["run", "--config", config, "--dask", "tcp://scheduler"],
          "error: --dask ('tcp://scheduler') is neither 'local' nor a Dask scheduler address"),
         ({}, ["backfill", "--config", config, "--start", "2019-01-01", "--end", "2019-02-01", "--dask", silent],
@@ -105,6 +108,19 @@ def test_a_bad_or_silent_dask_address_is_refused_before_the_flow_starts(
             monkeypatch.delenv(key)
     with pytest.raises(ValueError, match=r"the Dask address \('tcp://h'\) is neither"):
         task_runner("tcp://h")
+    # Where Settings() validates it (importing the flows, say), pydantic wraps the error; the CLI
+    # prints the error itself, not "<config>: 1 validation error for Settings ...".
+    from pydantic import ValidationError
+
+    from forecasting.cli import _setting_error_in
+    from forecasting.config import SettingError
+
+    monkeypatch.setenv("FORECASTING_DASK_ADDRESS", "Local")
+    with pytest.raises(ValidationError) as wrapped:
+        Settings()
+    assert isinstance(_setting_error_in(wrapped.value), SettingError)
+    assert str(_setting_error_in(wrapped.value)).startswith("FORECASTING_DASK_ADDRESS ('Local') is neither")
+    assert _setting_error_in(ValueError("other")) is None
 
 
 @pytest.fixture
