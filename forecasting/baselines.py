@@ -14,6 +14,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -138,7 +139,8 @@ def seasonal_naive_many(values: np.ndarray, starts: np.ndarray, ends: np.ndarray
 
 
 def workers() -> int:
-    """Processes for per-series fits: $FORECASTING_WORKERS, else the CPUs this process may use."""
+    """Processes for per-series fits: $FORECASTING_WORKERS, else 1 in a Dask worker's task, else the
+    CPUs this process may use."""
     raw = os.environ.get(WORKERS_ENV)
     if raw:
         try:
@@ -148,10 +150,26 @@ def workers() -> int:
         if n < 1:
             raise ValueError(f"`{WORKERS_ENV}` ({raw!r}) must be an integer >= 1")
         return n
+    if _in_dask_worker():  # the cluster's worker processes are the parallelism: one shard each
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _in_dask_worker() -> bool:
+    """Whether this runs in a Dask worker's task. There, worker processes of its own would
+    multiply each worker by the cores: a worker started without a nanny is no daemon, so
+    nothing else stops it from spawning them."""
+    distributed = sys.modules.get("distributed")  # not imported: not on a worker
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return False
+    return True
 
 
 def ets_many(histories: Sequence[np.ndarray], horizon: int, season_length: int, *,

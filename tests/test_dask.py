@@ -123,6 +123,24 @@ def test_a_bad_or_silent_dask_address_is_refused_before_the_flow_starts(
     assert _setting_error_in(ValueError("other")) is None
 
 
+def test_per_series_fits_on_a_dask_worker_start_no_processes_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker started without a nanny (`dask worker --no-nanny`) is no daemon, so ETS fitted
+    its shard in as many processes as the machine has cores: every worker times the cores."""
+    import os
+
+    from forecasting import baselines
+
+    monkeypatch.delenv(baselines.WORKERS_ENV, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        assert client.submit(baselines.workers, pure=False).result() == 1
+        monkeypatch.setenv(baselines.WORKERS_ENV, "3")  # said explicitly: as said
+        assert client.submit(baselines.workers, pure=False).result() == 3
+    monkeypatch.delenv(baselines.WORKERS_ENV)
+    assert baselines.workers() == cores
+
+
 @pytest.fixture
 def cluster() -> Iterator[distributed.LocalCluster]:
     """Two single-threaded worker processes: separate interpreters, as on separate machines."""
