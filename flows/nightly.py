@@ -53,7 +53,7 @@ from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, c
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
 from forecasting.train import configure_torch_threads
-from forecasting.validate import ValidationReport, observed_rows, validate
+from forecasting.validate import ValidationFailed, ValidationReport, observed_rows, validate
 
 
 # What can pass by itself: a database or tracking server that is down, busy or unreachable.
@@ -551,7 +551,33 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
             config.name, len(skipped), ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in skipped[:10]))
     client = _cluster()
     night = nightly if client is None else nightly.with_options(task_runner=task_runner(client.scheduler.address))
-    return [night(config, as_of=date.to_pydatetime(), backfill=True) for date in nights]
+    summaries = [night(config, as_of=date.to_pydatetime(), backfill=True) for date in nights]
+    record_actuals(config)
+    return summaries
+
+
+@task(name="actuals", **IO_RETRIES)
+def record_actuals(config: DatasetConfig) -> int:
+    """After a backfill: the observations up to the data's end that its forecasts can meet.
+
+    Each night reads only up to its as_of, so the newest observations (those after the last
+    backfilled date) met no backfilled forecast in `forecast_accuracy` until the next scheduled
+    night read them. Validated as a night does (filled values are never actuals); where the
+    latest data fail validation, the next night's own failure reports it, and this warns only.
+    """
+    engine = db.make_engine(Settings())
+    try:
+        panel, as_of = pipeline.load(engine, config, None)
+        try:
+            report = validate(panel, config, input_window=pipeline.input_window(config), as_of=as_of)
+        except ValidationFailed as exc:
+            get_run_logger().warning("dataset %r: actuals up to %s not recorded: %s", config.name, as_of, exc)
+            return 0
+        written = pipeline.write_actuals(engine, config=config, actuals=observed_rows(panel, report))
+    finally:
+        engine.dispose()
+    get_run_logger().info("recorded %d actuals of %r up to %s", written, config.name, as_of)
+    return written
 
 
 @task(name="data-times", **IO_RETRIES)

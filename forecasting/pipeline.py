@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -564,10 +565,25 @@ def write(
 
     `actuals` (the panel the run read) feed the `forecast_accuracy` view.
     """
+    with _writing(engine, config) as conn:
+        return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
+                            scores=scores, actuals=actuals)
+
+
+def write_actuals(engine: Engine, *, config: DatasetConfig, actuals: pd.DataFrame) -> int:
+    """The observations in `actuals` that a stored forecast can meet (see db.write_actuals), in
+    one transaction; how many were upserted."""
+    with _writing(engine, config) as conn:
+        return db.write_actuals(conn, dataset=config.name, panel=actuals,
+                                created_at=datetime.now().replace(microsecond=0))
+
+
+@contextmanager
+def _writing(engine: Engine, config: DatasetConfig) -> Iterator[sa.Connection]:
+    """A transaction of the dataset's writes; errors no retry can help named as such."""
     try:
         with engine.begin() as conn:
-            return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
-                                scores=scores, actuals=actuals)
+            yield conn
     except sa.exc.DBAPIError as exc:
         reason = db.write_refusal(exc)
         if reason is not None:  # read-only, no privilege, disk full: a retry cannot help

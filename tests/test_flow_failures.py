@@ -111,6 +111,14 @@ def test_backfill_touches_only_its_dates_and_reruns_change_nothing(engine: sa.En
     pd.testing.assert_frame_equal(other_after, other_before)
     for _, group in everything.groupby("as_of"):  # each as_of forecasts from its own next step
         assert (pd.to_datetime(group["ts"]) > pd.to_datetime(group["as_of"])).all()
+    # Every forecast up to the data's end (2019-12) meets its actual: each night read only up to
+    # its own as_of, so the backfilled nights' steps after 2019-03 used to have none until the
+    # next scheduled night.
+    with engine.connect() as conn:
+        actuals = conn.execute(sa.text("SELECT MIN(ts), MAX(ts) FROM actuals WHERE dataset = 'sales'")).one()
+        met = conn.execute(sa.text("SELECT COUNT(*) FROM forecast_accuracy WHERE dataset = 'sales'")).scalar_one()
+    assert [str(pd.Timestamp(t).date()) for t in actuals] == ["2019-03-01", "2019-12-01"]
+    assert met == len(everything)
     backfill(config=config, start="2019-02-01", end="2019-03-01")
     with engine.connect() as conn:
         again = db.read_forecasts(conn, dataset="sales")
