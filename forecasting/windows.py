@@ -18,11 +18,13 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from pandas.tseries.frequencies import to_offset
+from pandas.tseries.offsets import Tick
 
 # Offsets that have no Period of their own map to the Period that counts the same steps.
 _PERIOD_ALIASES = {"MS": "M", "ME": "M", "BMS": "M", "BME": "M", "QS": "Q", "QE": "Q",
@@ -95,13 +97,37 @@ def season_position(ts: pd.Series | pd.DatetimeIndex, *, freq: str, season_lengt
             break
         except (ValueError, TypeError):
             continue
-    if ordinal is None:  # no Period for this offset: count fixed-length steps from the epoch
-        try:
-            step = offset.nanos
-        except ValueError:
-            step = pd.Timedelta(days=1).value
-        ordinal = np.round(index.asi8 / step).astype(np.int64)
+    if ordinal is None:  # no Period for this offset: count its steps from a fixed anchor
+        ordinal = _steps_from_epoch(index, offset)
     return np.mod(ordinal, season_length)
+
+
+def _steps_from_epoch(index: pd.DatetimeIndex, offset: Any) -> np.ndarray:
+    """Steps of `offset` between its first timestamp from 1970-01-01 on and each of `index`.
+
+    A fixed-length offset divides; business hours count whole weeks; any other (week of month,
+    custom business days or month starts) is counted on its own grid: days since 1970 gave such a series
+    positions that jumped at random (e.g. 3, 2, 6, 10 for the first Mondays of four months).
+    The timestamps are on the grid: validation refuses any off it.
+    """
+    if isinstance(offset, Tick):
+        return np.floor_divide(index.as_unit("ns").asi8, offset.nanos)
+    if isinstance(offset, (pd.offsets.BusinessHour, pd.offsets.CustomBusinessHour)):
+        return _business_hour_steps(index, offset)
+    anchor = offset.rollforward(pd.Timestamp("1970-01-01"))
+    grid = pd.date_range(min(index.min(), anchor), max(index.max(), anchor), freq=offset)
+    return (grid.searchsorted(index) - grid.searchsorted(anchor)).astype(np.int64)
+
+
+def _business_hour_steps(index: pd.DatetimeIndex, offset: Any) -> np.ndarray:
+    """Business hours (bh, cbh) from the Monday 1970-01-05, whole weeks at a time: their grid
+    repeats every week (a freq string sets no holidays), and a grid from 1970 took seconds."""
+    monday = pd.Timestamp("1970-01-05")
+    week = pd.date_range(monday, monday + pd.Timedelta(days=7), freq=offset.base, inclusive="left")
+    starts = index.normalize() - pd.to_timedelta(index.day_of_week, unit="D")  # each one's Monday
+    weeks = np.asarray((starts - monday).days, np.int64) // 7
+    within = np.searchsorted((week - monday).as_unit("ns").asi8, (index - starts).as_unit("ns").asi8)
+    return (weeks * len(week) + within) // max(offset.n, 1)
 
 
 def calendar_features(position: np.ndarray, season_length: int) -> np.ndarray:

@@ -179,3 +179,26 @@ def test_semi_month_steps_take_consecutive_season_positions(freq):
     ts = pd.date_range("2020-01-01", periods=30, freq=freq)
     position = season_position(ts, freq=freq, season_length=24)
     assert (np.diff(position) % 24 == 1).all()
+
+
+@pytest.mark.parametrize(("freq", "start"), [
+    ("WOM-1MON", "2023-01-02"), ("LWOM-FRI", "2023-01-27"), ("CBMS", "2023-01-02"), ("CBME", "2023-01-31"),
+    ("C", "2023-01-02"), ("bh", "2023-01-02 09:00"), ("cbh", "2023-01-02 09:00"), ("2C", "2023-01-02"),
+    ("MS", "2023-01-01"), ("W-SUN", "2023-01-01"), ("B", "2023-01-02"), ("h", "2023-01-01"), ("15min", "2023-01-01"),
+])
+def test_every_step_of_an_accepted_freq_takes_the_next_season_position(freq, start):
+    """Offsets without a pandas Period (week of month, custom business days and months,
+    business hours) were placed by days since 1970: positions at random, so the networks'
+    season inputs were noise and the recursive strategy's one-step rotation did not hold."""
+    from tests.flow_fixtures import tiny_config
+
+    assert tiny_config(freq=freq).freq == freq  # one the config accepts
+    for season in (5, 8, 12):
+        ts = pd.date_range(start, periods=40, freq=freq)
+        position = season_position(ts, freq=freq, season_length=season)
+        assert (np.diff(position) % season == 1).all(), position.tolist()
+        # the same timestamps in a later window (prediction) keep their positions
+        later = season_position(ts[20:], freq=freq, season_length=season)
+        assert later.tolist() == position[20:].tolist()
+    assert season_position(pd.date_range("2023-01-01", periods=3, freq="MS").as_unit("us"), freq="MS",
+                           season_length=12).tolist() == [0, 1, 2]
