@@ -319,15 +319,19 @@ def check_source(conn: Connection, config: DatasetConfig) -> None:
 
 
 def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> pd.DatetimeIndex:
-    """The distinct timestamps of the dataset up to `until`, oldest first: the as_of dates that
-    have data of their own (a backfill's nights), read without reading the values."""
+    """The distinct timestamps of the dataset's target values up to `until`, oldest first: the
+    as_of dates that have data of their own (a backfill's nights), read without the values.
+    Rows without a target (the future's, say) are none: a night there would read up to the
+    last observation (pipeline.load), and repeat that night."""
     source = config.source
+    time, target = source.time_column, source.target_column
     if source.table is not None:
-        table = _source_table(conn, config, [source.time_column])
-        query: Any = sa.select(table.c[source.time_column]).distinct()
+        table = _source_table(conn, config, [time, target])
+        query: Any = sa.select(table.c[time]).where(table.c[target].is_not(None)).distinct()
     else:
-        rows = _source_query(_subquery_of(source.query)).columns(sa.column(source.time_column)).subquery("source_rows")
-        query = sa.select(rows.c[source.time_column]).distinct()
+        rows = _source_query(_subquery_of(source.query)).columns(sa.column(time), sa.column(target)).subquery(
+            "source_rows")
+        query = sa.select(rows.c[time]).where(rows.c[target].is_not(None)).distinct()
     raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
     times = naive_times(raw, source.timezone) if len(raw) else pd.Series([], dtype="datetime64[ns]")
     return pd.DatetimeIndex(sorted(set(times[times <= pd.Timestamp(until)])))

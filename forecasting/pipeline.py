@@ -68,7 +68,27 @@ def load(engine: Engine, config: DatasetConfig, as_of: pd.Timestamp | None) -> t
     if panel.empty:
         when = f" up to as_of {as_of}" if as_of is not None else ""
         raise db.DataError(f"dataset {config.name!r}: the source holds no rows{when}")
-    return panel, panel["ts"].max()
+    return _up_to_last_observation(panel, config)
+
+
+def _up_to_last_observation(panel: pd.DataFrame, config: DatasetConfig) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """The panel up to its last timestamp that holds a target value, and that timestamp.
+
+    Rows after it hold no target for any series: rows of the future, e.g. covariates known in
+    advance (which the forecasters do not use). They used to set as_of, and the `fill` policy
+    then carried each series' last value over them: a forecast from made-up history.
+    """
+    observed = panel["value"].notna().to_numpy()
+    if not observed.any():
+        raise db.DataError(f"dataset {config.name!r}: the source's {config.source.target_column!r} holds no value")
+    last = panel["ts"].to_numpy()[observed].max()
+    later = panel["ts"].to_numpy() > last
+    if later.any():
+        log.warning("dataset %r: %d rows after %s, the last timestamp with a %r value, are not read: no series "
+                    "has a target there", config.name, int(later.sum()), pd.Timestamp(last),
+                    config.source.target_column)
+        panel = panel[~later].reset_index(drop=True)
+    return panel, pd.Timestamp(last)
 
 
 def backfill_nights(dates: pd.DatetimeIndex, times: pd.DatetimeIndex,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 
 import pandas as pd
 import pytest
@@ -267,6 +267,20 @@ def test_a_query_source_is_checked_and_its_times_read_whatever_its_ending(small_
             times = db.read_times(conn, config, until=datetime(2020, 4, 15))
             assert list(times) == list(pd.date_range("2020-01-01", periods=4, freq="MS"))
         assert len(db.read_dataset(conn, by_query)) == 6
+
+
+def test_times_of_rows_without_a_target_are_no_backfill_nights(small_sales: sa.Engine) -> None:
+    """Future rows (covariates known ahead, no target yet) made their dates backfill nights,
+    which then read up to the last observation and ran its night again."""
+    with small_sales.begin() as conn:
+        db.upsert(conn, db.reflect_table(conn, "sales"), [{"series_id": sid, "state": "S", "industry": "I",
+                  "month": date(2020, 7, 1), "turnover": None} for sid in ("a", "b")], key=("series_id", "month"))
+    by_query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, month, turnover FROM sales"})})
+    with small_sales.connect() as conn:
+        for config in (SALES, by_query):
+            times = db.read_times(conn, config, until=datetime(2020, 12, 1))
+            assert list(times) == list(pd.date_range("2020-01-01", periods=6, freq="MS"))
 
 
 def test_backfill_nights_skip_dates_without_data_of_their_own() -> None:

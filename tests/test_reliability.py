@@ -334,3 +334,19 @@ def test_load_waits_for_another_processes_write_on_sqlite_instead_of_failing(tmp
     assert released.is_set() and time.perf_counter() - started >= 1.0  # it waited for the lock
     assert len(panel) == len(synthetic_sales()) and as_of == panel["ts"].max()
     engine.dispose()
+
+
+def test_rows_after_the_last_observed_target_set_neither_as_of_nor_history(tmp_path: Path) -> None:
+    """Rows of the future (covariates known in advance, no target yet) set as_of, and policy
+    `fill` carried each series' last value over them: a forecast from made-up history."""
+    engine = db.make_engine(url=f"sqlite:///{tmp_path / 'forecasting.db'}")
+    frame = synthetic_sales()
+    last = pd.to_datetime(frame["month"]).max()
+    future = frame[pd.to_datetime(frame["month"]) == last].assign(
+        month=(last + pd.DateOffset(months=1)).date(), turnover=None)
+    load_sales(engine, pd.concat([frame, future], ignore_index=True))
+    config = tiny_config(validation={"policy": "fill"})
+    panel, as_of = pipeline.load(engine, config, None)
+    assert as_of == last and panel["ts"].max() == last and len(panel) == len(frame)
+    assert panel["value"].notna().all()
+    engine.dispose()
