@@ -333,7 +333,7 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
             "source_rows")
         query = sa.select(rows.c[time]).where(rows.c[target].is_not(None)).distinct()
     raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
-    times = naive_times(raw, source.timezone) if len(raw) else pd.Series([], dtype="datetime64[ns]")
+    times = _source_times(raw, config) if len(raw) else pd.Series([], dtype="datetime64[ns]")
     return pd.DatetimeIndex(sorted(set(times[times <= pd.Timestamp(until)])))
 
 
@@ -409,13 +409,7 @@ def to_long_frame(
         _require_storable_ids(out["series_id"], config=config)
     else:
         out["series_id"] = pd.Series(config.name, index=frame.index, dtype=object)
-    try:
-        out["ts"] = naive_times(frame[source.time_column], source.timezone)
-    except (ValueError, TypeError) as exc:
-        raise DataError(
-            f"dataset {config.name!r}: column {source.time_column!r} (time_column) "
-            f"holds values that are not timestamps: {exc}"
-        ) from None
+    out["ts"] = _source_times(frame[source.time_column], config)
     if out["ts"].isna().any():
         series = out.loc[out["ts"].isna(), "series_id"]
         raise DataError(
@@ -458,16 +452,31 @@ def _require_storable_ids(ids: pd.Series, *, config: DatasetConfig) -> None:
 _TEXT_OFFSET = re.compile(r"\d{2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)$")
 
 
+def _source_times(column: pd.Series, config: DatasetConfig) -> pd.Series:
+    """naive_times of the source's time column; values that are not timestamps named."""
+    name = config.source.time_column
+    try:
+        return naive_times(column, config.source.timezone)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"dataset {config.name!r}: column {name!r} (time_column) holds values that are not "
+                        f"timestamps: {exc}") from None
+
+
 def naive_times(column: pd.Series, timezone: str) -> pd.Series:
     """Timestamps without a zone: aware ones (PostgreSQL timestamptz, which psycopg returns in
     the session's zone, or text with an offset, as SQLite stores them) on the wall clock of
     `timezone`; naive ones as they are."""
+    first = column.first_valid_index()
+    sample = column[first] if first is not None else None
+    if isinstance(sample, (int, float, np.integer, np.floating)) and not isinstance(sample, bool):
+        # pandas would read them as nanoseconds since 1970, and every check then saw 1970
+        raise ValueError(f"numbers (e.g. {sample}), not dates or timestamps; convert them in `source.query`, "
+                         "e.g. datetime(col, 'unixepoch') on SQLite or to_timestamp(col) on PostgreSQL for "
+                         "seconds since 1970")
     aware = isinstance(column.dtype, pd.DatetimeTZDtype)
     if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
-        first = column.first_valid_index()
-        value = column[first] if first is not None else None
-        aware = getattr(value, "tzinfo", None) is not None or (
-            isinstance(value, str) and _TEXT_OFFSET.search(value.strip()) is not None)
+        aware = getattr(sample, "tzinfo", None) is not None or (
+            isinstance(sample, str) and _TEXT_OFFSET.search(sample.strip()) is not None)
     ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
     if aware:
         ts = ts.dt.tz_convert(timezone)

@@ -170,6 +170,19 @@ def test_non_numeric_target_names_dataset_series_and_value(small_sales: sa.Engin
             db.read_dataset(conn, config)
 
 
+def test_a_numeric_time_column_is_refused_naming_it_and_how_to_convert(small_sales: sa.Engine) -> None:
+    """Seconds since 1970 in an INTEGER column were read as nanoseconds: every timestamp in
+    January 1970, and the checks then complained about 1970 (off the grid, duplicates)."""
+    epoch = SALES.model_copy(update={"source": SALES.source.model_copy(update={
+        "table": None, "query": "SELECT series_id, CAST(turnover * 1000000 AS INTEGER) AS month, turnover FROM sales"})})
+    with small_sales.connect() as conn:
+        for read in (lambda: db.read_dataset(conn, epoch), lambda: db.read_times(conn, epoch, until=datetime(2030, 1, 1))):
+            with pytest.raises(db.DataError, match=r"dataset 'sales': column 'month' \(time_column\) holds values "
+                               r"that are not timestamps: numbers \(e.g. \d+\), not dates or timestamps; convert "
+                               r"them in `source.query`"):
+                read()
+
+
 def test_null_series_id_or_time_is_named(small_sales: sa.Engine) -> None:
     """A NULL id would become a series no check sees; a NULL time, a crash naming nothing."""
     def from_query(select: str) -> DatasetConfig:
