@@ -9,7 +9,7 @@ targets by interpolation within each series (and drops duplicate timestamps, kee
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -205,6 +205,24 @@ def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column
     return problems
 
 
+_CLOCK_CHANGES = {"duplicate_timestamps": "repeated", "missing_timestamps": "skipped"}
+
+
+def _with_clock_hint(problem: Problem, timezone: str) -> Problem:
+    """A duplicate or missing timestamp that a daylight-saving change explains, saying so: on
+    a local wall clock, sub-daily data repeat an hour each autumn and skip one each spring."""
+    change = _CLOCK_CHANGES.get(problem.check)
+    if change is None or problem.example is None:
+        return problem
+    try:
+        pd.Timestamp(problem.example).tz_localize(timezone, ambiguous="raise", nonexistent="raise")
+    except (ValueError, TypeError):  # ambiguous or nonexistent on that clock
+        return replace(problem, detail=(
+            f"{problem.detail}; {problem.example} is {change} by a daylight-saving change in {timezone}: keep "
+            "sub-daily data on a clock without one (timestamps with a zone, read with `source.timezone: UTC`)"))
+    return problem
+
+
 def validate(
     panel: pd.DataFrame, config: DatasetConfig, *, input_window: int, as_of: pd.Timestamp | None
 ) -> ValidationReport:
@@ -214,6 +232,7 @@ def validate(
     required = min_length(config, input_window)
     problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
                              covariates=config.source.covariates)
+    problems = [_with_clock_hint(p, config.source.timezone) for p in problems]
     if not problems:
         return ValidationReport(panel)
     policy = config.validation.policy

@@ -221,3 +221,27 @@ def test_fill_refuses_a_series_with_no_values_to_fill_from(column: str) -> None:
         validate(panel, with_price(validation={"policy": "fill"}), input_window=WINDOW, as_of=None)
     dropped = validate(panel, with_price(validation={"policy": "drop"}), input_window=WINDOW, as_of=None)
     assert dropped.dropped == ["b"]
+
+
+def test_an_hour_a_daylight_saving_change_repeats_or_skips_is_named_as_such() -> None:
+    """Hourly data on Berlin's wall clock repeat 02:00 on 2024-10-27 and skip it on 2024-03-31:
+    the checks named the hour, not why, nor what to do."""
+    def hourly(start: str, drop_or_repeat: str) -> pd.DataFrame:
+        ts = pd.date_range(start, periods=24 * 20, freq="h")
+        mark = pd.Timestamp(drop_or_repeat)
+        ts = ts[ts != mark] if start.startswith("2024-03") else ts.append(pd.DatetimeIndex([mark])).sort_values()
+        return pd.DataFrame({"series_id": "s", "ts": ts, "value": np.arange(len(ts), dtype=float)})
+
+    cases = [("2024-03-25", "2024-03-31 02:00", "missing_timestamps", "skipped"),
+             ("2024-10-21", "2024-10-27 02:00", "duplicate_timestamps", "repeated")]
+    for start, hour, check, change in cases:
+        panel = hourly(start, hour)
+        for timezone, hinted in (("Europe/Berlin", True), ("UTC", False)):
+            config = tiny_config(freq="h", season_length=24, horizon=6,
+                                 source={**tiny_config().source.model_dump(), "timezone": timezone})
+            with pytest.raises(ValidationFailed) as failed:
+                validate(panel, config, input_window=48, as_of=panel["ts"].max())
+            message = str(failed.value)
+            assert f"{check} at {hour}:00" in message
+            hint = f"{hour}:00 is {change} by a daylight-saving change in Europe/Berlin: keep sub-daily data"
+            assert (hint in message) == hinted, message
