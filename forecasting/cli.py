@@ -375,7 +375,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         mark = "champion of backtest" if model == min(summary["mase"], key=summary["mase"].get) else ""
         table.add_row(model, f"{mase:.4f}", "" if ratio is None or pd.isna(ratio) else f"{ratio:.3f}x", mark)
     console.print(table)
-    decision = {"promoted": "promoted to champion", "refreshed": "champion refreshed with newer weights",
+    decision = {"promoted": "promoted to champion", "refreshed": "champion refitted on tonight's data",
                 "kept": "current champion kept", "backfill": "backfill: alias untouched",
                 "superseded": "not promoted: another run moved the alias meanwhile"}[summary["decision"]]
     console.print(
