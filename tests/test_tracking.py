@@ -225,6 +225,23 @@ def test_registered_model_loads_back_with_the_same_forecast(client: MlflowClient
     assert version.tags["interval_method"] == "split-conformal, |residual| / MASE scale, per step, pooled across series"
 
 
+def test_a_baseline_champion_is_logged_as_code_and_loads_in_mlflows_own_loader(
+        client: MlflowClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Logged as a Python object, the pyfunc was cloudpickled (MLflow warned that loading it
+    runs what it unpickles); as code, MLflow runs forecasting/pyfunc_model.py instead."""
+    import mlflow
+
+    panel = seasonal_panel()
+    with caplog.at_level("WARNING", logger="mlflow"):
+        promotion = promote(client, panel, "seasonal_naive")
+    assert not [r for r in caplog.records if "CloudPickle" in r.getMessage()]
+    artifacts = Path(mlflow.artifacts.download_artifacts(
+        client.get_model_version_download_uri("sales-forecaster", "1")))
+    assert not list(artifacts.rglob("python_model.pkl")) and list(artifacts.rglob("pyfunc_model.py"))
+    model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
+    pd.testing.assert_frame_equal(model.predict(panel), promotion.forecaster.predict(panel))
+
+
 def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadable_version(
         client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """The version was registered, then tagging it failed (a locked store, a timeout): the
