@@ -360,16 +360,20 @@ def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name
     module.eval()
     with torch.no_grad():
         output = module(torch.from_numpy(example).to(device)).cpu().numpy()
-    return mlflow.pytorch.log_model(
-        module,
-        name="model",
-        signature=infer_signature(example, output),
-        input_example=example,
-        extra_files=[str(p) for p in sorted(files.iterdir())],
-        pip_requirements=_requirements(),
-        registered_model_name=name,
-        await_registration_for=60,
-    )
+    with warnings.catch_warnings():
+        # torch.export on nn.RNN/LSTM/GRU: their `_flat_weights` list (views of the registered
+        # parameters, which the export saves) is reassigned while tracing; nothing is lost.
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights.* were assigned during export")
+        return mlflow.pytorch.log_model(
+            module,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            extra_files=[str(p) for p in sorted(files.iterdir())],
+            pip_requirements=_requirements(),
+            registered_model_name=name,
+            await_registration_for=60,
+        )
 
 
 def _log_pyfunc(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
