@@ -451,8 +451,12 @@ def decide(
 def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str | None:
     """Why the registered `current` cannot make this config's forecast, or None if it can: its
     horizon and freq, its season (which scales MASE and its intervals' units: the two would
-    not compare) and the level its intervals were calibrated for must be the config's."""
+    not compare) and the level its intervals were calibrated for must be the config's, and its
+    model one the config still compares (a cell taken out of `models` stops forecasting)."""
     model = current.forecaster
+    if model.name not in config.candidates:
+        return (f"current champion v{current.version} is {model.name!r}, which the config no longer compares "
+                f"(models: {list(config.models)})")
     if model.horizon != config.horizon or model.freq != config.freq:
         return (f"current champion v{current.version} forecasts {model.horizon} x {model.freq!r}, "
                 f"the config now {config.horizon} x {config.freq!r}")

@@ -116,6 +116,19 @@ def test_a_changed_interval_level_promotes_and_predict_refuses_the_old_champion(
     assert pipeline.unlike_config(loaded, wider) == night.reason
 
 
+def test_a_champion_whose_cell_left_models_is_replaced_and_refused_by_predict(client: MlflowClient) -> None:
+    """`models: [lstm, gru]` after an rnn champion: the night kept rnn (its re-score still won),
+    so a cell taken out of the comparison went on making the production forecast."""
+    panel = seasonal_panel()
+    promote(client, panel, "rnn")
+    without_rnn = CONFIG.model_copy(update={"models": ("lstm", "gru")})
+    night = promote(client, panel, "naive", claimed_mase=1e9, config=without_rnn)  # would have been kept
+    assert night.promoted and night.version == "2"
+    assert night.reason == "current champion v1 is 'rnn', which the config no longer compares (models: ['lstm', 'gru'])"
+    loaded = tracking_process.current_champion(Settings().mlflow_tracking_uri, "sales")
+    assert pipeline.unlike_config(loaded, without_rnn) is None  # v2 (naive) is a baseline: always compared
+
+
 def test_a_champion_that_cannot_backtest_on_tonights_data_is_replaced_not_a_failed_night(client: MlflowClient) -> None:
     """Its input window is longer than tonight's series allow (the config's window was
     shortened, and validation sized the series for that): re-scoring it raised, and every
