@@ -3,7 +3,9 @@
 -- PostgreSQL, init-db replaces each in place instead (db.apply_views), so that views built on
 -- them survive.
 
--- Per dataset and series, the rows of the newest as_of.
+-- Per dataset and series, the rows of the newest as_of: a series the newest run did not
+-- forecast (dropped by validation, gone from the source) keeps its last forecast here; see
+-- current_forecasts for the newest run's alone.
 DROP VIEW IF EXISTS latest_forecasts;
 CREATE VIEW latest_forecasts AS
 SELECT f.*
@@ -14,6 +16,18 @@ JOIN (
     GROUP BY dataset, series_id
 ) newest
   ON newest.dataset = f.dataset AND newest.series_id = f.series_id AND newest.as_of = f.as_of;
+
+-- Per dataset, the rows of its newest as_of only: what the newest run forecast.
+DROP VIEW IF EXISTS current_forecasts;
+CREATE VIEW current_forecasts AS
+SELECT f.*
+FROM forecasts f
+JOIN (
+    SELECT dataset, MAX(as_of) AS as_of
+    FROM forecasts
+    GROUP BY dataset
+) newest
+  ON newest.dataset = f.dataset AND newest.as_of = f.as_of;
 
 -- Every past forecast joined to its actual once that has landed (and been read by a run).
 DROP VIEW IF EXISTS forecast_accuracy;

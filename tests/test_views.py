@@ -61,6 +61,16 @@ def test_latest_forecasts_has_the_newest_as_of_per_series(two_runs: sa.Engine) -
     assert latest["value"].tolist() == [21.0, 31.0, 7.0, 8.0]
 
 
+def test_current_forecasts_hold_the_newest_run_alone(two_runs: sa.Engine) -> None:
+    """latest_forecasts keeps b's forecast from the older run, which b's absence from the newest
+    run made stale (a series dropped by validation, or gone from the source, stayed there for
+    good); current_forecasts is what the newest run forecast."""
+    current = query(two_runs, "SELECT series_id, as_of, ts, value FROM current_forecasts ORDER BY series_id, ts")
+    assert current["series_id"].tolist() == ["a", "a"]
+    assert pd.to_datetime(current["as_of"]).dt.strftime("%Y-%m").tolist() == ["2020-04", "2020-04"]
+    assert current["value"].tolist() == [21.0, 31.0]
+
+
 def test_forecast_accuracy_joins_landed_actuals_only(two_runs: sa.Engine) -> None:
     accuracy = query(two_runs, "SELECT * FROM forecast_accuracy")
     assert len(accuracy) == 1  # only a's 2020-04 forecast (step 1 of night 1) has an actual
