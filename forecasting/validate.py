@@ -58,18 +58,21 @@ class ValidationReport:
 
 
 def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFrame:
-    """The rows the source really holds for the series kept: what `actuals` may record
-    (never values filled in by the `fill` policy)."""
+    """The rows the source really holds: what `actuals` may record. Never a value filled in by
+    the `fill` policy; but a series dropped tonight is observed all the same, and its real
+    values still meet the forecasts made for it before (they used to go unrecorded)."""
     if report.panel is loaded:  # no problems: nothing dropped, filled, duplicated or NaN
         return loaded
-    keep = loaded["series_id"].isin(report.panel["series_id"].unique()).to_numpy(copy=True)
+    troubled = set(report.filled) | set(report.dropped)
     # Series that passed every check hold neither NaN targets nor duplicate timestamps; only
-    # the repaired ones (policy `fill`) need the rows the source really holds picked out.
-    repaired = keep & loaded["series_id"].isin(list(report.filled)).to_numpy() if report.filled else None
-    if repaired is not None and repaired.any():
-        part = loaded[repaired]
-        real = part["value"].notna().to_numpy() & ~part.duplicated(["series_id", "ts"], keep="last").to_numpy()
-        keep[np.flatnonzero(repaired)[~real]] = False
+    # the repaired and the dropped ones need the rows the source really holds picked out.
+    picked = loaded["series_id"].isin(list(troubled)).to_numpy()
+    if not picked.any():
+        return loaded
+    part = loaded[picked]
+    real = np.isfinite(part["value"].to_numpy(dtype=float)) & ~part.duplicated(["series_id", "ts"], keep="last").to_numpy()
+    keep = ~picked
+    keep[np.flatnonzero(picked)[real]] = True
     return loaded[keep]
 
 
