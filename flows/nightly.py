@@ -544,6 +544,17 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     if not nights:
         raise ValueError(f"dataset {config.name!r}: no {config.freq!r} date from {start!r} to {end!r} has data "
                          "of its own (the range is after the data's end, before its start, or in a gap)")
+    production = sorted(champions_nights(config).intersection(nights))
+    if production:
+        shown = ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in production[:10])
+        if len(production) == len(nights):
+            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds the champion's "
+                             f"forecast (production's nights: {shown}); `forecasting run --as-of` redoes one")
+        get_run_logger().warning(
+            "dataset %r: %d as_of date(s) skipped, whose forecast the champion made (production's nights; a "
+            "backfill night would replace it with its own model): %s; `forecasting run --as-of` redoes one",
+            config.name, len(production), shown)
+        nights = [d for d in nights if d not in set(production)]
     if skipped:
         get_run_logger().warning(
             "dataset %r: %d as_of date(s) skipped, which have no data of their own (after the data's end, in a "
@@ -578,6 +589,22 @@ def record_actuals(config: DatasetConfig) -> int:
         engine.dispose()
     get_run_logger().info("recorded %d actuals of %r up to %s", written, config.name, as_of)
     return written
+
+
+@task(name="champions-nights", **IO_RETRIES)
+def champions_nights(config: DatasetConfig) -> set[pd.Timestamp]:
+    """The as_of dates whose stored forecast the current champion made: production's nights,
+    which a backfill leaves alone (else current_forecasts would show a version the alias does
+    not point at)."""
+    version = tracking_process.call(tracking_process.champion_version, _tracking_uri(), config.name)
+    if version is None:
+        return set()
+    engine = db.make_engine(Settings())
+    try:
+        with db.naming_connection_errors(engine), engine.connect() as conn:
+            return set(db.as_ofs_forecast_by(conn, dataset=config.name, version=version))
+    finally:
+        engine.dispose()
 
 
 @task(name="data-times", **IO_RETRIES)

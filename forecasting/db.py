@@ -895,6 +895,14 @@ def _plain_column(series: pd.Series) -> list[Any]:
     return [_plain(v) for v in values]
 
 
+def as_ofs_forecast_by(conn: Connection, *, dataset: str, version: str) -> list[pd.Timestamp]:
+    """The as_of dates whose stored forecast the model version `version` made, oldest first."""
+    table = reflect_table(conn, FORECASTS)
+    query = (sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version == version)
+             .distinct().order_by(table.c.as_of))
+    return [pd.Timestamp(t) for t in conn.execute(query).scalars()]
+
+
 def read_forecasts(conn: Connection, *, dataset: str, as_of: datetime | None = None) -> pd.DataFrame:
     table = reflect_table(conn, FORECASTS)
     query = sa.select(table).where(table.c.dataset == dataset)
