@@ -179,6 +179,10 @@ class BacktestConfig(_Strict):
 class ValidationConfig(_Strict):
     # refuse: fail the run; fill: interpolate gaps/NaN; drop: forecast the other series only.
     policy: Literal["refuse", "fill", "drop"] = "refuse"
+    # drop: the most of the series a night may leave out; above it the night fails, rather than
+    # train, compare and promote on a remnant (e.g. one series loaded early moved as_of, and
+    # every other one then "ended before as_of").
+    max_dropped_share: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class DatasetConfig(_Strict):

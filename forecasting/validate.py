@@ -39,13 +39,14 @@ class Problem:
 class ValidationFailed(ValueError):
     """The dataset failed validation under the `refuse` policy (never retried)."""
 
-    def __init__(self, dataset: str, problems: list[Problem]) -> None:
+    def __init__(self, dataset: str, problems: list[Problem], note: str | None = None) -> None:
         self.dataset = dataset
         self.problems = problems
         shown = "\n".join("  " + p.describe(dataset) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        why = f": {note}" if note else ""
         super().__init__(
-            f"dataset {dataset!r} failed validation ({len(problems)} problem(s)):\n{shown}{more}"
+            f"dataset {dataset!r} failed validation ({len(problems)} problem(s)){why}:\n{shown}{more}"
         )
 
 
@@ -263,8 +264,12 @@ def validate(
     # policy == "drop"
     report.dropped = sorted(failing)
     report.panel = panel[~panel["series_id"].isin(failing)].reset_index(drop=True)
-    if report.panel.empty:
-        raise ValidationFailed(config.name, problems)
+    total = panel["series_id"].nunique()
+    share = config.validation.max_dropped_share
+    if report.panel.empty or len(failing) > share * total:
+        raise ValidationFailed(config.name, problems, note=(
+            f"{len(failing)} of {total} series failed, more than validation.max_dropped_share ({share:g}) "
+            "lets a night drop: not trained on the rest"))
     return report
 
 

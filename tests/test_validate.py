@@ -124,7 +124,7 @@ def test_observed_rows_are_the_real_source_rows_of_every_series(policy: str) -> 
         loaded.loc[len(ts) + 3, "value"] = np.nan
         loaded = pd.concat([loaded, loaded.iloc[[len(ts) + 5]].assign(value=9.0)], ignore_index=True)
         loaded = loaded.drop(index=2 * len(ts) + 4)
-    config = tiny_config(validation={"policy": policy})
+    config = tiny_config(validation={"policy": policy, "max_dropped_share": 1.0})  # b and c both fail
     report = validate(loaded, config, input_window=WINDOW, as_of=None)
     observed = observed_rows(loaded, report)
     pd.testing.assert_frame_equal(observed, _observed_by_definition(loaded))
@@ -249,3 +249,22 @@ def test_an_hour_a_daylight_saving_change_repeats_or_skips_is_named_as_such() ->
             assert f"{check} at {hour}:00" in message
             hint = f"{hour}:00 is {change} by a daylight-saving change in Europe/Berlin: keep sub-daily data"
             assert (hint in message) == hinted, message
+
+
+def test_drop_fails_the_night_rather_than_train_on_a_remnant() -> None:
+    """One series loaded early moved as_of; every other one then 'ended before as_of', was
+    dropped, and a model trained on the one left took the champion alias."""
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    panel = pd.concat([pd.DataFrame({"series_id": s, "ts": ts, "value": float(i)}) for i, s in enumerate("abcd")],
+                      ignore_index=True)
+    early = pd.DataFrame({"series_id": ["a"], "ts": [ts[-1] + pd.offsets.MonthBegin()], "value": [9.0]})
+    partial = pd.concat([panel, early], ignore_index=True)
+    config = tiny_config(validation={"policy": "drop"})
+    with pytest.raises(ValidationFailed, match=r"3 of 4 series failed, more than validation.max_dropped_share "
+                                               r"\(0.5\) lets a night drop: not trained on the rest"):
+        validate(partial, config, input_window=WINDOW, as_of=partial["ts"].max())
+    late = partial[partial["series_id"] != "b"].pipe(lambda p: pd.concat(
+        [p, pd.DataFrame({"series_id": ["b", "c", "d"], "ts": [early["ts"].iloc[0]] * 3, "value": [1.0] * 3}),
+         panel[panel["series_id"] == "b"].iloc[:-3]], ignore_index=True))  # b alone is short of its last rows
+    report = validate(late, config, input_window=WINDOW, as_of=late["ts"].max())
+    assert report.dropped == ["b"]  # 1 of 4: within the share
