@@ -540,21 +540,12 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     dates = pd.date_range(first, last, freq=config.freq)
     if len(dates) == 0:
         raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
-    nights, skipped = pipeline.backfill_nights(dates, data_times(config, last), config.freq)
+    times = data_times(config, last)
+    nights, skipped = pipeline.backfill_nights(dates, times, config.freq)
     if not nights:
         raise ValueError(f"dataset {config.name!r}: no {config.freq!r} date from {start!r} to {end!r} has data "
                          "of its own (the range is after the data's end, before its start, or in a gap)")
-    production = sorted(champions_nights(config).intersection(nights))
-    if production:
-        shown = ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in production[:10])
-        if len(production) == len(nights):
-            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds the champion's "
-                             f"forecast (production's nights: {shown}); `forecasting run --as-of` redoes one")
-        get_run_logger().warning(
-            "dataset %r: %d as_of date(s) skipped, whose forecast the champion made (production's nights; a "
-            "backfill night would replace it with its own model): %s; `forecasting run --as-of` redoes one",
-            config.name, len(production), shown)
-        nights = [d for d in nights if d not in set(production)]
+    nights = _leaving_production_alone(config, nights, pipeline.effective_as_ofs(nights, times), start, end)
     if skipped:
         get_run_logger().warning(
             "dataset %r: %d as_of date(s) skipped, which have no data of their own (after the data's end, in a "
@@ -565,6 +556,33 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     summaries = [night(config, as_of=date.to_pydatetime(), backfill=True) for date in nights]
     record_actuals(config)
     return summaries
+
+
+def _leaving_production_alone(config: DatasetConfig, nights: list[pd.Timestamp], as_ofs: list[pd.Timestamp],
+                              start: str, end: str) -> list[pd.Timestamp]:
+    """The backfill's nights without those whose as_of (`as_ofs`, each night's effective one)
+    holds the current champion's forecast: production's, which a backfill night would replace
+    with its own model. A night after production's newest is run, with a warning: until the
+    next scheduled night, current_forecasts shows its forecast."""
+    champions = champions_nights(config)
+    logger = get_run_logger()
+    production = [d for d, as_of in zip(nights, as_ofs) if as_of in champions]
+    if production:
+        shown = ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in production[:10])
+        if len(production) == len(nights):
+            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds the champion's "
+                             f"forecast (production's nights: {shown}); `forecasting run --as-of` redoes one")
+        logger.warning(
+            "dataset %r: %d as_of date(s) skipped, whose forecast the champion made (production's nights; a "
+            "backfill night would replace it with its own model): %s; `forecasting run --as-of` redoes one",
+            config.name, len(production), shown)
+    newest = max(champions) if champions else None
+    later = [d for d, as_of in zip(nights, as_ofs) if newest is not None and as_of > newest]
+    if later:
+        logger.warning("dataset %r: %d night(s) after production's newest (%s), from %s: until the next scheduled "
+                       "night, current_forecasts shows this backfill's forecast, not the champion's",
+                       config.name, len(later), newest, f"{later[0]:%Y-%m-%d %H:%M}")
+    return [d for d in nights if d not in set(production)]
 
 
 @task(name="actuals", **IO_RETRIES)
@@ -578,11 +596,11 @@ def record_actuals(config: DatasetConfig) -> int:
     """
     engine = db.make_engine(Settings())
     try:
-        panel, as_of = pipeline.load(engine, config, None)
         try:
+            panel, as_of = pipeline.load(engine, config, None)
             report = validate(panel, config, input_window=pipeline.input_window(config), as_of=as_of)
-        except ValidationFailed as exc:
-            get_run_logger().warning("dataset %r: actuals up to %s not recorded: %s", config.name, as_of, exc)
+        except (ValidationFailed, db.DataError) as exc:  # the nights are written: warn, and leave it to the next
+            get_run_logger().warning("dataset %r: actuals after the backfill not recorded: %s", config.name, exc)
             return 0
         written = pipeline.write_actuals(engine, config=config, actuals=observed_rows(panel, report))
     finally:
@@ -594,8 +612,7 @@ def record_actuals(config: DatasetConfig) -> int:
 @task(name="champions-nights", **IO_RETRIES)
 def champions_nights(config: DatasetConfig) -> set[pd.Timestamp]:
     """The as_of dates whose stored forecast the current champion made: production's nights,
-    which a backfill leaves alone (else current_forecasts would show a version the alias does
-    not point at)."""
+    which a backfill leaves alone (it would replace them with its own models)."""
     version = tracking_process.call(tracking_process.champion_version, _tracking_uri(), config.name)
     if version is None:
         return set()

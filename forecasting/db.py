@@ -327,11 +327,14 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
     time, target = source.time_column, source.target_column
     if source.table is not None:
         table = _source_table(conn, config, [time, target])
-        query: Any = sa.select(table.c[time]).where(table.c[target].is_not(None)).distinct()
+        columns = table.c
     else:
-        rows = _source_query(_subquery_of(source.query)).columns(sa.column(time), sa.column(target)).subquery(
-            "source_rows")
-        query = sa.select(rows.c[time]).where(rows.c[target].is_not(None)).distinct()
+        columns = _source_query(_subquery_of(source.query)).columns(sa.column(time), sa.column(target)).subquery(
+            "source_rows").c
+    observed = columns[target].is_not(None)
+    if conn.dialect.name == "postgresql":  # its floating types hold NaN, which the load reads as missing
+        observed = columns[target] != float("nan")  # NaN equals NaN there; NULL compares to nothing
+    query: Any = sa.select(columns[time]).where(observed).distinct()
     raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
     times = _source_times(raw, config) if len(raw) else pd.Series([], dtype="datetime64[ns]")
     return pd.DatetimeIndex(sorted(set(times[times <= pd.Timestamp(until)])))

@@ -104,6 +104,13 @@ def backfill_nights(dates: pd.DatetimeIndex, times: pd.DatetimeIndex,
     return list(dates[has_own]), list(dates[~has_own])
 
 
+def effective_as_ofs(dates: list[pd.Timestamp], times: pd.DatetimeIndex) -> list[pd.Timestamp]:
+    """Each date's effective as_of, the last of the data's `times` at or before it: what a
+    night of that date reads up to and stores its forecast under (load)."""
+    index = np.searchsorted(times.to_numpy(), pd.DatetimeIndex(dates).to_numpy(), side="right") - 1
+    return [times[i] for i in index]
+
+
 def input_window(config: DatasetConfig) -> int:
     if config.training.input_window is not None:
         return config.training.input_window

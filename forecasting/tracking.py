@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from forecasting import intervals
+from forecasting import intervals, pyfunc
 from forecasting.config import Settings, redact_url, scrub
 from forecasting.forecasters import Forecaster, load_forecaster
 from forecasting.plots import forecast_vs_actual, forecast_with_intervals
@@ -287,6 +287,8 @@ def write_night_log(client: MlflowClient, entry: NightLog) -> None:
 # A baseline champion's pyfunc, logged as code: MLflow would otherwise cloudpickle an object
 # (and warn, rightly, that loading it runs whatever it unpickles).
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+# Versions registered before hold a pickle that names the class here: MLflow's loader finds it.
+ForecasterPyfunc = pyfunc.ForecasterPyfunc
 
 
 INTERVAL_TAG = "interval_quantiles"

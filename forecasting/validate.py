@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
+from pandas.tseries.offsets import Tick
 
 from forecasting.config import DatasetConfig
 
@@ -212,6 +214,15 @@ def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column
 _CLOCK_CHANGES = {"duplicate_timestamps": "repeated", "missing_timestamps": "skipped"}
 
 
+def _sub_daily(freq: str) -> bool:
+    """Whether `freq` steps more than once a day (where a clock change repeats or skips a step;
+    a day that starts at a change, as in Santiago or Beirut, is still that day)."""
+    offset = to_offset(freq)
+    if isinstance(offset, (pd.offsets.BusinessHour, pd.offsets.CustomBusinessHour)):
+        return True
+    return isinstance(offset, Tick) and offset.nanos < pd.Timedelta(days=1).value
+
+
 def _with_clock_hint(problem: Problem, timezone: str) -> Problem:
     """A duplicate or missing timestamp that a daylight-saving change explains, saying so: on
     a local wall clock, sub-daily data repeat an hour each autumn and skip one each spring."""
@@ -236,7 +247,8 @@ def validate(
     required = min_length(config, input_window)
     problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
                              covariates=config.source.covariates)
-    problems = [_with_clock_hint(p, config.source.timezone) for p in problems]
+    if _sub_daily(config.freq):
+        problems = [_with_clock_hint(p, config.source.timezone) for p in problems]
     if not problems:
         return ValidationReport(panel)
     policy = config.validation.policy
@@ -266,7 +278,9 @@ def validate(
     report.panel = panel[~panel["series_id"].isin(failing)].reset_index(drop=True)
     total = panel["series_id"].nunique()
     share = config.validation.max_dropped_share
-    if report.panel.empty or len(failing) > share * total:
+    if report.panel.empty:
+        raise ValidationFailed(config.name, problems, note="every series failed")
+    if len(failing) / total > share:
         raise ValidationFailed(config.name, problems, note=(
             f"{len(failing)} of {total} series failed, more than validation.max_dropped_share ({share:g}) "
             "lets a night drop: not trained on the rest"))

@@ -285,15 +285,28 @@ def test_a_query_source_is_checked_and_its_times_read_whatever_its_ending(small_
 def test_times_of_rows_without_a_target_are_no_backfill_nights(small_sales: sa.Engine) -> None:
     """Future rows (covariates known ahead, no target yet) made their dates backfill nights,
     which then read up to the last observation and ran its night again."""
-    with small_sales.begin() as conn:
+    with small_sales.begin() as conn:  # July NULL; August NaN where the column can hold one (PostgreSQL)
         db.upsert(conn, db.reflect_table(conn, "sales"), [{"series_id": sid, "state": "S", "industry": "I",
-                  "month": date(2020, 7, 1), "turnover": None} for sid in ("a", "b")], key=("series_id", "month"))
+                  "month": date(2020, month, 1), "turnover": None} for sid in ("a", "b")
+                  for month in (7, 8)], key=("series_id", "month"))
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("UPDATE sales SET turnover = 'NaN' WHERE month = '2020-08-01'")
     by_query = SALES.model_copy(update={"source": SALES.source.model_copy(update={
         "table": None, "query": "SELECT series_id, month, turnover FROM sales"})})
     with small_sales.connect() as conn:
         for config in (SALES, by_query):
             times = db.read_times(conn, config, until=datetime(2020, 12, 1))
             assert list(times) == list(pd.date_range("2020-01-01", periods=6, freq="MS"))
+
+
+def test_a_backfill_dates_effective_as_of_is_the_last_data_time_at_or_before_it() -> None:
+    """Daily data stamped 06:00 and a backfill from midnight: each night stores its forecast
+    under the data's time before it, which is what production's nights are compared with."""
+    from forecasting.pipeline import effective_as_ofs
+
+    times = pd.date_range("2019-04-28 06:00", periods=6, freq="D")
+    nights = list(pd.date_range("2019-05-01", periods=3, freq="D"))
+    assert effective_as_ofs(nights, times) == list(pd.date_range("2019-04-30 06:00", periods=3, freq="D"))
 
 
 def test_backfill_nights_skip_dates_without_data_of_their_own() -> None:

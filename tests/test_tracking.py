@@ -253,6 +253,11 @@ def test_a_baseline_champion_is_logged_as_code_and_loads_in_mlflows_own_loader(
     assert not list(artifacts.rglob("python_model.pkl")) and list(artifacts.rglob("pyfunc_model.py"))
     model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
     pd.testing.assert_frame_equal(model.predict(panel), promotion.forecaster.predict(panel))
+    # A version registered before holds a pickle that names forecasting.tracking.ForecasterPyfunc.
+    import pickle
+
+    named = pickle.loads(b"cforecasting.tracking\nForecasterPyfunc\n.")
+    assert issubclass(named, mlflow.pyfunc.PythonModel)
 
 
 def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadable_version(

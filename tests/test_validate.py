@@ -249,6 +249,14 @@ def test_an_hour_a_daylight_saving_change_repeats_or_skips_is_named_as_such() ->
             assert f"{check} at {hour}:00" in message
             hint = f"{hour}:00 is {change} by a daylight-saving change in Europe/Berlin: keep sub-daily data"
             assert (hint in message) == hinted, message
+    # A day that starts at a clock change (Santiago, 2024-09-08 00:00) is still that day: no hint.
+    days = pd.date_range("2024-06-01", periods=200, freq="D")
+    daily = pd.DataFrame({"series_id": "s", "ts": days[days != pd.Timestamp("2024-09-08")], "value": 1.0})
+    santiago = tiny_config(freq="D", season_length=7, source={**tiny_config().source.model_dump(),
+                                                              "timezone": "America/Santiago"})
+    with pytest.raises(ValidationFailed) as failed:
+        validate(daily, santiago, input_window=14, as_of=daily["ts"].max())
+    assert "missing_timestamps at 2024-09-08" in str(failed.value) and "daylight" not in str(failed.value)
 
 
 def test_drop_fails_the_night_rather_than_train_on_a_remnant() -> None:
@@ -268,3 +276,12 @@ def test_drop_fails_the_night_rather_than_train_on_a_remnant() -> None:
          panel[panel["series_id"] == "b"].iloc[:-3]], ignore_index=True))  # b alone is short of its last rows
     report = validate(late, config, input_window=WINDOW, as_of=late["ts"].max())
     assert report.dropped == ["b"]  # 1 of 4: within the share
+    # at the share exactly: within it (29 of 100 at 0.29 read 29 > 28.999999999999996)
+    many = pd.concat([pd.DataFrame({"series_id": f"s{i:03d}", "ts": ts, "value": 1.0}) for i in range(100)],
+                     ignore_index=True)
+    short = many[~(many["series_id"].isin([f"s{i:03d}" for i in range(29)]) & (many["ts"] > ts[5]))]
+    at_share = tiny_config(validation={"policy": "drop", "max_dropped_share": 0.29})
+    assert len(validate(short, at_share, input_window=WINDOW, as_of=ts[-1]).dropped) == 29
+    everything = tiny_config(validation={"policy": "drop", "max_dropped_share": 1.0})
+    with pytest.raises(ValidationFailed, match=r"failed validation \(\d+ problem\(s\)\): every series failed"):
+        validate(short[short["series_id"] < "s029"], everything, input_window=WINDOW, as_of=ts[-1])
