@@ -260,6 +260,21 @@ def test_a_baseline_champion_is_logged_as_code_and_loads_in_mlflows_own_loader(
     assert issubclass(named, mlflow.pyfunc.PythonModel)
 
 
+def test_registering_prints_none_of_the_warnings_that_do_not_apply(client: MlflowClient) -> None:
+    """torch.export on nn.RNN warned that `_flat_weights` were 'assigned during export' (views
+    of the saved parameters), and MLflow hinted at integer columns that may go missing (a
+    forecast's `step` never does): at every registration, to every user."""
+    import warnings
+
+    panel = seasonal_panel()
+    for name in ("rnn", "seasonal_naive"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            promote(client, panel, name)
+        said = [str(w.message) for w in caught]
+        assert not [m for m in said if "_flat_weights" in m or "Inferred schema contains integer" in m], said
+
+
 def test_a_registration_retried_after_it_failed_past_registering_leaves_a_loadable_version(
         client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """The version was registered, then tagging it failed (a locked store, a timeout): the
