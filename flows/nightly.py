@@ -76,7 +76,6 @@ IO_RETRIES: dict[str, Any] = dict(
 )
 COMPUTE: dict[str, Any] = dict(cache_policy=NO_CACHE)
 WARNED_STATE = "Completed with dropped series"  # a COMPLETED run that left series out
-LOCAL_CLUSTER = LOCAL_DASK  # the address meaning: start a Dask LocalCluster for the run
 
 
 @task(name="load", **IO_RETRIES)
@@ -249,7 +248,7 @@ def finish_tracking(parent: str, config: DatasetConfig, comparison: pipeline.Com
 
 def task_runner(address: str | None) -> TaskRunner | None:
     """Where a flow's submitted tasks run: None (no address) is Prefect's default, and the flows
-    then call every task in their own process, one after another; LOCAL_CLUSTER a Dask
+    then call every task in their own process, one after another; LOCAL_DASK a Dask
     LocalCluster of single-threaded worker processes, one per core, started for the flow run and
     closed after it; anything else the address of a running Dask scheduler (tcp://host:8786)."""
     if not address:
@@ -257,14 +256,14 @@ def task_runner(address: str | None) -> TaskRunner | None:
     check_dask_address(address, name="the Dask address")
     from prefect_dask import DaskTaskRunner
 
-    if address == LOCAL_CLUSTER:
+    if address == LOCAL_DASK:
         return DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1, "processes": True})
     return DaskTaskRunner(address=address)
 
 
 def on_dask(flow_: Flow[..., Any], address: str | None = None) -> Flow[..., Any]:
     """`flow_` with its compute tasks on the Dask scheduler at `address` (None: a local cluster)."""
-    return flow_.with_options(task_runner=task_runner(address or LOCAL_CLUSTER))
+    return flow_.with_options(task_runner=task_runner(address or LOCAL_DASK))
 
 
 def _cluster() -> Any | None:

@@ -201,13 +201,17 @@ def check_cluster(args: argparse.Namespace) -> None:
     """--dask, else $FORECASTING_DASK_ADDRESS: 'local' or a scheduler address; one that answers
     where the command runs on it (the commands with --dask). The flows' module reads the
     variable when imported, so every flow command checks its form."""
+    from pydantic import ValidationError
+
     option = getattr(args, "dask", None)
-    variable = "FORECASTING_DASK_ADDRESS"
-    environment = next((v for k, v in os.environ.items() if k.upper() == variable), None)  # as Settings reads it
-    if environment:  # read (and validated) by every Settings(), --dask or not
-        check_dask_address(environment, name=variable, reachable=option is None and hasattr(args, "dask"))
+    try:  # the variable's form, as every Settings() validates it, --dask or not
+        environment = Settings().forecasting_dask_address
+    except ValidationError as exc:
+        raise _setting_error_in(exc) or exc from None
     if option:
         check_dask_address(option, name="--dask", reachable=True)
+    elif environment and hasattr(args, "dask"):
+        check_dask_address(environment, name="FORECASTING_DASK_ADDRESS", reachable=True)
 
 
 def check_source(config: DatasetConfig) -> None:
