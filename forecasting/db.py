@@ -160,6 +160,8 @@ def init_db(conn: Connection) -> list[str]:
     # an init-db stopped half-way left tables without their schema_migrations rows, and every
     # later init-db re-ran a migration's ALTER TABLE ("duplicate column name").
     take_write_lock(conn)
+    if conn.dialect.name == "postgresql":  # two at once on a new database both created each table
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key("init-db")})
     existed = sa.inspect(conn).has_table(FORECASTS)
     apply_sql(conn, SQL_DIR / "schema.sql")
     done = set(conn.execute(sa.text("SELECT name FROM schema_migrations")).scalars())
@@ -777,9 +779,14 @@ def lock_run(conn: Connection, *, dataset: str, as_of: datetime) -> None:
         return
     if conn.dialect.name != "postgresql":
         return
-    digest = hashlib.blake2b(f"{dataset}\x00{as_of.isoformat()}".encode(), digest_size=8).digest()
-    key = int.from_bytes(digest, "big", signed=True)  # pg advisory locks take a signed bigint
+    key = _advisory_key(f"{dataset}\x00{as_of.isoformat()}")
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _advisory_key(name: str) -> int:
+    """A PostgreSQL advisory lock's key (a signed bigint) for `name`."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def take_write_lock(conn: Connection) -> None:

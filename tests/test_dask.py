@@ -181,6 +181,11 @@ def test_cluster_run_equals_local_run(engine: sa.Engine, env: dict[str, str],
         remote = on_dask(nightly, cluster.scheduler_address)(config=config)
         threads = client.run(torch.get_num_threads)
     remote_rows, remote_scores = outputs(engine)  # the same as_of: the run replaced the rows
+    # ... with its own: another registered version and other MLflow runs than the local run's
+    # (rows the local run left in place would pass every comparison below).
+    assert remote["model_version"] != local["model_version"]
+    assert set(remote_rows["model_version"]) == {remote["model_version"]}
+    assert not set(remote_scores["mlflow_run_id"]) & set(local_scores["mlflow_run_id"])
 
     ran = pd.DataFrame({"task": [t["key"].rsplit("-", 1)[0] for t in stream.data],
                         "worker": [t["worker"] for t in stream.data]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import date, datetime
 
 import pandas as pd
@@ -31,6 +32,34 @@ def test_init_db_twice(engine: sa.Engine) -> None:
     columns = {c["name"] for c in sa.inspect(engine).get_columns("forecasts")}
     assert columns == {"dataset", "series_id", "as_of", "ts", "step", "value", "lower", "upper",
                        "model", "model_version", "mlflow_run_id", "created_at"}
+
+
+def test_init_db_run_at_once_by_several_processes_on_a_new_database(pg_database: sa.URL) -> None:
+    """Two `forecasting init-db` at once on a new PostgreSQL database: one failed with a raw
+    "duplicate key value violates unique constraint pg_type_typname_nsp_index" (both created
+    the same table). Each round on a fresh schema; four writers at once."""
+    from tests.conftest import pg_schema_url
+
+    for _ in range(5):
+        engine = db.make_engine(url=pg_schema_url(pg_database))
+        barrier = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def init() -> None:
+            try:
+                with engine.begin() as conn:
+                    barrier.wait()
+                    db.init_db(conn)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=init) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        engine.dispose()
+        assert not errors, errors[0]
 
 
 def test_load_demo_twice_leaves_same_rows(engine: sa.Engine) -> None:
@@ -439,17 +468,27 @@ def test_rewrite_with_fewer_series_removes_stale_rows(engine: sa.Engine) -> None
     assert set(rows["series_id"]) == {"a"} and len(rows) == 3
 
 
-def test_write_failure_leaves_nothing(engine: sa.Engine) -> None:
+def test_write_failure_leaves_nothing_and_the_previous_run_stays(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         db.init_db(conn)
     bad = forecast_rows(1.0)
     bad.loc[2, "step"] = 0  # violates CHECK (step >= 1) after two good rows
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(sa.exc.IntegrityError, match=r"CHECK constraint failed|violates check constraint"):
         with engine.begin() as conn:
             db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=bad, scores=score_rows(1.0))
     with engine.connect() as conn:
         assert db.read_forecasts(conn, dataset="sales").empty
         assert conn.execute(sa.text("SELECT COUNT(*) FROM model_scores")).scalar_one() == 0
+    # The same failure over a committed run: its DELETE goes back with the rest.
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(2.0),
+                     scores=score_rows(2.0))
+    with pytest.raises(sa.exc.IntegrityError, match=r"CHECK constraint failed|violates check constraint"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=bad, scores=score_rows(1.0))
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales")["value"].tolist() == forecast_rows(2.0)["value"].tolist()
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM model_scores")).scalar_one() == len(score_rows(2.0))
 
 
 @pytest.mark.parametrize(("column", "bad"), [("value", float("nan")), ("value", float("inf")),

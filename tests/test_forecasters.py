@@ -38,13 +38,16 @@ def test_each_cell_learns_sine_plus_trend_better_than_naive(cell):
 
 
 def test_recursive_strategy_forecasts_the_horizon_and_learns():
-    f = _fit("gru", strategy="recursive", max_epochs=15)
+    # residual "last_value": an untrained net would start as the seasonal naive forecast,
+    # which beats naive on this data before any learning.
+    f = _fit("gru", strategy="recursive", max_epochs=15, residual="last_value")
     assert f.torch_module.members[0].head.out_features == 1
+    assert len(f.history) >= 1
     forecast = f.predict(TRAIN)
     assert forecast["step"].tolist() == list(range(1, HORIZON + 1)) * 4
     naive = make_forecaster("naive", freq="MS", horizon=HORIZON, season_length=SEASON,
                             training=tiny_training()).fit(TRAIN)
-    assert _error(forecast) < _error(naive.predict(TRAIN))
+    assert _error(forecast) < 0.7 * _error(naive.predict(TRAIN))
 
 
 def test_same_data_config_and_seed_give_identical_forecasts():

@@ -15,10 +15,16 @@ def test_silent_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_epoch_bar_advances_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "interactive", lambda: True)
+    displays = []
+    real = progress._display
+    monkeypatch.setattr(progress, "_display", lambda: displays.append(real()) or displays[-1])
     with progress.epochs("sales gru", 2) as on_epoch:
-        assert on_epoch is not None
+        assert on_epoch is not None and len(displays) == 1
+        (task,) = displays[0].tasks
         on_epoch("gru", 0, 0.5, 0.6)
         on_epoch("gru", 1, 0.4, 0.5)
+        assert (task.description, task.total, task.completed) == ("sales gru", 2, 2)
+        assert task.fields["detail"] == "train 0.4000 val 0.5000"
 
 
 def test_epoch_bars_nest_under_the_stage_bar(monkeypatch: pytest.MonkeyPatch) -> None:

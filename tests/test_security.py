@@ -11,15 +11,33 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.nightly import nightly
+from forecasting import tracking_process
 from forecasting.config import DatasetConfig
 from tests.flow_fixtures import load_sales, tiny_config
 
 SENTINEL = "Sentinel-pw-4711"
 
 
-@pytest.mark.usefixtures("prefect")
+@pytest.fixture
+def fresh_logging_worker():
+    """The MLflow logging process started inside the test: it inherits the test's environment
+    (the URL with the password) and file descriptors 1 and 2, which capfd captures. A worker
+    that an earlier test started would write to that test's capture, or to the terminal."""
+    def stop() -> None:
+        pool = tracking_process._pool
+        if pool is not None:
+            tracking_process._discard(pool)
+            pool.shutdown(wait=True)
+
+    stop()
+    yield
+    stop()  # the next test's worker must not write into this test's (closed) capture
+
+
+
+@pytest.mark.usefixtures("prefect", "fresh_logging_worker")
 def test_password_never_leaks_pg(pg_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch,
-                                 caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+                                 caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
     engine = sa.create_engine(pg_url)
     load_sales(engine)
     engine.dispose()
@@ -37,7 +55,8 @@ def test_password_never_leaks_pg(pg_url: str, tmp_path, monkeypatch: pytest.Monk
         nightly(config=missing)
     assert "nope" in str(failed.value) and SENTINEL not in str(failed.value)
 
-    out = capsys.readouterr()
+    assert tracking_process._pool is not None, "no logging process ran: its output went unchecked"
+    out = capfd.readouterr()  # this process's and the logging process's stdout and stderr
     assert SENTINEL not in out.out + out.err
     assert SENTINEL not in caplog.text
 
