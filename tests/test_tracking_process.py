@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,44 @@ def test_a_script_that_runs_a_flow_at_import_runs_it_once_and_logs_here(tmp_path
     assert out.stdout.count("ran here:") == 1 and "ran here: True" in out.stdout
     assert "StartedWhileImported" in out.stderr and 'if __name__ == "__main__":' in out.stderr
     assert out.stderr.count("MLflow logging runs in this process's background thread") == 1
+
+
+PARENT_THAT_IS_KILLED = textwrap.dedent("""
+    import os, sys, time
+    from forecasting import tracking_process
+    tracking_process.call(os.getpid)  # the worker is up
+    print(*tracking_process._pool._processes, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_the_logging_process_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A night killed with SIGKILL (the OOM killer, a timeout) left its logging process, ~0.5 GB,
+    waiting for a next job for good, reparented to init."""
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_THAT_IS_KILLED], cwd=root, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    worker = 0
+    try:
+        (worker,) = map(int, parent.stdout.readline().split())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), f"the logging process {worker} outlived its killed parent by 30 s"
+    finally:
+        parent.kill()
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by init, counts as ended)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
