@@ -191,28 +191,6 @@ def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comp
     return decision
 
 
-@task(name="promote", **IO_RETRIES)
-def promote(config: DatasetConfig, promotion: pipeline.Promotion) -> pipeline.Promotion:
-    """Move `champion` to tonight's version if the decision says so (after the write) and no
-    other run has moved it since this night read it; the promotion as it turned out. A night
-    that kept the current champion checks that it still is: if not, its forecast came from a
-    version the alias has since left, and the night is `superseded` too."""
-    if promotion.decision == "kept":
-        found = tracking_process.call(tracking_process.champion_version, _tracking_uri(), config.name)
-        if found == promotion.replaces:
-            return promotion
-    elif not promotion.promoted:
-        return promotion
-    else:
-        found = tracking_process.call(tracking_process.set_champion, _tracking_uri(), config.name,
-                                      promotion.new_version, promotion.replaces)
-        if found == promotion.new_version:
-            return promotion
-    promotion = pipeline.superseded(promotion, found)
-    get_run_logger().warning("dataset %r: %s", config.name, promotion.reason)
-    return promotion
-
-
 @task(name="forecast", **COMPUTE)
 def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[float], panel: pd.DataFrame) -> pd.DataFrame:
     """The forecast rows, not yet naming a model version (tonight's may still be registering)."""
@@ -220,12 +198,49 @@ def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[floa
     return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None, run_id=None)
 
 
+def _alias(config: DatasetConfig) -> pipeline.Alias:
+    """The dataset's `champion` alias, through the MLflow logging process."""
+    uri = _tracking_uri()
+    return pipeline.Alias(
+        read=lambda: tracking_process.call(tracking_process.champion_version, uri, config.name),
+        move=lambda version, replaces: tracking_process.call(tracking_process.set_champion, uri, config.name,
+                                                             version, replaces),
+        restore=lambda version, from_version: tracking_process.call(tracking_process.restore_champion, uri,
+                                                                    config.name, version, from_version))
+
+
 @task(name="write", **IO_RETRIES)
-def write_results(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
-                  scores: pd.DataFrame | None, actuals: pd.DataFrame) -> tuple[int, int]:
-    written = pipeline.write(db.make_engine(Settings()), config=config, as_of=as_of,
-                             forecasts=forecasts, scores=scores, actuals=actuals)
-    get_run_logger().info("wrote %d forecast rows and %d score rows for as_of %s", *written, as_of)
+def write_night(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame, scores: pd.DataFrame,
+                actuals: pd.DataFrame, promotion: pipeline.Promotion) -> tuple[int, int, pipeline.Promotion]:
+    """The rows, and the alias moved if the decision says so, as one step (pipeline.write_night):
+    only where the alias still is where the night read it; otherwise the night is `superseded`
+    and writes nothing."""
+    engine = db.make_engine(Settings())
+    try:
+        n_forecasts, n_scores, promotion = pipeline.write_night(
+            engine, config=config, as_of=as_of, forecasts=forecasts, scores=scores, actuals=actuals,
+            promotion=promotion, alias=_alias(config))
+    finally:
+        engine.dispose()
+    logger = get_run_logger()
+    if promotion.decision == "superseded":
+        logger.warning("dataset %r: nothing written for as_of %s: %s", config.name, as_of, promotion.reason)
+    else:
+        logger.info("wrote %d forecast rows and %d score rows for as_of %s", n_forecasts, n_scores, as_of)
+    return n_forecasts, n_scores, promotion
+
+
+@task(name="write", **IO_RETRIES)
+def write_champions_forecast(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
+                             actuals: pd.DataFrame, version: str) -> int:
+    """predict's rows, if champion `version` still is the champion (else ChampionMoved)."""
+    engine = db.make_engine(Settings())
+    try:
+        written = pipeline.write_with_champion(engine, config=config, as_of=as_of, forecasts=forecasts,
+                                               actuals=actuals, version=version, alias=_alias(config))
+    finally:
+        engine.dispose()
+    get_run_logger().info("wrote %d forecast rows for as_of %s", written, as_of)
     return written
 
 
@@ -322,8 +337,8 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None, ba
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
     # load, validate, one per candidate, fit, the parent's and champion's logging, decide,
-    # forecast, registration's rest, the other candidates' logging, write, promote
-    total = 2 + len(config.candidates) + 8
+    # forecast, registration's rest, the other candidates' logging, write (and the alias)
+    total = 2 + len(config.candidates) + 7
     with progress.stages(f"{config.name} nightly", total) as on_stage:
         summary = _nightly(config, as_of, pipeline.StageTimer(on_stage), backfill)
     return _final_state(config, summary)
@@ -397,10 +412,9 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
         with timer.stage("write"):
             dropped = [p for p in report.problems if p.series_id in report.dropped]
             scores = pipeline.score_rows(comparison, run_ids, promotion=promotion, dropped=dropped)
-            n_forecasts, n_scores = write_results(config, effective_as_of, rows, scores,
-                                                  observed_rows(loaded, report))
-        with timer.stage("register"):  # only now: the alias never points past what was written
-            promotion = promote(config, promotion)
+            # The alias moves here, with the rows: it never points past what was written.
+            n_forecasts, n_scores, promotion = write_night(config, effective_as_of, rows, scores,
+                                                           observed_rows(loaded, report), promotion)
         summary = pipeline.summarise(config, effective_as_of, comparison, promotion, parent,
                                      n_forecasts, n_scores, timer.seconds, report.dropped)
         finish_tracking(parent, config, comparison, panel, rows, promotion, summary)
@@ -517,7 +531,8 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
         )
     rows = pipeline.forecast(champion.forecaster, config=config, panel=report.panel,
                              quantiles=champion.quantiles, version=champion.version, run_id=champion.run_id)
-    n_forecasts, _ = write_results(config, effective_as_of, rows, None, observed_rows(panel, report))
+    n_forecasts = write_champions_forecast(config, effective_as_of, rows, observed_rows(panel, report),
+                                           champion.version)
     return {"dataset": config.name, "as_of": str(effective_as_of), "model": champion.forecaster.name,
             "model_version": champion.version, "forecast_rows": n_forecasts}
 

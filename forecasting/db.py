@@ -789,6 +789,16 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def lock_dataset(conn: Connection, *, dataset: str) -> None:
+    """Serialise a dataset's night writes (rows and alias move, see pipeline.write_night) until
+    the caller's transaction ends: one at a time per dataset, whatever their as_of. SQLite:
+    the database's write lock (take_write_lock); PostgreSQL: an advisory lock of the dataset."""
+    if conn.dialect.name == "sqlite":
+        take_write_lock(conn)
+    elif conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(f"dataset\x00{dataset}")})
+
+
 def take_write_lock(conn: Connection) -> None:
     """On SQLite, begin the connection's transaction as a writer (BEGIN IMMEDIATE).
 
@@ -911,6 +921,14 @@ def as_ofs_forecast_by(conn: Connection, *, dataset: str, version: str) -> list[
     query = (sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version == version)
              .distinct().order_by(table.c.as_of))
     return [pd.Timestamp(t) for t in conn.execute(query).scalars()]
+
+
+def holds_forecast_by(conn: Connection, *, dataset: str, as_of: datetime, version: str) -> bool:
+    """Whether the stored forecast of (dataset, as_of) is model version `version`'s."""
+    table = reflect_table(conn, FORECASTS)
+    query = sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version == version,
+                                           table.c.as_of == pd.Timestamp(as_of).to_pydatetime()).limit(1)
+    return conn.execute(query).first() is not None
 
 
 def read_forecasts(conn: Connection, *, dataset: str, as_of: datetime | None = None) -> pd.DataFrame:

@@ -459,3 +459,15 @@ def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: 
         return found
     client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)
     return version
+
+
+def restore_champion(client: MlflowClient, dataset: str, version: str | None, *, from_version: str) -> None:
+    """Point `champion` back at `version` (None: take it off) if it points at `from_version`:
+    a night's alias move undone when its rows could not be committed."""
+    current = champion_version(client, dataset)
+    if current is None or str(current.version) != from_version:
+        return
+    if version is None:
+        client.delete_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS)
+    else:
+        client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)

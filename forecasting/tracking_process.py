@@ -376,6 +376,13 @@ def set_champion(tracking_uri: str, dataset: str, version: str, replaces: str | 
     return tracking.set_champion(_client(tracking_uri), dataset, version, replaces=replaces)
 
 
+def restore_champion(tracking_uri: str, dataset: str, version: str | None, from_version: str) -> None:
+    """Point `champion` back at `version` if it still points at `from_version` (see tracking.restore_champion)."""
+    from forecasting import tracking
+
+    tracking.restore_champion(_client(tracking_uri), dataset, version, from_version=from_version)
+
+
 def finish_night(tracking_uri: str, entry: NightLog) -> None:
     """The parent run's review (comparison, forecast figure, outcome), then the run ended."""
     from forecasting import tracking

@@ -158,47 +158,54 @@ def test_a_backfill_leaves_the_nights_whose_forecast_the_champion_made(engine: s
         backfill(config=config, start="2019-07-01", end="2019-07-01")
 
 
-def alias_taken_off_after_the_write(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    """The next night's write is followed by an ML engineer taking `champion` off by hand (a
-    backfill or another run beside the schedule would move it); the registry's client."""
+def alias_taken_off_before_the_write(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """During the next night, just before its write, an ML engineer takes `champion` off by
+    hand (another run beside the schedule would move it); the registry's client."""
     import flows.nightly as flows_nightly
 
     # Both URIs named: MLflow's registry URI would otherwise default to a global that another
     # test, calling the logging jobs in this process, may have set to its own store.
     client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    write = flows_nightly.write_results
+    write = flows_nightly.write_night
 
-    def write_then_the_alias_is_taken_off(*args: object) -> object:
-        written = write(*args)
+    def the_alias_is_taken_off_then_write(*args: object) -> object:
         client.delete_registered_model_alias("sales-forecaster", "champion")
-        return written
+        return write(*args)
 
-    monkeypatch.setattr(flows_nightly, "write_results", write_then_the_alias_is_taken_off)
+    monkeypatch.setattr(flows_nightly, "write_night", the_alias_is_taken_off_then_write)
     return client
+
+
+def stored(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with engine.connect() as conn:
+        scores = pd.read_sql(sa.text("SELECT * FROM model_scores ORDER BY model, series_key"), conn)
+    return forecasts(engine), scores
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
         engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A night that keeps v1 forecasts with v1; if the alias leaves v1 before the night ends,
-    the night says so, as a promoting night does. Its model_scores flag v1's own row."""
+    """A night that keeps v1 forecasts with v1; if the alias leaves v1 before the night writes,
+    the night says so, as a promoting night does, and writes nothing: v1 is no longer the
+    champion, so its forecast under no alias (or another's) would mislead."""
     from forecasting import pipeline
 
     load_sales(engine)
     config = tiny_config()
     nightly(config=config)  # v1, champion
+    before = stored(engine)
     # v1 unbeatable and never the same as tonight's winner: the night keeps it
     monkeypatch.setattr(pipeline, "same_settings", lambda forecaster, config: False)
     monkeypatch.setattr(pipeline, "rescore_current", lambda *args: {"mae": 0.0, "rmse": 0.0, "smape": 0.0, "mase": 0.0})
-    client = alias_taken_off_after_the_write(env, monkeypatch)
+    client = alias_taken_off_before_the_write(env, monkeypatch)
     second = nightly(config=config)
     assert second["decision"] == "superseded" and second["model_version"] == "1"
-    assert forecasts(engine)["model_version"].eq("1").all()
+    assert (second["forecast_rows"], second["score_rows"]) == (0, 0)
     assert "the alias was moved from v1 to no version during this night" in \
         client.get_run(second["parent_run_id"]).data.tags["promotion.reason"]
-    with engine.connect() as conn:
-        flagged = conn.execute(sa.text("SELECT model, mase FROM model_scores WHERE is_champion")).all()
-    assert [(model.endswith(" v1"), mase) for model, mase in flagged] == [(True, 0.0)]
+    after = stored(engine)
+    pd.testing.assert_frame_equal(after[0], before[0])
+    pd.testing.assert_frame_equal(after[1], before[1])
 
 
 # On SQLite only: what this tests is MLflow's alias (two nights a backend); writes on PostgreSQL
@@ -207,16 +214,20 @@ def test_a_kept_night_whose_alias_was_moved_meanwhile_is_superseded(
 def test_a_night_whose_alias_was_moved_meanwhile_leaves_it_there(
         engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The alias changes while this night runs (here an ML engineer takes it off by hand; a
-    backfill beside the schedule would move it): this night's rows are written, the alias stays
-    as it was left, and the night says so. (tests/test_tracking.py moves it to another version.)"""
+    run beside the schedule would move it): the alias stays as it was left, the night writes
+    nothing and says so. (tests/test_tracking.py moves it to another version.)"""
     load_sales(engine)
     config = tiny_config()
     nightly(config=config)  # v1, champion
-    client = alias_taken_off_after_the_write(env, monkeypatch)
+    before = stored(engine)
+    client = alias_taken_off_before_the_write(env, monkeypatch)
     second = nightly(config=config)
     assert second["decision"] == "superseded" and second["model_version"] == "2"
+    assert (second["forecast_rows"], second["score_rows"]) == (0, 0)
     assert client.get_registered_model("sales-forecaster").aliases == {}
-    assert forecasts(engine)["model_version"].eq("2").all()
+    after = stored(engine)
+    pd.testing.assert_frame_equal(after[0], before[0])
+    pd.testing.assert_frame_equal(after[1], before[1])
     parent = client.get_run(second["parent_run_id"])
     assert parent.data.tags["promotion.decision"] == "superseded"
     assert "the alias was moved from v1 to no version during this night" in parent.data.tags["promotion.reason"]

@@ -1,0 +1,202 @@
+"""A night's rows and its alias move are one step (pipeline.write_night), on both databases.
+
+The alias here is an in-memory stand-in for MLflow's (tests/test_flow.py runs the real one):
+what is tested is which rows the database keeps and where the alias ends, when runs of one
+dataset meet.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from forecasting import db, pipeline
+from tests.flow_fixtures import tiny_config
+
+AS_OF = pd.Timestamp("2020-12-01")
+CONFIG = tiny_config()
+
+
+class FakeAlias:
+    """`champion`: moves only from the version a caller read, as tracking.set_champion does."""
+
+    def __init__(self, version: str | None, *, move_takes: float = 0.0) -> None:
+        self.version, self.move_takes, self.reads = version, move_takes, 0
+
+    def alias(self) -> pipeline.Alias:
+        return pipeline.Alias(read=self.read, move=self.move, restore=self.restore)
+
+    def read(self) -> str | None:
+        self.reads += 1
+        return self.version
+
+    def move(self, version: str, replaces: str | None) -> str | None:
+        time.sleep(self.move_takes)  # MLflow's round trip: the window a second run could use
+        if self.version in (replaces, version):
+            self.version = version
+        return self.version
+
+    def restore(self, version: str | None, from_version: str) -> None:
+        if self.version == from_version:
+            self.version = version
+
+
+def rows(version: str) -> pd.DataFrame:
+    ts = pd.date_range("2021-01-01", periods=3, freq="MS")
+    return pd.DataFrame({"series_id": "a", "ts": ts, "step": [1, 2, 3], "value": float(version),
+                         "lower": 0.0, "upper": 99.0, "model": "gru", "model_version": version,
+                         "mlflow_run_id": f"run-{version}"})
+
+
+def scores(version: str) -> pd.DataFrame:
+    return pd.DataFrame({"model": ["gru"], "series_id": [None], "mae": [1.0], "rmse": [1.0], "smape": [1.0],
+                         "mase": [1.0], "is_champion": [True], "mlflow_run_id": [f"run-{version}"]})
+
+
+def promotion(new: str, *, replaces: str | None, decision: str = "promoted") -> pipeline.Promotion:
+    kept = decision == "kept"
+    return pipeline.Promotion(forecaster=None, version=replaces if kept else new, run_id=f"run-{new}",  # type: ignore[arg-type]
+                              quantiles=[], new_version=new, promoted=decision in ("promoted", "refreshed"),
+                              decision=decision, reason="test", new_mase=1.0, current_mase=None, replaces=replaces)
+
+
+def write(engine: sa.Engine, alias: FakeAlias, night: pipeline.Promotion) -> tuple[int, int, pipeline.Promotion]:
+    return pipeline.write_night(engine, config=CONFIG, as_of=AS_OF, forecasts=rows(night.version),
+                                scores=scores(night.version), actuals=None, promotion=night, alias=alias.alias())
+
+
+def versions(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(db.read_forecasts(conn, dataset=CONFIG.name)["model_version"])
+
+
+@pytest.fixture
+def tables(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        db.init_db(conn)
+    return engine
+
+
+def test_a_promoting_night_writes_and_moves_the_alias(tables: sa.Engine) -> None:
+    alias = FakeAlias("3")
+    n_forecasts, n_scores, night = write(tables, alias, promotion("4", replaces="3"))
+    assert (n_forecasts, n_scores, night.decision, alias.version) == (3, 1, "promoted", "4")
+    assert versions(tables) == {"4"}
+
+
+def test_two_runs_of_one_night_leave_the_rows_of_the_model_the_alias_points_at(tables: sa.Engine) -> None:
+    """Two runs read the alias at v3, registered v4 and v5 and reach the write together. The
+    first to take the dataset's lock writes and moves the alias (slowly: the other waits for
+    the lock all that time); the second then finds the alias moved, writes nothing and is
+    superseded. Before, each wrote, the write and the move were apart, and the rows of the run
+    the alias did not follow (v4) were left under the alias of the other (v5)."""
+    alias = FakeAlias("3", move_takes=0.5)
+    entered = threading.Event()
+    read = alias.read
+
+    def read_and_say_so() -> str | None:
+        entered.set()
+        return read()
+
+    alias.read = read_and_say_so  # type: ignore[method-assign]
+    results: dict[str, tuple[int, int, pipeline.Promotion]] = {}
+    first = threading.Thread(target=lambda: results.update(v5=write(tables, alias, promotion("5", replaces="3"))))
+    first.start()
+    assert entered.wait(30)
+    results["v4"] = write(tables, alias, promotion("4", replaces="3"))
+    first.join()
+    assert results["v5"][2].decision == "promoted" and results["v5"][:2] == (3, 1)
+    assert results["v4"][2].decision == "superseded" and results["v4"][:2] == (0, 0)
+    assert "moved from v3 to v5" in results["v4"][2].reason
+    assert alias.version == "5" and versions(tables) == {"5"}
+
+
+def test_a_kept_night_writes_nothing_once_the_alias_left_its_champion(tables: sa.Engine) -> None:
+    alias = FakeAlias("3")
+    write(tables, alias, promotion("3", replaces="2"))  # v3's rows
+    alias.version = "7"  # another run promoted v7 (for another as_of) meanwhile
+    n_forecasts, n_scores, night = write(tables, alias, promotion("4", replaces="3", decision="kept"))
+    assert (n_forecasts, n_scores, night.decision) == (0, 0, "superseded")
+    assert versions(tables) == {"3"} and alias.version == "7"
+
+
+def test_a_backfill_night_leaves_a_night_the_champion_wrote_meanwhile(tables: sa.Engine) -> None:
+    """The backfill started before production wrote this as_of (its guard read no such night);
+    at its write the as_of holds the champion's forecast, which it leaves."""
+    alias = FakeAlias("3")
+    write(tables, alias, promotion("3", replaces=None))  # production's night, by the champion
+    n_forecasts, _, night = write(tables, alias, promotion("9", replaces="3", decision="backfill"))
+    assert (n_forecasts, night.decision) == (0, "superseded") and "production's night" in night.reason
+    assert versions(tables) == {"3"} and alias.version == "3"
+    alias.version = "5"  # a later champion: v3's night is no longer production's
+    n_forecasts, _, night = write(tables, alias, promotion("9", replaces="5", decision="backfill"))
+    assert (n_forecasts, night.decision) == (3, "backfill") and versions(tables) == {"9"}
+    assert alias.version == "5"
+
+
+def test_a_commit_that_fails_after_the_alias_moved_moves_it_back(tables: sa.Engine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    alias = FakeAlias("3")
+    write(tables, alias, promotion("3", replaces=None))
+    @contextmanager
+    def commit_fails(engine: sa.Engine, config: object) -> Iterator[sa.Connection]:
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            yield conn
+            transaction.rollback()  # what a failed COMMIT leaves
+            raise sa.exc.OperationalError("COMMIT", None, Exception("the server went away"))
+
+    monkeypatch.setattr(pipeline, "_writing", commit_fails)
+    with pytest.raises(sa.exc.OperationalError):
+        write(tables, alias, promotion("4", replaces="3"))
+    assert alias.version == "3" and versions(tables) == {"3"}
+
+
+def test_predict_refuses_to_write_a_champion_the_alias_has_left(tables: sa.Engine) -> None:
+    alias = FakeAlias("3")
+    write(tables, alias, promotion("3", replaces=None))
+    alias.version = "4"  # a night promoted v4 while predict forecast with v3
+    with pytest.raises(pipeline.ChampionMoved, match=r"'sales': the champion alias moved from v3 to v4 while "
+                                                     r"predict ran; nothing was written"):
+        pipeline.write_with_champion(tables, config=CONFIG, as_of=AS_OF, forecasts=rows("3").assign(value=-1.0),
+                                     actuals=None, version="3", alias=alias.alias())
+    with tables.connect() as conn:
+        assert db.read_forecasts(conn, dataset=CONFIG.name)["value"].eq(3.0).all()
+    alias.version = "3"
+    assert pipeline.write_with_champion(tables, config=CONFIG, as_of=AS_OF, forecasts=rows("3"), actuals=None,
+                                        version="3", alias=alias.alias()) == 3
+
+
+def test_nights_of_one_dataset_write_one_at_a_time_whatever_their_as_of(tables: sa.Engine) -> None:
+    """The dataset lock serialises writes of other as_ofs too: the alias is the dataset's."""
+    order: list[str] = []
+    inside = threading.Event()
+
+    class Slow(FakeAlias):
+        def read(self) -> str | None:
+            order.append("slow in")
+            inside.set()
+            time.sleep(0.5)
+            order.append("slow out")
+            return super().read()
+
+    slow = threading.Thread(target=lambda: write(tables, Slow("3"), promotion("4", replaces="3")))
+    slow.start()
+    assert inside.wait(30)
+
+    class Other(FakeAlias):
+        def read(self) -> str | None:
+            order.append("other in")
+            return super().read()
+
+    pipeline.write_night(tables, config=CONFIG, as_of=datetime(2020, 11, 1), forecasts=rows("4"), scores=scores("4"),
+                         actuals=None, promotion=promotion("4", replaces="3"), alias=Other("3").alias())
+    slow.join()
+    assert order == ["slow in", "slow out", "other in"]
