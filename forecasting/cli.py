@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forecasting.config import (ConfigError, DatasetConfig, Settings, SettingError, check_dask_address, load_config,
-                                parse_as_of, redact_url)
+                                load_yaml, parse_as_of, redact_url)
 from forecasting.tracking_process import NoChampion, UnusableChampion
 
 # Prefect's temporary local API sends a telemetry heartbeat as it starts, which races its own
@@ -189,6 +189,11 @@ def check_config(args: argparse.Namespace) -> None:
     flow reads it again (it takes a path, as a deployment's parameter does).
     """
     config = load_config(args.config)
+    for option in ("as_of", "start", "end"):  # parse_as_of reads "" as none: --as-of "" meant the latest
+        given = getattr(args, option, None)
+        if given is not None and not given.strip():
+            raise ValueError(f"`--{option.replace('_', '-')}` ({given!r}) is empty: give an ISO 8601 date, "
+                             "e.g. 2017-12-01" + (", or leave the option out" if option == "as_of" else ""))
     dates = {option: parse_as_of(getattr(args, option, None), name="--" + option.replace("_", "-"))
              for option in ("as_of", "start", "end")}  # the dates, likewise
     if dates["start"] is not None and dates["end"] is not None and dates["start"] > dates["end"]:
@@ -316,6 +321,7 @@ def served_deployments(deployments: list[dict[str, Any]]) -> list[Any]:
     return [nightly.to_deployment(**d, entrypoint_type=EntrypointType.MODULE_PATH) for d in deployments]
 
 
+NIGHTLY_ENTRYPOINT = "flows.nightly:nightly"  # the one flow `forecasting serve` serves
 # What `forecasting serve` reads of a prefect.yaml deployment; `work_pool` is `prefect deploy`'s.
 _DEPLOYMENT_KEYS = {"name", "entrypoint", "description", "parameters", "tags", "schedules", "work_pool"}
 _SCHEDULE_KEYS = {"timezone", "active", "parameters", "slug", "day_or", "anchor_date"}
@@ -327,7 +333,12 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
     A key this does not carry over is refused, naming it, rather than dropped: a schedule's
     `active: false` or `parameters` silently lost would run what the file says not to.
     """
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = load_yaml(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--prefect-yaml {str(path)!r}: cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     deployments = []
     for item in spec.get("deployments", []):
         name = item.get("name")
@@ -335,6 +346,11 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
         if unknown:
             raise ConfigError(f"{path}: deployment {name!r}: key {unknown[0]!r} is not read by "
                               "`forecasting serve`; use `prefect deploy` for it")
+        entrypoint = item.get("entrypoint", NIGHTLY_ENTRYPOINT)
+        if entrypoint != NIGHTLY_ENTRYPOINT:  # serve runs the nightly flow: another was run in its place
+            raise ConfigError(f"{path}: deployment {name!r}: entrypoint {entrypoint!r} is not served by "
+                              f"`forecasting serve`, which serves {NIGHTLY_ENTRYPOINT!r} only; use `prefect deploy` "
+                              "for it")
         parameters = dict(item.get("parameters", {}))
         if "config" in parameters:  # relative to the project, as `prefect deploy` would run it
             parameters["config"] = str((path.parent / parameters["config"]).resolve())

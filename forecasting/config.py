@@ -35,6 +35,34 @@ class ConfigError(ValueError):
     """A dataset config that cannot be used; the message names the file, the key and the value."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping. YAML says keys are
+    unique and PyYAML silently keeps the last: a second `training:` block dropped the first."""
+
+
+def _mapping_of_unique_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = lines.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1} "
+                "(YAML would keep only the last)", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_of_unique_keys)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load of `text`, refusing a mapping key given twice (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class SettingError(ValueError):
     """A setting (environment variable or command-line option) that cannot be used, whatever the
     dataset config; the message names the setting and its value."""
@@ -250,9 +278,11 @@ class DatasetConfig(_Strict):
     def from_yaml(cls, path: str | Path) -> DatasetConfig:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = load_yaml(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"{path}: the config file cannot be read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

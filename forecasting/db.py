@@ -336,7 +336,10 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
     observed = columns[target].is_not(None)
     if conn.dialect.name == "postgresql":  # its floating types hold NaN, which the load reads as missing
         observed = columns[target] != float("nan")  # NaN equals NaN there; NULL compares to nothing
-    query: Any = sa.select(columns[time]).where(observed).distinct()
+    # The values as the driver gives them, as read_dataset reads them: through the reflected
+    # type, SQLite's NUM (CREATE TABLE ... AS SELECT declares columns by affinity) converted
+    # '2020-01-01' to a decimal and failed.
+    query: Any = sa.select(sa.type_coerce(columns[time], sa.types.NullType())).where(observed).distinct()
     raw = pd.Series(_execute_source(conn, config, query).scalars().all(), dtype=object).dropna()
     times = _source_times(raw, config) if len(raw) else pd.Series([], dtype="datetime64[ns]")
     return pd.DatetimeIndex(sorted(set(times[times <= pd.Timestamp(until)])))

@@ -97,7 +97,8 @@ def test_bad_config_is_a_clear_error_before_anything_starts(
 
 
 @pytest.mark.parametrize(("command", "option", "value"), [("run", "--as-of", "now"), ("predict", "--as-of", "NaT"),
-                                                     ("run", "--as-of", "01/02/2019"), ("backfill", "--end", "June 2019")])
+                                                     ("run", "--as-of", "01/02/2019"), ("backfill", "--end", "June 2019"),
+                                                     ("run", "--as-of", ""), ("backfill", "--start", " ")])
 def test_a_date_that_is_not_iso_8601_is_refused_before_anything_starts(
         command: str, option: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """pandas alone reads 'now' and 'NaT', and '01/02/2019' as 2 January."""
@@ -109,7 +110,9 @@ def test_a_date_that_is_not_iso_8601_is_refused_before_anything_starts(
     dates[option] = value
     args = [command, "--config", str(Path(__file__).resolve().parent.parent / "configs" / "sales.yaml"), *(x for pair in dates.items() for x in pair)]
     assert main(args) == 2
-    assert f"`{option}` ('{value}') is not an ISO 8601 date or date-time" in capsys.readouterr().out
+    # An empty date was read as none: --as-of "" ran on the latest data, --start " " failed in the flow
+    problem = "is empty: give an ISO 8601 date" if not value.strip() else "is not an ISO 8601 date or date-time"
+    assert f"`{option}` ('{value}') {problem}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["run", "predict", "backfill"])
@@ -190,6 +193,11 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
         deployments_from_yaml(spec(schedules=[{"cron": "0 2 * * *", "max_active_runs": 1}]))
     with pytest.raises(ConfigError, match=r"schedule .*: needs exactly one of cron, interval, rrule"):
         deployments_from_yaml(spec(schedules=[{"timezone": "UTC"}]))
+    # serve runs the nightly flow: a predict-only deployment was served as a full night
+    assert deployments_from_yaml(spec(entrypoint="flows.nightly:nightly"))[0]["name"] == "d"
+    with pytest.raises(ConfigError, match=r"deployment 'd': entrypoint 'flows.nightly:predict' is not served by "
+                                          r"`forecasting serve`"):
+        deployments_from_yaml(spec(entrypoint="flows.nightly:predict"))
 
 
 def test_serve_without_a_prefect_server_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

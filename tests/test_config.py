@@ -91,6 +91,27 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         DatasetConfig.from_yaml(tmp_path / "nope.yaml")
 
 
+def test_a_directory_given_as_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the config file cannot be read: Is a directory"):
+        DatasetConfig.from_yaml(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: a second `training:` block silently dropped the
+    first (hidden_size 8 became the default 64)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(VALID, sort_keys=False)
+                    + "training:\n  hidden_size: 8\ntraining:\n  max_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: key 'training' is given twice, on lines "
+                                          r"\d+ and \d+"):
+        DatasetConfig.from_yaml(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump(VALID, sort_keys=False) + "training:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        DatasetConfig.from_yaml(nested)
+    assert DatasetConfig.from_yaml(write(tmp_path, VALID)).name == VALID["name"]  # one of each: read as before
+
+
 def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORECASTING_DATABASE_URL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

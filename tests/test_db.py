@@ -311,6 +311,19 @@ def test_a_query_source_is_checked_and_its_times_read_whatever_its_ending(small_
         assert len(db.read_dataset(conn, by_query)) == 6
 
 
+def test_times_of_a_table_made_by_create_table_as_select(small_sales: sa.Engine) -> None:
+    """SQLite declares the columns of CREATE TABLE ... AS SELECT by affinity: `month NUM`.
+    read_times read the column through that type (a decimal conversion of '2020-01-01') and
+    every backfill on such a table failed with "must be real number, not str"."""
+    with small_sales.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE sales_copy AS SELECT * FROM sales")
+    copy = SALES.model_copy(update={"source": SALES.source.model_copy(update={"table": "sales_copy"})})
+    with small_sales.connect() as conn:
+        times = db.read_times(conn, copy, until=datetime(2020, 4, 15))
+        assert list(times) == list(pd.date_range("2020-01-01", periods=4, freq="MS"))
+        assert len(db.read_dataset(conn, copy)) == 12
+
+
 def test_times_of_rows_without_a_target_are_no_backfill_nights(small_sales: sa.Engine) -> None:
     """Future rows (covariates known ahead, no target yet) made their dates backfill nights,
     which then read up to the last observation and ran its night again."""
