@@ -43,12 +43,19 @@ def split_at_origin(panel: pd.DataFrame, *, cut: int) -> tuple[pd.DataFrame, pd.
     return panel[from_end >= cut].reset_index(drop=True), panel[from_end < cut].reset_index(drop=True)
 
 
+class NoDefinedMase(ValueError):
+    """No model's aggregate MASE is defined: no series could be scored."""
+
+
 def choose_champion(scores: pd.DataFrame) -> str:
     """The model with the lowest aggregate MASE; ties go to the simpler model (SIMPLICITY)."""
     agg = scores[scores["series_id"].isna()]
     agg = agg[agg["mase"].notna()]
     if agg.empty:
-        raise ValueError("`scores` holds no aggregate row with a defined MASE; no champion can be chosen")
+        raise NoDefinedMase(
+            "no model has a defined MASE, so no champion can be chosen: MASE divides a series' errors by "
+            "its in-sample seasonal-naive error, which is 0 in every series' training part here (constant "
+            "series, or series that repeat their season exactly)")
     best = float(agg["mase"].min())
     tied = [m for m, v in zip(agg["model"], agg["mase"]) if math.isclose(v, best, rel_tol=1e-9, abs_tol=1e-12)]
     rank = {m: i for i, m in enumerate(SIMPLICITY)}

@@ -156,12 +156,26 @@ def _start_local_prefect_api() -> threading.Thread | None:
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
     from forecasting import db
 
     settings = Settings()
     engine = db.make_engine(settings)
-    with db.naming_connection_errors(engine), engine.begin() as conn:
-        migrated = db.init_db(conn)
+    try:
+        with db.naming_connection_errors(engine), engine.begin() as conn:
+            migrated = db.init_db(conn)
+    except sa.exc.DBAPIError as exc:  # a role without CREATE: a raw "permission denied for schema" before
+        reason = db.write_refusal(exc)
+        if reason is None:
+            raise
+        if getattr(exc.orig, "sqlstate", None) == "42501":
+            reason = (f"the role may not create the pipeline's tables ({str(exc.orig).strip().splitlines()[0]}); "
+                      "GRANT CREATE ON SCHEMA to it, or run init-db as the schema's owner")
+        raise db.DatabaseError(f"init-db on {settings.safe_database_url} was refused and created nothing: "
+                               f"{reason}") from None
+    finally:
+        engine.dispose()
     console.print(f"schema applied to {settings.safe_database_url}")
     for name in migrated:
         console.print(f"migrated: {name}")
@@ -198,14 +212,30 @@ def check_config(args: argparse.Namespace) -> None:
              for option in ("as_of", "start", "end")}  # the dates, likewise
     if dates["start"] is not None and dates["end"] is not None and dates["start"] > dates["end"]:
         raise ValueError(f"backfill range --start ({args.start}) .. --end ({args.end}) is reversed")
-    check_cluster(args)
+    on_dask = check_cluster(args)
+    if hasattr(args, "dask"):  # the commands that train (predict forecasts on the CPU)
+        check_device(config, args.config, on_dask=on_dask)
     check_source(config)
 
 
-def check_cluster(args: argparse.Namespace) -> None:
+def check_device(config: DatasetConfig, path: str, *, on_dask: bool) -> None:
+    """training.device 'cuda' where the networks train here and this machine has none: it failed
+    only when the first network trained, after the baselines' backtests, naming no dataset. On
+    a Dask cluster the workers train, and may have what this machine lacks: not checked."""
+    if config.training.device != "cuda" or on_dask:
+        return
+    import torch  # only for this case: the check stays milliseconds otherwise
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{path}: dataset {config.name!r}: key `training.device` is 'cuda', but torch "
+                          f"{torch.__version__} sees no CUDA device here; use 'auto' or 'cpu', or run on a Dask "
+                          "cluster whose workers have one (--dask)")
+
+
+def check_cluster(args: argparse.Namespace) -> bool:
     """--dask, else $FORECASTING_DASK_ADDRESS: 'local' or a scheduler address; one that answers
     where the command runs on it (the commands with --dask). The flows' module reads the
-    variable when imported, so every flow command checks its form."""
+    variable when imported, so every flow command checks its form. Whether a cluster trains."""
     from pydantic import ValidationError
 
     option = getattr(args, "dask", None)
@@ -217,6 +247,7 @@ def check_cluster(args: argparse.Namespace) -> None:
         check_dask_address(option, name="--dask", reachable=True)
     elif environment and hasattr(args, "dask"):
         check_dask_address(environment, name="FORECASTING_DASK_ADDRESS", reachable=True)
+    return bool(option or environment)
 
 
 def check_source(config: DatasetConfig) -> None:
@@ -301,9 +332,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # connection tracebacks, as that API stops before the runner).
         raise ConfigError("`forecasting serve` needs a Prefect server: start one (`prefect server start`) "
                           "and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    check_prefect_server(str(PREFECT_API_URL.value()))
     console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
     serve(*served_deployments(deployments))
     return 0
+
+
+def check_prefect_server(api_url: str) -> None:
+    """A server answers at `api_url` within 5 s (any HTTP status: Prefect Cloud's workspace
+    URLs answer otherwise than a local server). An unreachable one ended serve in httpx's
+    ConnectError traceback."""
+    import httpx
+
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
+    except httpx.TransportError as exc:
+        raise ConfigError(f"PREFECT_API_URL ({redact_url(api_url)!r}): no Prefect server answers there ({exc}); "
+                          "start one (`prefect server start`) or correct the URL") from None
 
 
 def served_deployments(deployments: list[dict[str, Any]]) -> list[Any]:

@@ -20,6 +20,7 @@ from pandas.tseries.offsets import Tick
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError
 
 # Table and column names end up in SQL as identifiers (they cannot be bound parameters), so they
 # must match this strict pattern; values are always bound parameters.
@@ -364,6 +365,29 @@ class Settings(BaseSettings):
     @classmethod
     def _dask_address(cls, value: str | None) -> str | None:
         return check_dask_address(value, name="FORECASTING_DASK_ADDRESS") if value else None
+
+    @field_validator("forecasting_database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """A SQLite or PostgreSQL URL whose driver is installed: else SQLAlchemy's ArgumentError,
+        or a ModuleNotFoundError (MySQLdb, psycopg2), came as a traceback naming no setting."""
+        shown = f"FORECASTING_DATABASE_URL ({redact_url(value)!r})"
+        try:
+            url = make_url(value)
+        except Exception:  # noqa: BLE001 - SQLAlchemy's ArgumentError, a ValueError for a bad port
+            raise SettingError(f"{shown} is not a database URL, such as sqlite:///forecasting.db or "
+                               "postgresql+psycopg://user@host:5432/dbname") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise SettingError(f"{shown}: {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
+        try:
+            url.get_dialect().import_dbapi()
+        except NoSuchModuleError:
+            raise SettingError(f"{shown}: SQLAlchemy knows no driver {url.get_driver_name()!r} for "
+                               f"{url.get_backend_name()}; for PostgreSQL use postgresql+psycopg://") from None
+        except ImportError as exc:
+            raise SettingError(f"{shown}: its driver {url.get_driver_name()!r} is not installed ({exc}); for "
+                               "PostgreSQL use postgresql+psycopg://, whose driver the pipeline installs") from None
+        return value
 
     @property
     def database_url(self) -> str:

@@ -298,8 +298,12 @@ def _execute_source(conn: Connection, config: DatasetConfig, query: Any) -> sa.C
     try:
         return conn.execute(query)
     except sa.exc.DBAPIError as exc:
+        reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
+        if getattr(exc.orig, "sqlstate", None) == "42501":  # insufficient_privilege: a raw traceback before
+            source = "`source.query`" if config.source.query is not None else f"table {config.source.table!r}"
+            raise DataError(f"dataset {config.name!r}: the database role may not read {source}: {reason}; "
+                            "GRANT SELECT on it to that role") from None
         if config.source.query is not None and _is_query_error(exc):
-            reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
             raise DataError(f"dataset {config.name!r}: `source.query` fails: {reason}") from None
         raise
 

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from forecasting import db, intervals, metrics
-from forecasting.backtest import BacktestResult, choose_champion, run_backtest
+from forecasting.backtest import BacktestResult, NoDefinedMase, choose_champion, run_backtest
 from forecasting.config import BASELINES, DatasetConfig, parse_as_of  # noqa: F401  (flows call it from here)
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
@@ -143,18 +143,21 @@ def backtest_candidate(
     on_epoch: Callable[[str, int, float, float], None] | None = None,
 ) -> CandidateResult:
     start = time.perf_counter()
-    result = run_backtest(
-        panel,
-        candidates=[name],
-        freq=config.freq,
-        horizon=config.horizon,
-        season_length=config.season_length,
-        training=config.training,
-        windows=config.backtest.windows,
-        retrain=config.backtest.retrain,
-        covariates=config.source.covariates,
-        on_epoch=on_epoch,
-    )
+    try:
+        result = run_backtest(
+            panel,
+            candidates=[name],
+            freq=config.freq,
+            horizon=config.horizon,
+            season_length=config.season_length,
+            training=config.training,
+            windows=config.backtest.windows,
+            retrain=config.backtest.retrain,
+            covariates=config.source.covariates,
+            on_epoch=on_epoch,
+        )
+    except NoDefinedMase as exc:  # the data's, not the model's: say whose
+        raise NoDefinedMase(f"dataset {config.name!r}: {exc}") from None
     seconds = time.perf_counter() - start
     residuals = intervals.scaled_residuals(result.predictions, panel, season_length=config.season_length)
     covered = intervals.coverage(residuals, horizon=config.horizon, level=config.interval_level)
@@ -434,10 +437,6 @@ def decide(
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "
                    "forecast by this night's model")
-    missing = [c for c in current.forecaster.covariates if c not in panel.columns]
-    if missing:
-        return new("promoted", f"current champion v{current.version} needs covariates {missing}, "
-                   "which the config no longer reads")
     try:
         rescored = rescore_current(current.forecaster, config, panel, comparison)
     except SeriesTooShort as exc:  # its input window is longer than tonight's series allow
@@ -459,8 +458,9 @@ def decide(
 def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str | None:
     """Why the registered `current` cannot make this config's forecast, or None if it can: its
     horizon and freq, its season (which scales MASE and its intervals' units: the two would
-    not compare) and the level its intervals were calibrated for must be the config's, and its
-    model one the config still compares (a cell taken out of `models` stops forecasting)."""
+    not compare) and the level its intervals were calibrated for must be the config's, its
+    model one the config still compares (a cell taken out of `models` stops forecasting), and
+    its covariates ones the config still reads."""
     model = current.forecaster
     if model.name not in config.candidates:
         return (f"current champion v{current.version} is {model.name!r}, which the config no longer compares "
@@ -475,6 +475,10 @@ def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str |
     if level is not None and not math.isclose(level, config.interval_level):
         return (f"current champion v{current.version}'s intervals are calibrated at level {level:g}, "
                 f"the config now asks {config.interval_level:g}")
+    missing = [c for c in model.covariates if c not in config.source.covariates]
+    if missing:  # here, not only in decide: predict failed with "`panel` lacks columns ['promo']"
+        return (f"current champion v{current.version} needs covariates {missing}, "
+                "which the config no longer reads")
     return None
 
 

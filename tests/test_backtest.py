@@ -71,8 +71,20 @@ def test_champion_is_lowest_mase_and_ties_go_to_the_simpler_model():
     assert choose_champion(scores({"lstm": 0.7, "gru": 0.7, "rnn": 0.9})) == "gru"
     assert choose_champion(scores({"lstm": 0.7, "ets": 0.7, "seasonal_naive": 0.8})) == "ets"
     assert choose_champion(scores({"gru": float("nan"), "naive": 1.0})) == "naive"
-    with pytest.raises(ValueError, match="no aggregate row with a defined MASE"):
+    with pytest.raises(ValueError, match="no model has a defined MASE"):
         choose_champion(scores({"gru": float("nan")}))
+
+
+def test_a_dataset_of_constant_series_says_why_nothing_can_be_scored():
+    """It said "`scores` holds no aggregate row with a defined MASE", naming neither the
+    dataset nor the cause."""
+    from forecasting.pipeline import backtest_candidate
+    from tests.flow_fixtures import tiny_config
+
+    flat = PANEL.assign(value=5.0)
+    with pytest.raises(ValueError, match=r"dataset 'sales': no model has a defined MASE, .* which is 0 in every "
+                                         r"series' training part here \(constant series"):
+        backtest_candidate(tiny_config(), flat, "naive")
 
 
 def test_backtest_bad_input():

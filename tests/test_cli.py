@@ -145,6 +145,31 @@ def test_a_source_mistake_is_refused_before_anything_starts(
         assert "--start (2019-02-01) .. --end (2019-01-01) is reversed" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["run", "backfill"])
+def test_cuda_asked_for_where_there_is_none_is_refused_before_anything_starts(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """It failed when the first network trained, after every baseline's backtest, naming no
+    dataset. Not refused where a Dask cluster trains: its workers may have a GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever this machine has
+    monkeypatch.delenv("FORECASTING_DASK_ADDRESS", raising=False)
+    monkeypatch.setattr(cli, "check_source", lambda config: None)  # no database needed to get here
+    monkeypatch.setattr(cli, "check_dask_address", lambda *args, **kwargs: None)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flows were loaded")
+
+    monkeypatch.setattr(cli, "flow_module", started)
+    path = tmp_path / "cuda.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(training={"device": "cuda"}).model_dump(mode="json")))
+    dates = ["--start", "2019-01-01", "--end", "2019-02-01"] if command == "backfill" else []
+    assert main([command, "--config", str(path), *dates]) == 2
+    assert f"{path}: dataset 'sales': key `training.device` is 'cuda', but torch" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="the flows were loaded"):  # on a cluster: checked no further
+        main([command, "--config", str(path), "--dask", "tcp://10.0.0.1:8786", *dates])
+
+
 def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
     """The test sales data in the database; the path of a tiny config file for it."""
     load_sales(engine)
@@ -207,6 +232,10 @@ def test_serve_without_a_prefect_server_is_refused(capsys: pytest.CaptureFixture
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert main(["serve"]) == 2
     assert "`forecasting serve` needs a Prefect server" in capsys.readouterr().out
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:1/api"}):  # nothing listens on port 1
+        assert main(["serve"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PREFECT_API_URL ('http://127.0.0.1:1/api'): no Prefect server answers there" in out
 
 
 def test_serve_reads_both_deployments_of_prefect_yaml() -> None:

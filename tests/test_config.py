@@ -112,6 +112,40 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path) -> None:
     assert DatasetConfig.from_yaml(write(tmp_path, VALID)).name == VALID["name"]  # one of each: read as before
 
 
+@pytest.mark.parametrize(("url", "problem"), [
+    ("notaurl", "is not a database URL, such as sqlite:///forecasting.db"),
+    ("mysql://app:s3cr3t-SENTINEL@db/prod", "'mysql' is not supported; use sqlite or postgresql"),
+    ("postgresql+nodriver://app@db/prod", "SQLAlchemy knows no driver 'nodriver' for postgresql"),
+], ids=["not-a-url", "mysql", "unknown-driver"])
+def test_a_database_url_that_cannot_be_used_is_named(url: str, problem: str, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLAlchemy's ArgumentError, or ModuleNotFoundError: MySQLdb, came as tracebacks of init-db
+    (or of any command) naming no setting."""
+    from forecasting.cli import main
+
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", url)
+    assert main(["init-db"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "error: FORECASTING_DATABASE_URL (" in out and problem in out
+    assert "s3cr3t-SENTINEL" not in out
+
+
+def test_a_database_url_whose_driver_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_psycopg2(name: str, *args: object, **kwargs: object) -> object:
+        if name.split(".")[0] == "psycopg2":
+            raise ModuleNotFoundError("No module named 'psycopg2'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_psycopg2)
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", "postgresql+psycopg2://app@db/prod")
+    with pytest.raises(ValueError, match=r"its driver 'psycopg2' is not installed .*use postgresql\+psycopg://"):
+        Settings()
+
+
 def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORECASTING_DATABASE_URL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

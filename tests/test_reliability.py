@@ -206,6 +206,58 @@ def read_only_url(database_url: str, engine: sa.Engine) -> Iterator[str]:
         conn.exec_driver_sql(f'DROP ROLE "{role}"')
 
 
+def test_a_role_that_may_not_read_the_source_is_told_so_pg(pg_url: str) -> None:
+    """A raw "ProgrammingError ... permission denied for table sales", naming no dataset."""
+    engine = sa.create_engine(pg_url)
+    load_sales(engine)
+    url = sa.make_url(pg_url)
+    role = f"noread_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    schema = url.query["options"].removeprefix("-csearch_path=")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    as_role = db.make_engine(url=url.set(username=role).render_as_string(hide_password=False))
+    by_query = tiny_config(source={"query": "SELECT series_id, month, turnover FROM sales", "id_column": "series_id",
+                                   "time_column": "month", "target_column": "turnover"})
+    try:
+        for config, named in ((tiny_config(), "table 'sales'"), (by_query, "`source.query`")):
+            with pytest.raises(db.DataError, match=f"dataset 'sales': the database role may not read {named}: "
+                                                   "permission denied for table sales; GRANT SELECT"):
+                pipeline.load(as_role, config, None)
+    finally:
+        as_role.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        engine.dispose()
+
+
+def test_init_db_by_a_role_that_may_not_create_tables_is_told_so_pg(pg_url: str, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw "ProgrammingError ... permission denied for schema" traceback before."""
+    from forecasting.cli import main
+
+    engine = sa.create_engine(pg_url)
+    url = sa.make_url(pg_url)
+    role = f"nocreate_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    schema = url.query["options"].removeprefix("-csearch_path=")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    try:
+        monkeypatch.setenv("FORECASTING_DATABASE_URL", url.set(username=role).render_as_string(hide_password=False))
+        assert main(["init-db"]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "was refused and created nothing: the role may not create the pipeline's tables (permission " \
+               "denied for schema" in out and "GRANT CREATE ON SCHEMA" in out
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        engine.dispose()
+
+
 def test_a_read_only_target_fails_before_training_and_touches_nothing(
     engine: sa.Engine, env: dict[str, str], read_only_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,6 +186,10 @@ def test_a_champion_needing_a_covariate_the_config_dropped_is_replaced(client: M
     night = promote(client, panel, "naive", claimed_mase=1e9)  # would lose any comparison
     assert night.decision == "promoted" and night.version == "2"
     assert night.reason == "current champion v1 needs covariates ['promo'], which the config no longer reads"
+    # predict's check (it failed with "`panel` lacks columns ['promo']", naming no dataset)
+    first = tracking.load_version(client, "sales", "1")
+    assert pipeline.unlike_config(first, CONFIG) == night.reason
+    assert pipeline.unlike_config(first, with_promo) is None
 
 
 def test_same_model_and_settings_is_refreshed_not_stuck(client: MlflowClient) -> None:
