@@ -133,7 +133,31 @@ def flow_module() -> ModuleType:
 
     if starting is not None:
         starting.join()  # running (or failed, and the flow will start it) before any flow call
+    for name in ("prefect.task_runs", "prefect.flow_runs"):  # after Prefect configured its logging
+        logging.getLogger(name).addFilter(_ExpectedErrorsWithoutTraceback())
     return flows.nightly
+
+
+class _ExpectedErrorsWithoutTraceback(logging.Filter):
+    """Prefect's task and flow loggers log a failure with its traceback: two tracebacks, 75 lines,
+    above the CLI's one line for a duplicate timestamp. For the errors whose message says all
+    (bad data or config, a refused write, no champion) the traceback is dropped; the log line,
+    which names the error, stays. Any other exception, a bug, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _expected_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from forecasting import db, pipeline
+    from forecasting.backtest import NoDefinedMase
+    from forecasting.tracking_process import TrackingRefused
+    from forecasting.validate import ValidationFailed
+
+    return (ConfigError, SettingError, db.DataError, db.DatabaseError, db.OutputNotWritable, ValidationFailed,
+            NoDefinedMase, pipeline.ChampionMoved, NoChampion, UnusableChampion, TrackingRefused)
 
 
 def _start_local_prefect_api() -> threading.Thread | None:
