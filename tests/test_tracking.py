@@ -461,6 +461,24 @@ def test_unreachable_tracking_server_is_a_clear_error(monkeypatch: pytest.Monkey
     assert "127.0.0.1:9" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)
 
 
+def test_an_unreachable_database_store_fails_without_mlflows_own_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow retries creating a SQL store's engine for 101 s (sleeps of 0.1 s to 51 s), inside
+    each of the task's attempts: a night failed after ~7 minutes. Its retry loop must not run."""
+    import mlflow.store.db.utils as mlflow_db
+
+    class RetryRan(BaseException):  # not an Exception: nothing on the way catches it
+        pass
+
+    def no_sleep(seconds: float) -> None:
+        raise RetryRan(f"MLflow's engine retry ran (sleep {seconds} s)")
+
+    monkeypatch.setattr(mlflow_db.time, "sleep", no_sleep)
+    settings = Settings(mlflow_tracking_uri="postgresql+psycopg://user:s3cr3t-SENTINEL@127.0.0.1:1/mlflow")
+    with pytest.raises(tracking.TrackingError, match="is not reachable") as caught:  # retried by the flow
+        tracking.connect(settings)
+    assert "127.0.0.1:1" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)
+
+
 class Forbidden(http.server.BaseHTTPRequestHandler):
     """What an auth proxy in front of MLflow answers a wrong password: 403, not MLflow's JSON."""
 
