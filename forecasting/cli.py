@@ -156,7 +156,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from forecasting.tracking_process import TrackingRefused
     from forecasting.validate import ValidationFailed
 
-    return (ConfigError, SettingError, db.DataError, db.DatabaseError, db.OutputNotWritable, ValidationFailed,
+    # Not db.DatabaseError: an unreachable database, but also SQLite's "no such column" from a bug
+    return (ConfigError, SettingError, db.DataError, db.OutputNotWritable, ValidationFailed,
             NoDefinedMase, pipeline.ChampionMoved, NoChampion, UnusableChampion, TrackingRefused)
 
 
@@ -236,30 +237,31 @@ def check_config(args: argparse.Namespace) -> None:
              for option in ("as_of", "start", "end")}  # the dates, likewise
     if dates["start"] is not None and dates["end"] is not None and dates["start"] > dates["end"]:
         raise ValueError(f"backfill range --start ({args.start}) .. --end ({args.end}) is reversed")
-    on_dask = check_cluster(args)
+    check_cluster(args)
     if hasattr(args, "dask"):  # the commands that train (predict forecasts on the CPU)
-        check_device(config, args.config, on_dask=on_dask)
+        check_device(config, args.config)
     check_source(config)
 
 
-def check_device(config: DatasetConfig, path: str, *, on_dask: bool) -> None:
-    """training.device 'cuda' where the networks train here and this machine has none: it failed
-    only when the first network trained, after the baselines' backtests, naming no dataset. On
-    a Dask cluster the workers train, and may have what this machine lacks: not checked."""
-    if config.training.device != "cuda" or on_dask:
+def check_device(config: DatasetConfig, path: str) -> None:
+    """training.device 'cuda' on a machine without CUDA: it failed only when the first network
+    trained, after the baselines' backtests, naming no dataset. Checked with --dask too: the
+    current champion is re-scored, trained again, in this process (and a local cluster's
+    workers are this machine)."""
+    if config.training.device != "cuda":
         return
     import torch  # only for this case: the check stays milliseconds otherwise
 
     if not torch.cuda.is_available():
         raise ConfigError(f"{path}: dataset {config.name!r}: key `training.device` is 'cuda', but torch "
-                          f"{torch.__version__} sees no CUDA device here; use 'auto' or 'cpu', or run on a Dask "
-                          "cluster whose workers have one (--dask)")
+                          f"{torch.__version__} sees no CUDA device here (where the current champion is re-scored, "
+                          "--dask or not); use 'auto' or 'cpu'")
 
 
-def check_cluster(args: argparse.Namespace) -> bool:
+def check_cluster(args: argparse.Namespace) -> None:
     """--dask, else $FORECASTING_DASK_ADDRESS: 'local' or a scheduler address; one that answers
     where the command runs on it (the commands with --dask). The flows' module reads the
-    variable when imported, so every flow command checks its form. Whether a cluster trains."""
+    variable when imported, so every flow command checks its form."""
     from pydantic import ValidationError
 
     option = getattr(args, "dask", None)
@@ -271,7 +273,6 @@ def check_cluster(args: argparse.Namespace) -> bool:
         check_dask_address(option, name="--dask", reachable=True)
     elif environment and hasattr(args, "dask"):
         check_dask_address(environment, name="FORECASTING_DASK_ADDRESS", reachable=True)
-    return bool(option or environment)
 
 
 def check_source(config: DatasetConfig) -> None:
@@ -363,16 +364,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def check_prefect_server(api_url: str) -> None:
-    """A server answers at `api_url` within 5 s (any HTTP status: Prefect Cloud's workspace
-    URLs answer otherwise than a local server). An unreachable one ended serve in httpx's
+    """A server answers at `api_url`, asked by Prefect's own client (its TLS and auth settings:
+    PREFECT_API_SSL_CERT_FILE, PREFECT_API_KEY...). An unreachable one ended serve in httpx's
     ConnectError traceback."""
-    import httpx
+    from prefect.client.orchestration import get_client
 
-    try:
-        httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
-    except httpx.TransportError as exc:
-        raise ConfigError(f"PREFECT_API_URL ({redact_url(api_url)!r}): no Prefect server answers there ({exc}); "
-                          "start one (`prefect server start`) or correct the URL") from None
+    with get_client(sync_client=True) as client:
+        failed = client.api_healthcheck()
+    if failed is not None:
+        raise ConfigError(f"PREFECT_API_URL ({redact_url(api_url)!r}): no Prefect server answers there "
+                          f"({type(failed).__name__}: {failed}); start one (`prefect server start`) or correct the URL")
 
 
 def served_deployments(deployments: list[dict[str, Any]]) -> list[Any]:
@@ -466,7 +467,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     decision = {"promoted": "promoted to champion", "refreshed": "champion refitted on tonight's data",
                 "kept": "current champion kept", "backfill": "backfill: alias untouched",
-                "superseded": "not promoted: another run moved the alias meanwhile"}[summary["decision"]]
+                "superseded": "superseded, nothing written: the alias moved meanwhile, or a backfill night met "
+                              "production's (the reason is the MLflow tag promotion.reason)"}[summary["decision"]]
     console.print(
         f"champion: [bold]{summary['champion']}[/] version {summary['model_version']} ({decision}); "
         f"rows written: {summary['forecast_rows']} forecasts, {summary['score_rows']} scores"

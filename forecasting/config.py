@@ -42,17 +42,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _mapping_of_unique_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    lines: dict[Any, int] = {}
+    seen: dict[tuple[str, Any], yaml.Mark] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: construct_mapping merges it
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
-            first = lines.setdefault(key, key_node.start_mark.line + 1)
+            first = seen.setdefault((type(key).__name__, key), key_node.start_mark)  # 1 and true apart
         except TypeError:  # an unhashable key: construct_mapping reports it
             continue
-        if first != key_node.start_mark.line + 1:
+        if first is not key_node.start_mark:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1} "
-                "(YAML would keep only the last)", key_node.start_mark)
+                None, None, f"key {key!r} is given twice, on lines {first.line + 1} and "
+                f"{key_node.start_mark.line + 1} (YAML would keep only the last)", key_node.start_mark)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -353,7 +355,8 @@ def check_dask_address(address: str, *, name: str, reachable: bool = False) -> s
 class Settings(BaseSettings):
     """Where the pipeline reads and writes; from the environment, with embedded defaults."""
 
-    model_config = SettingsConfigDict(extra="ignore")
+    # hide_input_in_errors: pydantic's message would quote the value, a URL with its password
+    model_config = SettingsConfigDict(extra="ignore", hide_input_in_errors=True)
 
     forecasting_database_url: str = "sqlite:///forecasting.db"
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -796,14 +797,39 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock_dataset(conn: Connection, *, dataset: str) -> None:
-    """Serialise a dataset's night writes (rows and alias move, see pipeline.write_night) until
-    the caller's transaction ends: one at a time per dataset, whatever their as_of. SQLite:
-    the database's write lock (take_write_lock); PostgreSQL: an advisory lock of the dataset."""
-    if conn.dialect.name == "sqlite":
-        take_write_lock(conn)
-    elif conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(f"dataset\x00{dataset}")})
+@contextlib.contextmanager
+def dataset_lock(engine: Engine, *, dataset: str) -> Iterator[None]:
+    """Within the block, no other process or thread holds this dataset's lock: one night write
+    (rows and alias move, see pipeline.write_night) of a dataset at a time, whatever its as_of.
+
+    Held outside any transaction, so that the MLflow calls made under it never wait for a
+    database lock of ours: on SQLite a transaction's write lock is the whole file's, and a
+    tracking store in the same file could not move the alias while we held it. PostgreSQL: a
+    session advisory lock on a connection of its own. SQLite: a lock file beside the database
+    (a thread lock for an in-memory one, which no other process sees).
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            key = _advisory_key(f"dataset\x00{dataset}")
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        return
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        with _THREAD_LOCKS.setdefault(dataset, threading.Lock()):
+            yield
+        return
+    import filelock
+
+    digest = hashlib.blake2b(dataset.encode(), digest_size=6).hexdigest()  # any dataset name, a safe file name
+    with filelock.FileLock(f"{path}.{digest}.lock"):
+        yield
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
 
 
 def take_write_lock(conn: Connection) -> None:

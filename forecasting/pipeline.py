@@ -619,55 +619,53 @@ class ChampionMoved(ValueError):
     """The alias moved between loading the champion and writing its forecast."""
 
 
-class _AliasMovedMeanwhile(Exception):
-    def __init__(self, found: str | None) -> None:
-        self.found = found
-
-
 def write_night(engine: Engine, *, config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
                 scores: pd.DataFrame, actuals: pd.DataFrame | None, promotion: Promotion,
                 alias: Alias) -> tuple[int, int, Promotion]:
     """A night's rows and its alias move as one step: (forecast rows, score rows, the promotion
     as it turned out).
 
-    Under the dataset's write lock (db.lock_dataset, one night of a dataset at a time) the alias
-    is read again, and the rows are written, and the alias moved, only if it is still where the
-    night read it (`settle`); the alias moves before the commit and goes back if the commit
-    fails. Before, the write and the move were two steps: two runs of one night could each
-    write, and the one the alias did not follow left its rows (its model's) under the other's
-    alias; a predict beside a night likewise. A superseded night writes nothing. A backfill
-    night writes nothing where its as_of holds the champion's forecast (production's night,
-    written while the backfill ran).
+    Under the dataset's lock (db.dataset_lock: one night write of a dataset at a time) the
+    alias is read again; the night goes on only if it is still where the night read it
+    (`settle`). The alias moves first, then the rows are written in one transaction; if they
+    cannot be, the alias goes back. No other run of the dataset writes in between, and the
+    MLflow calls are made outside any database transaction of ours (an SQLite tracking store
+    in the same file as the forecasts would wait for our write lock). Before, the write and
+    the move were two steps: two runs of one night could each write, and the one the alias did
+    not follow left its rows (its model's) under the other's alias; a predict beside a night
+    likewise. A superseded night writes nothing. A backfill night writes nothing where its
+    as_of holds the champion's forecast (production's night, written while the backfill ran).
     """
-    moved = False
-    try:
-        with _writing(engine, config) as conn:
-            db.lock_dataset(conn, dataset=config.name)
-            found = alias.read()
-            settled = settle(promotion, found)
-            if settled.decision == "superseded":
-                return 0, 0, settled
-            if (settled.decision == "backfill" and found is not None
-                    and db.holds_forecast_by(conn, dataset=config.name, as_of=as_of, version=found)):
+    with db.dataset_lock(engine, dataset=config.name):
+        found = alias.read()
+        settled = settle(promotion, found)
+        if settled.decision == "superseded":
+            return 0, 0, settled
+        if settled.decision == "backfill" and found is not None:
+            with _writing(engine, config) as conn:
+                production = db.holds_forecast_by(conn, dataset=config.name, as_of=as_of, version=found)
+            if production:
                 return 0, 0, dataclasses.replace(
                     settled, decision="superseded",
                     reason=f"{settled.reason}; not written: as_of {as_of} holds champion v{found}'s forecast "
                            "(production's night, written while this backfill ran)")
-            n_forecasts, n_scores = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
-                                                 scores=scores, actuals=actuals)
-            if settled.promoted:
+        try:
+            if settled.promoted and found != settled.new_version:
                 now = alias.move(settled.new_version, settled.replaces)
-                if now != settled.new_version:  # moved by hand since the read above: roll the rows back
-                    raise _AliasMovedMeanwhile(now)
-                moved = found != settled.new_version
-            return n_forecasts, n_scores, settled
-    except _AliasMovedMeanwhile as exc:
-        return 0, 0, superseded(promotion, exc.found)
-    except BaseException:
-        if moved:  # the commit failed after the alias moved: it must not point past what was written
-            with contextlib.suppress(Exception):
-                alias.restore(promotion.replaces, promotion.new_version)
-        raise
+                if now != settled.new_version:  # moved by hand since the read above
+                    return 0, 0, superseded(promotion, now)
+            with _writing(engine, config) as conn:
+                n_forecasts, n_scores = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
+                                                     scores=scores, actuals=actuals)
+        except BaseException:
+            # The alias must not point past what was written. `restore` acts only if it is at
+            # tonight's version: also after a move that failed once MLflow had made it, or a
+            # retry that found it moved by an earlier attempt.
+            if settled.promoted:
+                with contextlib.suppress(Exception):
+                    alias.restore(settled.replaces, settled.new_version)
+            raise
+        return n_forecasts, n_scores, settled
 
 
 def settle(promotion: Promotion, found: str | None) -> Promotion:
@@ -685,16 +683,16 @@ def settle(promotion: Promotion, found: str | None) -> Promotion:
 def write_with_champion(engine: Engine, *, config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
                         actuals: pd.DataFrame | None, version: str, alias: Alias) -> int:
     """`forecasting predict`'s write: champion `version`'s forecast rows, under the dataset's
-    write lock, if the alias still points at that version (else ChampionMoved, nothing written)."""
-    with _writing(engine, config) as conn:
-        db.lock_dataset(conn, dataset=config.name)
+    lock, if the alias still points at that version (else ChampionMoved, nothing written)."""
+    with db.dataset_lock(engine, dataset=config.name):
         found = alias.read()
         if found != version:
             now = "no version" if found is None else f"v{found}"
             raise ChampionMoved(f"dataset {config.name!r}: the champion alias moved from v{version} to {now} "
                                 "while predict ran; nothing was written. Run predict again to forecast with it")
-        n_forecasts, _ = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts, scores=None,
-                                      actuals=actuals)
+        with _writing(engine, config) as conn:
+            n_forecasts, _ = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
+                                          scores=None, actuals=actuals)
     return n_forecasts
 
 

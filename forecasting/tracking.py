@@ -87,7 +87,11 @@ def _check_store_database(uri: str) -> None:
         return
     import sqlalchemy as sa
 
-    engine = sa.create_engine(uri, connect_args={"connect_timeout": 5}, poolclass=sa.pool.NullPool)
+    url = sa.make_url(uri)
+    # Each driver names its timeout its own way (pg8000: `timeout`); one not listed gets none.
+    timeout = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout", "pg8000": "timeout",
+               "pymysql": "connect_timeout", "mysqldb": "connect_timeout"}.get(url.get_driver_name())
+    engine = sa.create_engine(url, connect_args={timeout: 5} if timeout else {}, poolclass=sa.pool.NullPool)
     try:
         with engine.connect():
             pass

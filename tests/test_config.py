@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, redact_url
+from forecasting.config import ConfigError, DatasetConfig, Settings, load_config, load_yaml, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 VALID = {
@@ -110,6 +110,13 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="key 'seed' is given twice"):
         DatasetConfig.from_yaml(nested)
     assert DatasetConfig.from_yaml(write(tmp_path, VALID)).name == VALID["name"]  # one of each: read as before
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(yaml.safe_dump(VALID, sort_keys=False) + "training: {seed: 1, seed: 2}\n")
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        DatasetConfig.from_yaml(inline)
+    # merge keys reuse a block, as prefect.yaml files do; 1 and "1" are two keys
+    assert load_yaml("base: &b {x: 1, y: 2}\nd: {<<: *b, y: 3}\ne:\n  <<: [*b]\n  x: 5\nf: {1: a, '1': b}\n") == {
+        "base": {"x": 1, "y": 2}, "d": {"x": 1, "y": 3}, "e": {"x": 5, "y": 2}, "f": {1: "a", "1": "b"}}
 
 
 @pytest.mark.parametrize(("url", "problem"), [
@@ -128,6 +135,17 @@ def test_a_database_url_that_cannot_be_used_is_named(url: str, problem: str, cap
     out = " ".join(capsys.readouterr().out.split())
     assert "error: FORECASTING_DATABASE_URL (" in out and problem in out
     assert "s3cr3t-SENTINEL" not in out
+
+
+def test_pydantics_own_message_never_quotes_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings() fails where no CLI unwraps it (a flow run's or a worker's import): pydantic
+    appended `input_value=` with the URL, password and all."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("FORECASTING_DATABASE_URL", "mysql://app:s3cr3t-SENTINEL@db/prod")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "'mysql' is not supported" in str(caught.value) and "s3cr3t-SENTINEL" not in str(caught.value)
 
 
 def test_a_database_url_whose_driver_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,6 +159,48 @@ def test_a_commit_that_fails_after_the_alias_moved_moves_it_back(tables: sa.Engi
     assert alias.version == "3" and versions(tables) == {"3"}
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_mlflow_store_in_the_same_sqlite_file_can_move_the_alias(tables: sa.Engine) -> None:
+    """MLflow's sqlite store in the forecasts' own file: moving the alias writes to that file.
+    With the alias moved inside our write transaction (BEGIN IMMEDIATE: the whole file's write
+    lock), every promoting night failed with "database is locked"."""
+    path = tables.url.database
+
+    class SameFile(FakeAlias):
+        def move(self, version: str, replaces: str | None) -> str | None:
+            import sqlite3
+
+            store = sqlite3.connect(path, timeout=1)  # what MLflow's engine would do, briefly
+            try:
+                store.execute("BEGIN IMMEDIATE")
+                store.execute("CREATE TABLE IF NOT EXISTS registered_model_aliases (alias TEXT, version TEXT)")
+                store.execute("INSERT INTO registered_model_aliases VALUES ('champion', ?)", (version,))
+                store.commit()
+            finally:
+                store.close()
+            return super().move(version, replaces)
+
+    alias = SameFile("3")
+    n_forecasts, _, night = write(tables, alias, promotion("4", replaces="3"))
+    assert (n_forecasts, night.decision, alias.version) == (3, "promoted", "4")
+    assert versions(tables) == {"4"}
+
+
+def test_a_move_that_fails_after_mlflow_made_it_is_undone(tables: sa.Engine) -> None:
+    """An HTTP timeout after the server moved the alias: the night fails, and the alias must
+    not stay at a version whose rows were never written."""
+    class MovedThenTimedOut(FakeAlias):
+        def move(self, version: str, replaces: str | None) -> str | None:
+            super().move(version, replaces)
+            raise TimeoutError("the tracking server did not answer in time")
+
+    alias = MovedThenTimedOut("3")
+    write(tables, FakeAlias("3"), promotion("3", replaces=None))
+    with pytest.raises(TimeoutError):
+        write(tables, alias, promotion("4", replaces="3"))
+    assert alias.version == "3" and versions(tables) == {"3"}
+
+
 def test_predict_refuses_to_write_a_champion_the_alias_has_left(tables: sa.Engine) -> None:
     alias = FakeAlias("3")
     write(tables, alias, promotion("3", replaces=None))
