@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -797,36 +798,67 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-@contextlib.contextmanager
-def dataset_lock(engine: Engine, *, dataset: str) -> Iterator[None]:
-    """Within the block, no other process or thread holds this dataset's lock: one night write
-    (rows and alias move, see pipeline.write_night) of a dataset at a time, whatever its as_of.
+def lock_dataset(conn: Connection, *, dataset: str, wait_seconds: int = 300) -> None:
+    """PostgreSQL: hold this dataset's lock until the caller's transaction ends (an advisory
+    transaction lock: lost only with the transaction itself, whose rows then roll back). After
+    `wait_seconds` for it, a DatabaseError (transient: the flow retries)."""
+    before = conn.execute(sa.text("SHOW lock_timeout")).scalar_one()
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(wait_seconds)}s'"))
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(f"dataset\x00{dataset}")})
+    except sa.exc.DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        raise DatabaseError(f"dataset {dataset!r}: another night's write of it has held the dataset's lock for "
+                            f"{wait_seconds} s") from None
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :before, true)"), {"before": before})
 
-    Held outside any transaction, so that the MLflow calls made under it never wait for a
-    database lock of ours: on SQLite a transaction's write lock is the whole file's, and a
-    tracking store in the same file could not move the alias while we held it. PostgreSQL: a
-    session advisory lock on a connection of its own. SQLite: a lock file beside the database
-    (a thread lock for an in-memory one, which no other process sees).
-    """
-    if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            key = _advisory_key(f"dataset\x00{dataset}")
-            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-        return
-    path = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not path or path == ":memory:" or path.startswith("file:"):
+
+@contextlib.contextmanager
+def sqlite_dataset_lock(engine: Engine, *, dataset: str, wait_seconds: int = 300) -> Iterator[None]:
+    """SQLite: within the block no other process or thread holds this dataset's lock, a file
+    beside the database. Held outside any transaction: a transaction's write lock is the whole
+    file's, and an MLflow store in the same file could not move the alias under it."""
+    path = _sqlite_file(engine)
+    if path is None:  # in memory: no other process sees it
         with _THREAD_LOCKS.setdefault(dataset, threading.Lock()):
             yield
         return
     import filelock
 
     digest = hashlib.blake2b(dataset.encode(), digest_size=6).hexdigest()  # any dataset name, a safe file name
-    with filelock.FileLock(f"{path}.{digest}.lock"):
+    lock_path = f"{path}.{digest}.lock"
+    try:  # with the database's permissions: another user writing the database can take it too
+        mode = os.stat(path).st_mode & 0o666
+    except OSError:
+        mode = 0o644
+    lock = filelock.FileLock(lock_path, timeout=wait_seconds, mode=mode)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise DatabaseError(f"dataset {dataset!r}: another night's write of it has held {lock_path} for "
+                            f"{wait_seconds} s") from None
+    except OSError as exc:
+        raise not_writable(engine, dataset, f"its lock file {lock_path} cannot be opened: {exc.strerror}") from None
+    try:
         yield
+    finally:
+        lock.release()
+
+
+def _sqlite_file(engine: Engine) -> str | None:
+    """The real path of a SQLite database file (a `file:` URI's too), or None in memory."""
+    database = engine.url.database or ""
+    if database.startswith("file:"):
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        parts = urlsplit(database)
+        if "memory" in (parse_qs(parts.query).get("mode", []) + [engine.url.query.get("mode")]):
+            return None
+        database = unquote(parts.path)
+    if database in ("", ":memory:"):
+        return None
+    return os.path.realpath(database)  # one lock for every name of the file (relative, symlinked)
 
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}

@@ -625,47 +625,79 @@ def write_night(engine: Engine, *, config: DatasetConfig, as_of: pd.Timestamp, f
     """A night's rows and its alias move as one step: (forecast rows, score rows, the promotion
     as it turned out).
 
-    Under the dataset's lock (db.dataset_lock: one night write of a dataset at a time) the
+    Under the dataset's lock (`_dataset_lock`: one night write of a dataset at a time) the
     alias is read again; the night goes on only if it is still where the night read it
-    (`settle`). The alias moves first, then the rows are written in one transaction; if they
-    cannot be, the alias goes back. No other run of the dataset writes in between, and the
-    MLflow calls are made outside any database transaction of ours (an SQLite tracking store
-    in the same file as the forecasts would wait for our write lock). Before, the write and
-    the move were two steps: two runs of one night could each write, and the one the alias did
-    not follow left its rows (its model's) under the other's alias; a predict beside a night
-    likewise. A superseded night writes nothing. A backfill night writes nothing where its
-    as_of holds the champion's forecast (production's night, written while the backfill ran).
+    (`settle`). The alias moves, then the rows are written; if they cannot be, the alias goes
+    back. Before, the write and the move were two steps: two runs of one night could each
+    write, and the one the alias did not follow left its rows (its model's) under the other's
+    alias; a predict beside a night likewise. A superseded night writes nothing. A backfill
+    night writes nothing where its as_of holds the champion's forecast (production's night,
+    written while the backfill ran).
     """
-    with db.dataset_lock(engine, dataset=config.name):
-        found = alias.read()
-        settled = settle(promotion, found)
-        if settled.decision == "superseded":
-            return 0, 0, settled
-        if settled.decision == "backfill" and found is not None:
-            with _writing(engine, config) as conn:
-                production = db.holds_forecast_by(conn, dataset=config.name, as_of=as_of, version=found)
-            if production:
+    moved_here = False  # whether this call moved the alias (and must move it back on failure)
+    try:
+        with _dataset_lock(engine, config) as held:
+            found = alias.read()
+            settled = settle(promotion, found)
+            if settled.decision == "superseded":
+                return 0, 0, settled
+            if settled.decision == "backfill" and found is not None and _holds(engine, held, config, as_of, found):
                 return 0, 0, dataclasses.replace(
                     settled, decision="superseded",
                     reason=f"{settled.reason}; not written: as_of {as_of} holds champion v{found}'s forecast "
                            "(production's night, written while this backfill ran)")
-        try:
-            if settled.promoted and found != settled.new_version:
-                now = alias.move(settled.new_version, settled.replaces)
-                if now != settled.new_version:  # moved by hand since the read above
-                    return 0, 0, superseded(promotion, now)
-            with _writing(engine, config) as conn:
-                n_forecasts, n_scores = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
-                                                     scores=scores, actuals=actuals)
-        except BaseException:
-            # The alias must not point past what was written. `restore` acts only if it is at
-            # tonight's version: also after a move that failed once MLflow had made it, or a
-            # retry that found it moved by an earlier attempt.
             if settled.promoted:
-                with contextlib.suppress(Exception):
-                    alias.restore(settled.replaces, settled.new_version)
-            raise
-        return n_forecasts, n_scores, settled
+                # Found there already: an earlier attempt moved it. Ours to move back only if
+                # that attempt's rows are not written (else they and the alias agree).
+                moved_here = found != settled.new_version or not _holds(engine, held, config, as_of,
+                                                                          settled.new_version)
+                if found != settled.new_version:
+                    now = alias.move(settled.new_version, settled.replaces)
+                    if now != settled.new_version:  # moved by hand since the read above: not ours
+                        moved_here = False
+                        return 0, 0, superseded(promotion, now)
+            if held is not None:  # PostgreSQL: the rows in the lock's own transaction, committed on leaving
+                n_forecasts, n_scores = db.write_run(held, dataset=config.name, as_of=as_of, forecasts=forecasts,
+                                                     scores=scores, actuals=actuals)
+            else:
+                with _writing(engine, config) as conn:
+                    n_forecasts, n_scores = db.write_run(conn, dataset=config.name, as_of=as_of,
+                                                         forecasts=forecasts, scores=scores, actuals=actuals)
+            return n_forecasts, n_scores, settled
+    except BaseException:
+        if moved_here:  # the alias must not point past what was written
+            try:
+                alias.restore(settled.replaces, settled.new_version)
+            except Exception as exc:  # noqa: BLE001 - the write's own error is the one to raise
+                log.error("dataset %r: the alias could not be moved back to v%s after the write failed (%s); "
+                          "it points at v%s, whose forecast for %s was not written", config.name,
+                          settled.replaces, exc, settled.new_version, as_of)
+        raise
+
+
+@contextmanager
+def _dataset_lock(engine: Engine, config: DatasetConfig) -> Iterator[sa.Connection | None]:
+    """The dataset's lock, for a night's write: on PostgreSQL a transaction holding it
+    (db.lock_dataset; the caller writes its rows there, and the lock lasts exactly as long as
+    they can still roll back); on SQLite a lock file (db.sqlite_dataset_lock), None, and the
+    rows get a transaction of their own: SQLite's write lock is the whole file's, and an MLflow
+    store in the same file could not move the alias under it."""
+    if engine.dialect.name == "postgresql":
+        with _writing(engine, config) as conn:
+            db.lock_dataset(conn, dataset=config.name)
+            yield conn
+        return
+    with db.sqlite_dataset_lock(engine, dataset=config.name):
+        yield None
+
+
+def _holds(engine: Engine, held: sa.Connection | None, config: DatasetConfig, as_of: pd.Timestamp,
+           version: str) -> bool:
+    """Whether (dataset, as_of)'s stored forecast is `version`'s, read in `held` or a connection of its own."""
+    if held is not None:
+        return db.holds_forecast_by(held, dataset=config.name, as_of=as_of, version=version)
+    with engine.connect() as conn:
+        return db.holds_forecast_by(conn, dataset=config.name, as_of=as_of, version=version)
 
 
 def settle(promotion: Promotion, found: str | None) -> Promotion:
@@ -684,13 +716,13 @@ def write_with_champion(engine: Engine, *, config: DatasetConfig, as_of: pd.Time
                         actuals: pd.DataFrame | None, version: str, alias: Alias) -> int:
     """`forecasting predict`'s write: champion `version`'s forecast rows, under the dataset's
     lock, if the alias still points at that version (else ChampionMoved, nothing written)."""
-    with db.dataset_lock(engine, dataset=config.name):
+    with _dataset_lock(engine, config) as held:
         found = alias.read()
         if found != version:
             now = "no version" if found is None else f"v{found}"
             raise ChampionMoved(f"dataset {config.name!r}: the champion alias moved from v{version} to {now} "
                                 "while predict ran; nothing was written. Run predict again to forecast with it")
-        with _writing(engine, config) as conn:
+        with contextlib.nullcontext(held) if held is not None else _writing(engine, config) as conn:
             n_forecasts, _ = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
                                           scores=None, actuals=actuals)
     return n_forecasts

@@ -201,6 +201,46 @@ def test_a_move_that_fails_after_mlflow_made_it_is_undone(tables: sa.Engine) -> 
     assert alias.version == "3" and versions(tables) == {"3"}
 
 
+def test_a_retry_after_an_attempt_that_wrote_leaves_its_alias(tables: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 1 moved the alias to v4 and committed v4's rows, then failed (a lost commit
+    answer). A retry that fails in turn must not move the alias back to v3 under v4's rows."""
+    alias = FakeAlias("3")
+    write(tables, alias, promotion("4", replaces="3"))
+    assert alias.version == "4" and versions(tables) == {"4"}
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the write failed")
+
+    monkeypatch.setattr(db, "write_run", fails)
+    with pytest.raises(RuntimeError, match="the write failed"):
+        write(tables, alias, promotion("4", replaces="3"))
+    assert alias.version == "4" and versions(tables) == {"4"}
+
+
+def test_the_sqlite_lock_is_one_per_database_file_whatever_its_name(tmp_path) -> None:
+    """A `file:` URI got a lock of this process only; a symlink another lock file."""
+    real = tmp_path / "data" / "f.db"
+    real.parent.mkdir()
+    real.touch()
+    (tmp_path / "link.db").symlink_to(real)
+    names = [f"sqlite:///{real}", f"sqlite:///file:{real}?uri=true", f"sqlite:///{tmp_path / 'link.db'}"]
+    assert {db._sqlite_file(db.make_engine(url=url)) for url in names} == {str(real)}
+    assert db._sqlite_file(db.make_engine(url="sqlite://")) is None
+    in_memory = sa.create_engine("sqlite:///file:mem?mode=memory&uri=true", poolclass=sa.pool.StaticPool)
+    assert db._sqlite_file(in_memory) is None
+
+
+def test_the_sqlite_lock_file_takes_the_databases_permissions(tmp_path) -> None:
+    """Left by one user's night with 0644, it refused the next night of another user who may
+    write the database (0666), with a bare PermissionError after training."""
+    path = tmp_path / "shared.db"
+    path.touch()
+    path.chmod(0o666)
+    with db.sqlite_dataset_lock(db.make_engine(url=f"sqlite:///{path}"), dataset="sales"):
+        (lock,) = tmp_path.glob("shared.db.*.lock")
+        assert lock.stat().st_mode & 0o777 == 0o666
+
+
 def test_predict_refuses_to_write_a_champion_the_alias_has_left(tables: sa.Engine) -> None:
     alias = FakeAlias("3")
     write(tables, alias, promotion("3", replaces=None))
@@ -242,3 +282,23 @@ def test_nights_of_one_dataset_write_one_at_a_time_whatever_their_as_of(tables: 
                          actuals=None, promotion=promotion("4", replaces="3"), alias=Other("3").alias())
     slow.join()
     assert order == ["slow in", "slow out", "other in"]
+
+
+def test_a_write_waiting_too_long_for_the_datasets_lock_is_a_retried_error(tables: sa.Engine) -> None:
+    """A holder that hangs (an MLflow call that never returns) queued every later writer for
+    good; SQLite's busy_timeout used to end that wait."""
+    if tables.dialect.name == "postgresql":
+        with tables.begin() as holder:
+            db.lock_dataset(holder, dataset="sales")
+            with pytest.raises(db.DatabaseError, match="another night's write of it has held the dataset's lock"):
+                with tables.begin() as waiter:
+                    db.lock_dataset(waiter, dataset="sales", wait_seconds=1)
+            with tables.begin() as other:  # another dataset is not held up
+                db.lock_dataset(other, dataset="weather", wait_seconds=1)
+        return
+    with db.sqlite_dataset_lock(tables, dataset="sales"):
+        with pytest.raises(db.DatabaseError, match="another night's write of it has held"):
+            with db.sqlite_dataset_lock(tables, dataset="sales", wait_seconds=1):
+                pass
+        with db.sqlite_dataset_lock(tables, dataset="weather", wait_seconds=1):
+            pass
