@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
 
@@ -185,6 +186,26 @@ def test_two_writers_of_one_night_leave_exactly_one_set(engine: sa.Engine, monke
 # --------------------------------------------------------------- 9. a target that refuses writes
 
 
+@contextmanager
+def role_of_schema(engine: sa.Engine, pg_url: str, name: str, *grants: str) -> Iterator[str]:
+    """A login role of this test's schema (USAGE, and `grants` such as "SELECT ON ALL TABLES"):
+    the URL that connects as it. Dropped afterwards."""
+    url = sa.make_url(pg_url)
+    role = f"{name}_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    schema = url.query["options"].removeprefix("-csearch_path=")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        for grant in grants:
+            conn.exec_driver_sql(f'GRANT {grant} IN SCHEMA "{schema}" TO "{role}"')
+    try:
+        yield url.set(username=role).render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+
+
 @pytest.fixture
 def read_only_url(database_url: str, engine: sa.Engine) -> Iterator[str]:
     """The same database, reachable only for reading: SQLite opened read-only; on PostgreSQL a
@@ -194,42 +215,26 @@ def read_only_url(database_url: str, engine: sa.Engine) -> Iterator[str]:
     if url.get_backend_name() == "sqlite":
         yield f"sqlite:///file:{url.database}?mode=ro&uri=true"
         return
-    role = f"reader_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
-    schema = url.query["options"].removeprefix("-csearch_path=")
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
-        conn.exec_driver_sql(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
-    yield url.set(username=role).render_as_string(hide_password=False)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
-        conn.exec_driver_sql(f'DROP ROLE "{role}"')
+    with role_of_schema(engine, database_url, "reader", "SELECT ON ALL TABLES") as as_reader:
+        yield as_reader
 
 
 def test_a_role_that_may_not_read_the_source_is_told_so_pg(pg_url: str) -> None:
     """A raw "ProgrammingError ... permission denied for table sales", naming no dataset."""
     engine = sa.create_engine(pg_url)
     load_sales(engine)
-    url = sa.make_url(pg_url)
-    role = f"noread_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
-    schema = url.query["options"].removeprefix("-csearch_path=")
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
-    as_role = db.make_engine(url=url.set(username=role).render_as_string(hide_password=False))
     by_query = tiny_config(source={"query": "SELECT series_id, month, turnover FROM sales", "id_column": "series_id",
                                    "time_column": "month", "target_column": "turnover"})
-    try:
-        for config, named in ((tiny_config(), "table 'sales'"), (by_query, "`source.query`")):
-            with pytest.raises(db.DataError, match=f"dataset 'sales': the database role may not read {named}: "
-                                                   "permission denied for table sales; GRANT SELECT"):
-                pipeline.load(as_role, config, None)
-    finally:
-        as_role.dispose()
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
-            conn.exec_driver_sql(f'DROP ROLE "{role}"')
-        engine.dispose()
+    with role_of_schema(engine, pg_url, "noread") as no_select:
+        as_role = db.make_engine(url=no_select)
+        try:
+            for config, named in ((tiny_config(), "table 'sales'"), (by_query, "`source.query`")):
+                with pytest.raises(db.DataError, match=f"dataset 'sales': the database role may not read {named}: "
+                                                       "permission denied for table sales; GRANT SELECT"):
+                    pipeline.load(as_role, config, None)
+        finally:
+            as_role.dispose()
+    engine.dispose()
 
 
 def test_init_db_by_a_role_that_may_not_create_tables_is_told_so_pg(pg_url: str, capsys: pytest.CaptureFixture[str],
@@ -238,24 +243,14 @@ def test_init_db_by_a_role_that_may_not_create_tables_is_told_so_pg(pg_url: str,
     from forecasting.cli import main
 
     engine = sa.create_engine(pg_url)
-    url = sa.make_url(pg_url)
-    role = f"nocreate_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
-    schema = url.query["options"].removeprefix("-csearch_path=")
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
-    try:
-        monkeypatch.setenv("FORECASTING_DATABASE_URL", url.set(username=role).render_as_string(hide_password=False))
+    with role_of_schema(engine, pg_url, "nocreate") as no_create:
+        monkeypatch.setenv("FORECASTING_DATABASE_URL", no_create)
         assert main(["init-db"]) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert "was refused and created nothing: the role may not create the pipeline's tables (permission " \
                "denied for schema" in out and "GRANT CREATE ON SCHEMA" in out
         assert sa.inspect(engine).get_table_names() == []
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
-            conn.exec_driver_sql(f'DROP ROLE "{role}"')
-        engine.dispose()
+    engine.dispose()
 
 
 def test_a_read_only_target_fails_before_training_and_touches_nothing(
