@@ -491,7 +491,17 @@ def naive_times(column: pd.Series, timezone: str) -> pd.Series:
     if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
         aware = getattr(sample, "tzinfo", None) is not None or (
             isinstance(sample, str) and _TEXT_OFFSET.search(sample.strip()) is not None)
-    ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
+    try:
+        ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
+    except ValueError as first_error:
+        if not isinstance(sample, str):
+            raise
+        # pandas takes the first value's format for all: SQLite text mixing '2018-06-01' and
+        # '2018-06-01 00:00:00' (rows written by two tools) was refused. Any ISO 8601 form, else the first error.
+        try:
+            ts = pd.to_datetime(column, utc=True, format="ISO8601")
+        except ValueError:
+            raise first_error from None
     if aware:
         ts = ts.dt.tz_convert(timezone)
     return ts.dt.tz_localize(None).astype("datetime64[ns]")

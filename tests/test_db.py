@@ -324,6 +324,15 @@ def test_times_of_a_table_made_by_create_table_as_select(small_sales: sa.Engine)
         assert len(db.read_dataset(conn, copy)) == 12
 
 
+def test_text_times_in_several_iso_forms_are_read() -> None:
+    """SQLite text written by two tools: pandas took the first value's format for all, and the
+    dataset was refused as "not timestamps". A value in no ISO form is still refused."""
+    times = db.naive_times(pd.Series(["2018-06-01", "2018-07-01 00:00:00", "2018-08-01T00:00:00"]), "UTC")
+    assert list(times) == list(pd.date_range("2018-06-01", periods=3, freq="MS"))
+    with pytest.raises(ValueError):
+        db.naive_times(pd.Series(["2018-06-01", "June 2018"]), "UTC")
+
+
 def test_times_of_rows_without_a_target_are_no_backfill_nights(small_sales: sa.Engine) -> None:
     """Future rows (covariates known ahead, no target yet) made their dates backfill nights,
     which then read up to the last observation and ran its night again."""
