@@ -813,7 +813,8 @@ def lock_dataset(conn: Connection, *, dataset: str, wait_seconds: int = 300) -> 
     transaction lock: lost only with the transaction itself, whose rows then roll back). After
     `wait_seconds` for it, a DatabaseError (transient: the flow retries)."""
     before = conn.execute(sa.text("SHOW lock_timeout")).scalar_one()
-    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(wait_seconds)}s'"))
+    set_local = sa.text("SELECT set_config('lock_timeout', :value, true)")  # SET LOCAL, with a bound value
+    conn.execute(set_local, {"value": f"{int(wait_seconds)}s"})
     try:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(f"dataset\x00{dataset}")})
     except sa.exc.DBAPIError as exc:
@@ -821,7 +822,7 @@ def lock_dataset(conn: Connection, *, dataset: str, wait_seconds: int = 300) -> 
             raise
         raise DatabaseError(f"dataset {dataset!r}: another night's write of it has held the dataset's lock for "
                             f"{wait_seconds} s") from None
-    conn.execute(sa.text("SELECT set_config('lock_timeout', :before, true)"), {"before": before})
+    conn.execute(set_local, {"value": before})
 
 
 @contextlib.contextmanager

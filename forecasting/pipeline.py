@@ -6,7 +6,6 @@ Nothing here knows about Prefect, so each step can be tested and reused by the C
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -656,13 +655,8 @@ def write_night(engine: Engine, *, config: DatasetConfig, as_of: pd.Timestamp, f
                     if now != settled.new_version:  # moved by hand since the read above: not ours
                         moved_here = False
                         return 0, 0, superseded(promotion, now)
-            if held is not None:  # PostgreSQL: the rows in the lock's own transaction, committed on leaving
-                n_forecasts, n_scores = db.write_run(held, dataset=config.name, as_of=as_of, forecasts=forecasts,
-                                                     scores=scores, actuals=actuals)
-            else:
-                with _writing(engine, config) as conn:
-                    n_forecasts, n_scores = db.write_run(conn, dataset=config.name, as_of=as_of,
-                                                         forecasts=forecasts, scores=scores, actuals=actuals)
+            n_forecasts, n_scores = _write_rows(engine, config, held, as_of=as_of, forecasts=forecasts,
+                                                scores=scores, actuals=actuals)
             return n_forecasts, n_scores, settled
     except BaseException:
         if moved_here:  # the alias must not point past what was written
@@ -689,6 +683,17 @@ def _dataset_lock(engine: Engine, config: DatasetConfig) -> Iterator[sa.Connecti
         return
     with db.sqlite_dataset_lock(engine, dataset=config.name):
         yield None
+
+
+def _write_rows(engine: Engine, config: DatasetConfig, held: sa.Connection | None, *, as_of: pd.Timestamp,
+                forecasts: pd.DataFrame, scores: pd.DataFrame | None,
+                actuals: pd.DataFrame | None) -> tuple[int, int]:
+    """db.write_run in the lock's own transaction (`held`, PostgreSQL: committed when the lock
+    is left), else in one of its own (`write`)."""
+    if held is not None:
+        return db.write_run(held, dataset=config.name, as_of=as_of, forecasts=forecasts, scores=scores,
+                            actuals=actuals)
+    return write(engine, config=config, as_of=as_of, forecasts=forecasts, scores=scores, actuals=actuals)
 
 
 def _holds(engine: Engine, held: sa.Connection | None, config: DatasetConfig, as_of: pd.Timestamp,
@@ -722,9 +727,8 @@ def write_with_champion(engine: Engine, *, config: DatasetConfig, as_of: pd.Time
             now = "no version" if found is None else f"v{found}"
             raise ChampionMoved(f"dataset {config.name!r}: the champion alias moved from v{version} to {now} "
                                 "while predict ran; nothing was written. Run predict again to forecast with it")
-        with contextlib.nullcontext(held) if held is not None else _writing(engine, config) as conn:
-            n_forecasts, _ = db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts,
-                                          scores=None, actuals=actuals)
+        n_forecasts, _ = _write_rows(engine, config, held, as_of=as_of, forecasts=forecasts, scores=None,
+                                     actuals=actuals)
     return n_forecasts
 
 
