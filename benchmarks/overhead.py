@@ -37,7 +37,8 @@ Parts of the process wall time:
   in this process during the fits, taken out of training - that thread holds the GIL while it
   works, and the training thread waits for it (see `breakdown`);
 - Prefect: flow start-up (ephemeral API), per-task orchestration, artifacts, flow teardown, and
-  the flow's end waiting for its heartbeat thread (Prefect 3.9 sleeps in 1 s steps, timed apart);
+  the flow's end waiting for its heartbeat thread (timed apart: Prefect 3.9's sleeps in 1 s steps,
+  which the flows no longer wait out since forecasting.prefect_heartbeats);
 - python: interpreter start and imports (torch, prefect, pandas, sqlalchemy; mlflow and
   matplotlib load in the logging process, which the run's record checks), and process exit.
 
@@ -195,7 +196,8 @@ def instrument(recorder: Recorder) -> None:
     pipeline.run_backtest = run_backtest
 
     # Prefect (3.9) sends flow-run heartbeats from a thread that sleeps in 1 s steps and joins it
-    # when the flow ends; the engine looks `_send_heartbeats` up in its module at each flow run.
+    # when the flow ends (forecasting.prefect_heartbeats stops that join; what is left of the wait
+    # is timed here); the engine looks `_send_heartbeats` up in its module at each flow run.
     import prefect.flow_engine as flow_engine
 
     real_heartbeats = flow_engine._send_heartbeats
@@ -293,7 +295,10 @@ def child_floor(tasks: int, out: Path) -> None:
     import torch  # noqa: F401  its models
     from prefect import flow, task
 
+    from forecasting import prefect_heartbeats
     from forecasting.cli import exit_quickly
+
+    prefect_heartbeats.install()  # as the night's flows do: any job can end without that wait
 
     @task(name="nothing")
     def nothing(i: int) -> int:

@@ -48,13 +48,16 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner
 
-from forecasting import db, pipeline, progress, shards, tracking_process
+from forecasting import db, pipeline, prefect_heartbeats, progress, shards, tracking_process
 from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
 from forecasting.train import configure_torch_threads
 from forecasting.validate import ValidationFailed, ValidationReport, observed_rows, validate
 
+
+# Every flow run's end (each backfill night's too) without the wait for Prefect's heartbeat thread.
+prefect_heartbeats.install()
 
 # What can pass by itself: a database or tracking server that is down, busy or unreachable.
 TRANSIENT = (db.DatabaseError, *db.CONNECTION_ERRORS, TrackingError, ConnectionError, TimeoutError)
