@@ -421,21 +421,81 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
             raise ConfigError(f"{path}: deployment {name!r}: entrypoint {entrypoint!r} is not served by "
                               f"`forecasting serve`, which serves {NIGHTLY_ENTRYPOINT!r} only; use `prefect deploy` "
                               "for it")
-        parameters = dict(item.get("parameters", {}))
-        if "config" in parameters:  # relative to the project, as `prefect deploy` would run it
-            parameters["config"] = str((path.parent / parameters["config"]).resolve())
+        parameters = _with_checked_config(path, name, "parameters", item.get("parameters", {}))
+        schedules = [_schedule(path, name, i, raw) for i, raw in enumerate(item.get("schedules", []))]
+        # The nightly flow has no default config: a scheduled run without one failed at night
+        # ("config: Field required"). A schedule's own parameters override the deployment's. A
+        # deployment with no schedules is left alone: its runs are started by hand, with theirs.
+        if "config" not in parameters and any("config" not in s.parameters for s in schedules):
+            raise ConfigError(f"{path}: deployment {name!r}: parameters.config is missing: the nightly flow "
+                              "needs a dataset config (a YAML path, relative to this file's directory) for "
+                              "its scheduled runs")
         deployments.append(dict(
             name=name,
             description=item.get("description"),
             parameters=parameters,
             tags=item.get("tags", []),
-            schedules=[_schedule(path, name, raw) for raw in item.get("schedules", [])],
+            schedules=schedules,
         ))
     return deployments
 
 
-def _schedule(path: Path, deployment: str, raw: dict[str, Any]) -> Any:
-    """One schedule of prefect.yaml: cron, interval (seconds) or rrule, with its options."""
+def _with_checked_config(path: Path, deployment: str, where: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` with its `config` (if any) checked as the served run will read it, and a
+    relative path made absolute against prefect.yaml's directory.
+
+    The runner starts each run as `python -m prefect.engine` in `forecasting serve`'s own working
+    directory (a module-path entrypoint, no storage, no pull steps: prefect.yaml's
+    set_working_directory is `prefect deploy`'s), so a relative path would have depended on
+    where serve was started; an absolute one means the same in every run. A missing file, a
+    directory or a config that does not load failed only at night, when the run started:
+    it is refused here, before anything is served. A mapping is a config given inline (the
+    flow's parameter is `DatasetConfig | str`, and the run validates a mapping into one).
+    """
+    if parameters is None:  # `parameters:` with nothing under it
+        return {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{path}: deployment {deployment!r}: {where} ({parameters!r}) is not a mapping of "
+                          "parameter names to values")
+    parameters = dict(parameters)
+    if "config" not in parameters:
+        return parameters
+    value = parameters["config"]
+    named = f"{path}: deployment {deployment!r}: {where}.config"
+    if isinstance(value, dict):
+        try:
+            DatasetConfig.from_mapping(value, origin=f"{where}.config")  # what load_config does with a mapping
+        except ConfigError as exc:
+            raise ConfigError(f"{named} (a mapping) is not a dataset config: {_one_line(exc)}") from None
+        return parameters
+    if not isinstance(value, str):  # YAML gave a number, a list, a date, null...: the run's validation refuses it
+        raise ConfigError(f"{named} ({value!r}) is neither a path to a dataset config (YAML) nor a mapping "
+                          f"of one, but {type(value).__name__}")
+    if not value.strip():  # else read as prefect.yaml's directory
+        raise ConfigError(f"{named} ({value!r}) is empty: give the path of a dataset config (YAML)")
+    resolved = (path.parent / value).resolve()
+    if not resolved.exists():
+        looked = ("" if str(resolved) == value
+                  else f": looked for {str(resolved)!r} (relative to {path.name}'s directory)")
+        raise ConfigError(f"{named} ({value!r}) does not exist{looked}")
+    if resolved.is_dir():
+        raise ConfigError(f"{named} ({value!r}) is a directory, not a dataset config (YAML)")
+    try:
+        load_config(str(resolved))  # as the run reads it
+    except ConfigError as exc:
+        raise ConfigError(f"{named} ({value!r}) does not load as a dataset config: {_one_line(exc)}") from None
+    parameters["config"] = str(resolved)
+    return parameters
+
+
+def _one_line(exc: Exception) -> str:
+    """A config's validation error (one line per problem) on one line: serve refuses in one."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _schedule(path: Path, deployment: str, index: int, raw: dict[str, Any]) -> Any:
+    """One schedule of prefect.yaml: cron, interval (seconds) or rrule, with its options; its own
+    `parameters.config` checked and resolved as the deployment's is."""
     from prefect.schedules import Cron, Interval, RRule
 
     kinds = [k for k in ("cron", "interval", "rrule") if k in raw]
@@ -445,6 +505,9 @@ def _schedule(path: Path, deployment: str, raw: dict[str, Any]) -> Any:
         raise ConfigError(f"{path}: deployment {deployment!r}: schedule {raw!r}: {problem}")
     kind = kinds[0]
     options = {k: v for k, v in raw.items() if k != kind}
+    if "parameters" in options:
+        options["parameters"] = _with_checked_config(path, deployment, f"schedules[{index}].parameters",
+                                                     options["parameters"])
     try:
         return {"cron": Cron, "interval": Interval, "rrule": RRule}[kind](raw[kind], **options)
     except (TypeError, ValueError) as exc:

@@ -203,7 +203,8 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
     says not to; interval and rrule schedules raised KeyError."""
     def spec(**deployment: object) -> Path:
         path = tmp_path / "prefect.yaml"
-        path.write_text(yaml.safe_dump({"deployments": [{"name": "d", "parameters": {}, **deployment}]}))
+        parameters = {"config": str(ROOT / "configs" / "sales.yaml")}  # scheduled runs need one
+        path.write_text(yaml.safe_dump({"deployments": [{"name": "d", "parameters": parameters, **deployment}]}))
         return path
 
     [read] = deployments_from_yaml(spec(schedules=[
@@ -223,6 +224,105 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
     with pytest.raises(ConfigError, match=r"deployment 'd': entrypoint 'flows.nightly:predict' is not served by "
                                           r"`forecasting serve`"):
         deployments_from_yaml(spec(entrypoint="flows.nightly:predict"))
+
+
+def serve_spec(directory: Path, *deployments: dict[str, object]) -> Path:
+    """A prefect.yaml in `directory` with these deployments of the nightly flow, scheduled nightly
+    unless they say otherwise."""
+    path = directory / "prefect.yaml"
+    path.write_text(yaml.safe_dump({"deployments": [
+        {"name": "sales-nightly", "entrypoint": "flows.nightly:nightly",
+         "schedules": [{"cron": "0 2 * * *", "timezone": "UTC"}], **d} for d in deployments]}))
+    return path
+
+
+def a_config(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ("configs/salse.yaml", r"\('configs/salse.yaml'\) does not exist: looked for '.*/configs/salse.yaml' "
+                           r"\(relative to prefect.yaml's directory\)"),
+    ("configs", r"\('configs'\) is a directory, not a dataset config"),
+    ("configs/bad.yaml", r"\('configs/bad.yaml'\) does not load as a dataset config: .*bad.yaml: key `source`: "
+                         r"Field required; "),
+    ("", r"\(''\) is empty"),
+    (5, r"\(5\) is neither a path to a dataset config \(YAML\) nor a mapping of one, but int"),
+    ({"name": "sales", "freq": "MS"}, r"\(a mapping\) is not a dataset config: .*key `source`: Field required"),
+])
+def test_serve_refuses_a_config_parameter_that_would_fail_the_night(
+        tmp_path: Path, config: object, problem: str) -> None:
+    """A deployment's config was passed on unchecked: a typo, a directory or a config that does
+    not load was served happily and failed only at night, when the scheduled run read it."""
+    (tmp_path / "configs" / "bad.yaml").parent.mkdir()
+    (tmp_path / "configs" / "bad.yaml").write_text("name: sales\nfreq: MS\n")
+    good = {"name": "weather-nightly", "parameters": {"config": str(a_config(tmp_path / "ok.yaml"))}}
+    spec = serve_spec(tmp_path, good, {"parameters": {"config": config}})  # the second one is named
+    with pytest.raises(ConfigError, match=r"prefect.yaml: deployment 'sales-nightly': parameters.config " + problem) as refused:
+        deployments_from_yaml(spec)
+    assert "\n" not in str(refused.value)  # one line, however many problems the config has
+
+
+def test_serve_refuses_a_bad_config_before_anything_else(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused at once, in one line naming the deployment, the parameter and its value: not after
+    the check of the Prefect server, nor once serving."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    spec = serve_spec(tmp_path, {"parameters": {"config": "configs/salse.yaml"}})
+    with temporary_settings(updates={PREFECT_API_URL: None}):  # no server either: the config is named first
+        assert main(["serve", "--prefect-yaml", str(spec)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "deployment 'sales-nightly': parameters.config ('configs/salse.yaml') does not exist" in out
+    assert "Prefect server" not in out and "serving" not in out
+
+
+def test_serve_reads_a_relative_config_from_prefect_yamls_directory_not_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner starts each run in serve's own working directory; serve passes it the path
+    resolved against prefect.yaml's directory, so that is where the check looks too: a file
+    that exists only relative to where serve was started is not the one the run reads. A
+    schedule's own config is read the same way as the deployment's (it used to be passed on
+    relative, and so to depend on where serve was started)."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    a_config(project / "configs" / "sales.yaml")
+    a_config(elsewhere / "configs" / "only-here.yaml")
+    monkeypatch.chdir(elsewhere)
+    [read] = deployments_from_yaml(serve_spec(project, {"parameters": {"config": "configs/sales.yaml"}, "schedules": [
+        {"cron": "0 2 * * *", "parameters": {"config": "configs/sales.yaml"}}]}))
+    resolved = str(project / "configs" / "sales.yaml")
+    assert read["parameters"]["config"] == resolved and read["schedules"][0].parameters["config"] == resolved
+    with pytest.raises(ConfigError, match=r"parameters.config \('configs/only-here.yaml'\) does not exist: "
+                                          r"looked for '" + str(project) + "/configs/only-here.yaml'"):
+        deployments_from_yaml(serve_spec(project, {"parameters": {"config": "configs/only-here.yaml"}}))
+    with pytest.raises(ConfigError, match=r"deployment 'sales-nightly': schedules\[1\].parameters.config "
+                                          r"\('configs/only-here.yaml'\) does not exist"):
+        deployments_from_yaml(serve_spec(project, {"parameters": {"config": "configs/sales.yaml"}, "schedules": [
+            {"cron": "0 2 * * *"}, {"cron": "0 3 * * *", "parameters": {"config": "configs/only-here.yaml"}}]}))
+
+
+def test_serve_refuses_a_scheduled_deployment_without_a_config_and_reads_an_inline_one(tmp_path: Path) -> None:
+    """The nightly flow has no default config: a scheduled run without one failed at night. It
+    may come from every schedule's own parameters instead; a deployment with no schedule is run
+    by hand, with its parameters then. A mapping is a config given inline (the flow's parameter
+    is `DatasetConfig | str`): it made serve fail with a TypeError traceback."""
+    config = str(a_config(tmp_path / "sales.yaml"))
+    with pytest.raises(ConfigError, match=r"deployment 'sales-nightly': parameters.config is missing: the nightly "
+                                          r"flow needs a dataset config"):
+        deployments_from_yaml(serve_spec(tmp_path, {"parameters": {"as_of": "2020-01-01"}}))
+    with pytest.raises(ConfigError, match=r"deployment 'sales-nightly': parameters.config is missing"):
+        deployments_from_yaml(serve_spec(tmp_path, {"schedules": [
+            {"cron": "0 2 * * *", "parameters": {"config": config}}, {"interval": 3600}]}))
+    [by_schedule, by_hand] = deployments_from_yaml(serve_spec(
+        tmp_path, {"schedules": [{"cron": "0 2 * * *", "parameters": {"config": config}}]},
+        {"name": "by-hand", "schedules": []}))
+    assert by_schedule["schedules"][0].parameters == {"config": config} and by_hand["parameters"] == {}
+    inline = tiny_config().model_dump(mode="json")
+    [read] = deployments_from_yaml(serve_spec(tmp_path, {"parameters": {"config": inline}}))
+    assert read["parameters"]["config"] == inline
+    served_deployments([read])  # the flow takes it as its parameter
 
 
 def test_serve_without_a_prefect_server_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
