@@ -318,6 +318,37 @@ def child_floor(tasks: int, out: Path) -> None:
 # ====================================================================== parent: runs and tables
 
 
+def verdict_lines(median_runs: dict[str, tuple], floors: list[dict[str, float]], task_calls: int) -> list[str]:
+    """The verdicts: per group of nights, the run of median overhead; the floor, if measured."""
+    verdicts = []
+    for label, (run, share, _, shares) in median_runs.items():
+        each = ", ".join(f"{s['overhead']:.1%}" for s in shares)
+        verdicts.append(
+            f"{label}{'' if len(shares) == 1 else ', the run of median overhead'}: process wall "
+            f"{run['process wall']:.1f}s; overhead (not model fitting) {share['overhead s']:.1f}s = "
+            f"{share['overhead']:.1%} of the process ({'meets' if share['overhead'] <= TARGET else 'misses'} "
+            f"<= 10%; each run's: {each}); counting the baselines' backtests as overhead too: "
+            f"{share['with baselines']:.1%}; without Prefect's flow start-up ({run['prefect flow start-up']:.1f}s): "
+            f"{share['without flow start-up']:.1%}; counting torch's import ({run[TORCH_IMPORT]:.1f}s) as "
+            f"training's start-up, not overhead: {share['without torch import']:.1%}; of the overhead, the "
+            f"flow's end waiting for Prefect's heartbeat thread: {run[HEARTBEAT_JOIN]:.2f}s (without that "
+            f"wait: {share['without heartbeat wait']:.1%})")
+    if floors:
+        floor = {k: median([f[k] for f in floors]) for k in floors[0]}
+        _, _, parts, shares = median_runs["next nights (median)"]
+        # per night: its overhead above the floor, as a share of its own wall; then the median
+        above = [s["overhead s"] - floor["process wall"] for s in shares]
+        above_share = median([a / p["process wall"] for a, p in zip(above, parts)])
+        verdicts.append(
+            f"floor (median of {len(floors)}): a process importing torch, pandas, SQLAlchemy and Prefect "
+            f"and running an empty flow of {task_calls} tasks against the same API: {floor['process wall']:.1f}s "
+            f"(start + imports {floor['start + imports']:.1f}s, flow {floor['flow']:.1f}s, exit "
+            f"{floor['exit']:.2f}s) = {median([floor['process wall'] / p['process wall'] for p in parts]):.1%} "
+            f"of a next night's process (median); the pipeline's own overhead above it, per night then the "
+            f"median: {median(above):.1f}s = {above_share:.1%}")
+    return verdicts
+
+
 def overhead_shares(parts: dict[str, float]) -> dict[str, float]:
     """One run's overhead (its wall less its model fitting), in seconds and as shares of its wall."""
     wall, baselines = parts["process wall"], parts["baselines' backtests"]
@@ -555,15 +586,16 @@ def main() -> None:
         floors = [floor_run(task_calls, env=env, workdir=workdir, index=i) for i in range(args.floor)]
 
     cold, warm = runs[0], runs[1:] or runs[:1]
-    part_rows, share_rows = {}, {}
+    part_rows, median_runs = {}, {}
     for label, group in (("first night", [cold]), ("next nights (median)", warm)):
         parts = [breakdown(r) for r in group]
         part_rows[label] = {k: median([p[k] for p in parts]) for k in parts[0]}
-        # Each run's overhead from its own parts, then their median: the process wall's median
-        # less training's and the baselines' medians (taken from different runs on a noisy
-        # machine) is not any run's overhead.
+        # The verdict quotes one run, the one whose overhead share is the median, so that its
+        # seconds, shares and wall belong together: the process wall's median less training's
+        # and the baselines' medians (taken from different runs on a noisy machine) is no run's.
         shares = [overhead_shares(p) for p in parts]
-        share_rows[label] = {k: median([s[k] for s in shares]) for k in shares[0]}
+        middle = sorted(range(len(parts)), key=lambda i: shares[i]["overhead"])[(len(parts) - 1) // 2]
+        median_runs[label] = (parts[middle], shares[middle], parts, shares)
     table = pd.DataFrame(part_rows)
     totals = table.loc["process wall"]
     info = ["process wall", "sum of stages", "of backtests: interval calibration",
@@ -591,32 +623,7 @@ def main() -> None:
     print("\nPer stage, next nights (median of", len(warm), "runs):")
     print(stage_rows.to_string(float_format=lambda v: f"{v:.2f}"))
 
-    verdicts = []
-    for label, row in part_rows.items():
-        share = share_rows[label]
-        group = [cold] if label == "first night" else warm
-        each = ", ".join(f"{overhead_shares(breakdown(r))['overhead']:.1%}" for r in group)
-        verdicts.append(
-            f"{label}: process wall {row['process wall']:.1f}s; overhead (not model fitting) "
-            f"{share['overhead s']:.1f}s = {share['overhead']:.1%} of the process "
-            f"({'meets' if share['overhead'] <= TARGET else 'misses'} <= 10%; each run's own: {each}); "
-            f"counting the baselines' backtests as overhead too: {share['with baselines']:.1%}; "
-            f"without Prefect's flow start-up ({row['prefect flow start-up']:.1f}s): {share['without flow start-up']:.1%}; "
-            f"counting torch's import ({row[TORCH_IMPORT]:.1f}s) as training's start-up, not overhead: "
-            f"{share['without torch import']:.1%}; of the overhead, the flow's end waiting for "
-            f"Prefect's heartbeat thread: {row[HEARTBEAT_JOIN]:.2f}s (without that wait: "
-            f"{share['without heartbeat wait']:.1%})")
-    if floors:
-        floor = {k: median([f[k] for f in floors]) for k in floors[0]}
-        row = part_rows["next nights (median)"]
-        overhead = share_rows["next nights (median)"]["overhead s"]
-        verdicts.append(
-            f"floor (median of {len(floors)}): a process importing torch, pandas, SQLAlchemy and Prefect "
-            f"and running an empty flow of {task_calls} tasks against the same API: {floor['process wall']:.1f}s "
-            f"(start + imports {floor['start + imports']:.1f}s, flow {floor['flow']:.1f}s, exit "
-            f"{floor['exit']:.2f}s) = {floor['process wall'] / row['process wall']:.1%} of the next nights' "
-            f"process; the pipeline's own overhead above it: {overhead - floor['process wall']:.1f}s = "
-            f"{(overhead - floor['process wall']) / row['process wall']:.1%}")
+    verdicts = verdict_lines(median_runs, floors, task_calls)
     if plain:
         verdicts.append(f"uninstrumented `forecasting run` process wall: {', '.join(f'{p:.1f}s' for p in plain)} "
                         f"(instrumented next nights median {part_rows['next nights (median)']['process wall']:.1f}s)")

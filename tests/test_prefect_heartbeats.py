@@ -4,6 +4,7 @@ and still sends its heartbeats."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import prefect.flow_engine as flow_engine
@@ -16,16 +17,33 @@ from forecasting import prefect_heartbeats
 
 
 @pytest.mark.usefixtures("prefect")
-def test_a_flow_run_ends_while_its_stopped_heartbeat_thread_finishes_its_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_flow_run_ends_without_joining_its_heartbeat_thread_which_stops_by_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     beating: list[threading.Thread] = []
-    first_sent = threading.Event()
+    joined: list[threading.Thread] = []
+    first_sent, sleep_over = threading.Event(), threading.Event()
+
+    class HeldSleep:  # the heartbeat thread's 1 s sleeps last until the test lets them end
+        def sleep(self, seconds: float) -> None:
+            if threading.current_thread() in beating:
+                sleep_over.wait(timeout=30)
+            else:
+                time.sleep(seconds)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
     real_emit = flow_engine.FlowRunEngine._emit_flow_run_heartbeat
 
     def recording_emit(self: Any, *args: Any, **kwargs: Any) -> None:
         real_emit(self, *args, **kwargs)
-        beating.append(threading.current_thread())
+        thread = threading.current_thread()
+        real_join = thread.join
+        thread.join = lambda timeout=None: (joined.append(thread), real_join(0))  # type: ignore[method-assign]
+        beating.append(thread)
         first_sent.set()
 
+    monkeypatch.setattr(flow_engine, "time", HeldSleep())
     monkeypatch.setattr(flow_engine.FlowRunEngine, "_emit_flow_run_heartbeat", recording_emit)
 
     @flow
@@ -34,9 +52,10 @@ def test_a_flow_run_ends_while_its_stopped_heartbeat_thread_finishes_its_sleep(m
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
         assert short() is True
-    # The thread sleeps in 1 s steps: joined at the run's end, as Prefect does, it would be over.
-    assert len(beating) == 1 and beating[0].is_alive()
-    beating[0].join(timeout=5)
+    assert len(beating) == 1 and beating[0].is_alive()  # still in its sleep: nothing waited for it
+    assert joined == [], "the flow run's end joined its heartbeat thread (waiting out its sleep)"
+    sleep_over.set()
+    threading.Thread.join(beating[0], timeout=5)  # the real join, not the recording one
     assert not beating[0].is_alive(), "the stopped heartbeat thread did not end by itself"
     assert len(beating) == 1, "a heartbeat was sent after the flow run ended"
 
