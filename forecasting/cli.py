@@ -426,7 +426,7 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
         # The nightly flow has no default config: a scheduled run without one failed at night
         # ("config: Field required"). A schedule's own parameters override the deployment's. A
         # deployment with no schedules is left alone: its runs are started by hand, with theirs.
-        if "config" not in parameters and any("config" not in s.parameters for s in schedules):
+        if "config" not in parameters and any("config" not in s.parameters for s in schedules if s.active):
             raise ConfigError(f"{path}: deployment {name!r}: parameters.config is missing: the nightly flow "
                               "needs a dataset config (a YAML path, relative to this file's directory) for "
                               "its scheduled runs")
@@ -473,7 +473,9 @@ def _with_checked_config(path: Path, deployment: str, where: str, parameters: di
                           f"of one, but {type(value).__name__}")
     if not value.strip():  # else read as prefect.yaml's directory
         raise ConfigError(f"{named} ({value!r}) is empty: give the path of a dataset config (YAML)")
-    resolved = (path.parent / value).resolve()
+    # Absolute, not resolved: a config reached through a symlink is read through it every night,
+    # so repointing the link changes the config, as it would for a path given to `run`.
+    resolved = path.parent.absolute() / Path(value).expanduser()
     if not resolved.exists():
         looked = ("" if str(resolved) == value
                   else f": looked for {str(resolved)!r} (relative to {path.name}'s directory)")

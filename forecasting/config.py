@@ -281,11 +281,14 @@ class DatasetConfig(_Strict):
     def from_yaml(cls, path: str | Path) -> DatasetConfig:
         path = Path(path)
         try:
-            raw = load_yaml(path.read_text())
+            raw = load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except OSError as exc:  # a directory, no permission
             raise ConfigError(f"{path}: the config file cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:  # a ValueError, which the CLI would print bare, without the file
+            raise ConfigError(f"{path}: not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
+                              f"{exc.start} cannot be decoded; save the config as UTF-8") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

@@ -325,6 +325,19 @@ def test_serve_refuses_a_scheduled_deployment_without_a_config_and_reads_an_inli
     served_deployments([read])  # the flow takes it as its parameter
 
 
+def test_serve_passes_a_symlinked_config_on_as_the_link_and_leaves_an_inactive_schedule_alone(tmp_path: Path) -> None:
+    """A config reached through a symlink was passed on resolved, pinned to the link's target on
+    the day serve started: repointing the link changed nothing at night. A schedule that is not
+    active never starts a run, so it needs no config."""
+    target = a_config(tmp_path / "configs" / "sales-v1.yaml")
+    (tmp_path / "configs" / "current.yaml").symlink_to(target.name)
+    [read] = deployments_from_yaml(serve_spec(tmp_path, {"parameters": {"config": "configs/current.yaml"}}))
+    assert read["parameters"]["config"] == str(tmp_path / "configs" / "current.yaml")
+    [read] = deployments_from_yaml(serve_spec(tmp_path, {"schedules": [
+        {"cron": "0 2 * * *", "parameters": {"config": str(target)}}, {"cron": "0 3 * * *", "active": False}]}))
+    assert [s.active for s in read["schedules"]] == [True, False]
+
+
 def test_serve_without_a_prefect_server_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """It used to serve from a temporary API that vanished with the process, schedules and all."""
     from prefect.settings import PREFECT_API_URL, temporary_settings

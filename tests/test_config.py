@@ -96,6 +96,15 @@ def test_a_directory_given_as_config_is_named(tmp_path: Path) -> None:
         DatasetConfig.from_yaml(tmp_path)
 
 
+def test_a_config_not_in_utf8_is_named(tmp_path: Path) -> None:
+    """Latin-1 bytes raised a bare UnicodeDecodeError (a ValueError), which the CLI printed
+    without the file; `serve` let it through its config check. Any locale reads UTF-8 alike."""
+    path = tmp_path / "sales.yaml"
+    path.write_bytes("name: ventes-é\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"sales.yaml: not UTF-8 text: byte 0xe9 at offset 13"):
+        DatasetConfig.from_yaml(path)
+
+
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path) -> None:
     """PyYAML keeps the last of two equal keys: a second `training:` block silently dropped the
     first (hidden_size 8 became the default 64)."""
