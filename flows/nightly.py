@@ -14,7 +14,8 @@ $FORECASTING_DASK_ADDRESS read when this module is imported, which is how deploy
 the compute tasks go to the cluster: every candidate's backtest at once (a network as one task,
 a per-series baseline as one task per shard of series), the champion's final fit, and the
 forecast, one task per shard. Database and MLflow tasks stay in the flow's process, so workers
-never need the database or tracking URLs; each worker process sets torch's threads once.
+never need the database or tracking URLs; each worker process sets torch's threads once. A
+night that fails cancels its tasks not yet started there (a running one runs to its end).
 """
 
 # Deployments name this flow by module path, `flows.nightly:nightly` (prefect.yaml, `forecasting
@@ -310,6 +311,28 @@ def _submit(task_: Any, *args: Any) -> Any:
         return task_.submit(*args)
 
 
+@contextlib.contextmanager
+def _cancelled_on_error(client: Any, futures: list[Any]) -> Iterator[None]:
+    """Cancels on the cluster the submitted futures not yet done when the block raises (or a
+    generator around it is closed); the error goes on unchanged.
+
+    Without it a failed night's tasks went on starting: the task runner's client, whose close
+    releases them, closes only at the flow run's end, after its failure path (seconds: the
+    background MLflow jobs), and a long-lived cluster meanwhile trained the next candidates.
+    A Prefect Dask future has no cancel of its own; its distributed.Future's keeps a task from
+    starting (it then leaves no task run). Dask cannot stop a task a worker has already begun:
+    that one runs to its end.
+    """
+    try:
+        yield
+    except BaseException:
+        pending = [future.wrapped_future for future in futures if not future.wrapped_future.done()]
+        if pending:
+            with contextlib.suppress(Exception):  # a scheduler gone too: the original error matters
+                client.cancel(pending)
+        raise
+
+
 @functools.cache
 def _torch_threads_on_worker() -> None:
     """Once per Dask worker process: torch gets OMP_NUM_THREADS threads (Dask's nanny sets 1), so
@@ -464,16 +487,24 @@ def _backtests(config: DatasetConfig, panel: pd.DataFrame,
     parts = shards.split(panel, _threads(client))
     futures = {name: [_submit(backtest, config, part, name) for part in (parts if name in BASELINES else [panel])]
                for name in config.candidates}
-    for name, submitted in futures.items():
-        with timer.stage(f"backtest:{name}"):  # on a cluster: the wait for its last shard
-            done = [future.result() for future in submitted]
-            result = done[0] if len(done) == 1 else shards.join_backtests(config, panel, done)
-        yield result
+    # A candidate's error, or the night's while it holds a result (the generator is closed),
+    # cancels the backtests not yet done.
+    with _cancelled_on_error(client, [future for submitted in futures.values() for future in submitted]):
+        for name, submitted in futures.items():
+            with timer.stage(f"backtest:{name}"):  # on a cluster: the wait for its last shard
+                done = [future.result() for future in submitted]
+                result = done[0] if len(done) == 1 else shards.join_backtests(config, panel, done)
+            yield result
 
 
 def _here_or_on_cluster(task_: Any, *args: Any) -> Any:
     """task_(*args), in this process or, when the flow runs on a Dask cluster, as a task there."""
-    return task_(*args) if _cluster() is None else _submit(task_, *args).result()
+    client = _cluster()
+    if client is None:
+        return task_(*args)
+    future = _submit(task_, *args)
+    with _cancelled_on_error(client, [future]):  # the flow interrupted while it waits
+        return future.result()
 
 
 def _forecast(config: DatasetConfig, decision: pipeline.Decision, panel: pd.DataFrame) -> pd.DataFrame:
@@ -483,7 +514,8 @@ def _forecast(config: DatasetConfig, decision: pipeline.Decision, panel: pd.Data
         return forecast(config, decision.forecaster, decision.quantiles, panel)
     futures = [_submit(forecast, config, decision.forecaster, decision.quantiles, part)
                for part in shards.split(panel, _threads(client))]
-    return pd.concat([future.result() for future in futures], ignore_index=True)
+    with _cancelled_on_error(client, futures):
+        return pd.concat([future.result() for future in futures], ignore_index=True)
 
 
 def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pipeline.RunSummary) -> None:

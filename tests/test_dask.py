@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import distributed
 import numpy as np
@@ -207,3 +209,40 @@ def test_cluster_run_equals_local_run(engine: sa.Engine, env: dict[str, str],
     for column in METRICS:
         np.testing.assert_allclose(remote_scores[column].astype(float), local_scores[column].astype(float),
                                    rtol=1e-6, err_msg=column)
+
+
+@pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_failed_candidate_cancels_the_backtests_not_yet_started(engine: sa.Engine, env: dict[str, str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster that outlives the flow (passed by address: the task runner does not close it)
+    and one single-threaded worker, so that the candidates queue. The first fails at once; the
+    others would train for a while each. Before, they went on starting, one after another, for
+    the seconds the failed night took to end (its MLflow jobs): here all six before the flow
+    raised (with 3 s each, the fourth ran on after it). Now the night cancels those not yet
+    started as soon as the first fails: only the one the worker had already begun runs (Dask
+    cannot stop a running task), and nothing after it.
+
+    The worker is a thread of this process, so that the scripted candidates reach it; over tcp,
+    because the flows refuse an inproc:// address.
+    """
+    load_sales(engine)
+    config = tiny_config()
+    first, started = config.candidates[0], []
+
+    def scripted(config, panel, name, **kwargs):
+        started.append(name)
+        if name == first:
+            raise ValueError(f"{name}: broken")
+        time.sleep(1.0)  # a candidate takes a while to train
+        return SimpleNamespace(name=name, aggregate={"mase": 1.0}, fit_seconds=1.0)
+
+    monkeypatch.setattr(pipeline, "backtest_candidate", scripted)
+    monkeypatch.setattr("flows.nightly._torch_threads_on_worker", lambda: None)  # this process's torch
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        with pytest.raises(ValueError, match=f"{first}: broken"):
+            on_dask(nightly, local.scheduler_address)(config=config)
+        time.sleep(2.0)  # longer than a candidate: the one running has ended, a next one would have begun
+        assert not any(client.processing().values())
+    assert started[0] == first and len(started) <= 2, started
