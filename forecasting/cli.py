@@ -440,7 +440,7 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
     return deployments
 
 
-def _with_checked_config(path: Path, deployment: str, where: str, parameters: dict[str, Any]) -> dict[str, Any]:
+def _with_checked_config(path: Path, deployment: str, where: str, parameters: Any) -> dict[str, Any]:
     """`parameters` with its `config` (if any) checked as the served run will read it, and a
     relative path made absolute against prefect.yaml's directory.
 
@@ -475,18 +475,18 @@ def _with_checked_config(path: Path, deployment: str, where: str, parameters: di
         raise ConfigError(f"{named} ({value!r}) is empty: give the path of a dataset config (YAML)")
     # Absolute, not resolved: a config reached through a symlink is read through it every night,
     # so repointing the link changes the config, as it would for a path given to `run`.
-    resolved = path.parent.absolute() / Path(value).expanduser()
-    if not resolved.exists():
-        looked = ("" if str(resolved) == value
-                  else f": looked for {str(resolved)!r} (relative to {path.name}'s directory)")
+    absolute = path.parent.absolute() / Path(value).expanduser()
+    if not absolute.exists():
+        looked = ("" if str(absolute) == value
+                  else f": looked for {str(absolute)!r} (relative to {path.name}'s directory)")
         raise ConfigError(f"{named} ({value!r}) does not exist{looked}")
-    if resolved.is_dir():
+    if absolute.is_dir():
         raise ConfigError(f"{named} ({value!r}) is a directory, not a dataset config (YAML)")
     try:
-        load_config(str(resolved))  # as the run reads it
+        load_config(str(absolute))  # as the run reads it
     except ConfigError as exc:
         raise ConfigError(f"{named} ({value!r}) does not load as a dataset config: {_one_line(exc)}") from None
-    parameters["config"] = str(resolved)
+    parameters["config"] = str(absolute)
     return parameters
 
 
