@@ -477,8 +477,9 @@ def _with_checked_config(path: Path, deployment: str, where: str, parameters: An
     # so repointing the link changes the config, as it would for a path given to `run`.
     absolute = path.parent.absolute() / Path(value).expanduser()
     if not absolute.exists():
-        looked = ("" if str(absolute) == value
-                  else f": looked for {str(absolute)!r} (relative to {path.name}'s directory)")
+        relative = not Path(value).expanduser().is_absolute()
+        looked = ("" if str(absolute) == value else f": looked for {str(absolute)!r}"
+                  + (f" (relative to {path.name}'s directory)" if relative else ""))
         raise ConfigError(f"{named} ({value!r}) does not exist{looked}")
     if absolute.is_dir():
         raise ConfigError(f"{named} ({value!r}) is a directory, not a dataset config (YAML)")
