@@ -933,10 +933,14 @@ def not_writable(engine: Engine, dataset: str, reason: str) -> OutputNotWritable
 
 
 def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, created_at: datetime) -> int:
-    """Upsert the observations that can match a stored forecast: ts after its oldest as_of.
+    """Make `actuals` hold what the source holds now, for the observations that can match a
+    stored forecast (ts after its oldest as_of); the number of rows upserted.
 
     Older observations can never join a forecast, so a nightly run writes only the recent tail
-    of each series, not the whole history again.
+    of each series, not the whole history again. `panel` is what the run read of the source (a
+    row whose value is NaN holds no observation). An actual stored before that the source no
+    longer holds - the row deleted there, or its value set to NULL: a correction - is deleted
+    (`_withdrawn_actuals`), so that `forecast_accuracy` stops scoring forecasts against it.
     """
     forecasts_table = reflect_table(conn, FORECASTS)
     oldest = conn.execute(
@@ -944,10 +948,52 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
     ).scalar_one()
     if oldest is None:
         return 0
+    actuals_table = reflect_table(conn, ACTUALS)
     recent = panel.loc[panel["ts"] > pd.Timestamp(oldest), ["series_id", "ts", "value"]]
     recent = recent[recent["value"].notna()]
+    withdrawn = _withdrawn_actuals(conn, actuals_table, dataset=dataset, panel=panel, held=recent,
+                                   after=pd.Timestamp(oldest))
+    if len(withdrawn):
+        log.warning("dataset %r: %d stored actual(s) no longer in the source deleted (e.g. series %r at %s)",
+                    dataset, len(withdrawn), withdrawn["series_id"].iloc[0], withdrawn["ts"].iloc[0])
+        conn.execute(
+            sa.delete(actuals_table).where(actuals_table.c.dataset == dataset,
+                                           actuals_table.c.series_id == sa.bindparam("withdrawn_id"),
+                                           actuals_table.c.ts == sa.bindparam("withdrawn_ts")),
+            [{"withdrawn_id": i, "withdrawn_ts": t} for i, t in
+             zip(withdrawn["series_id"].tolist(), withdrawn["ts"].dt.to_pydatetime().tolist())],
+        )
     rows = recent.assign(dataset=dataset, loaded_at=created_at)
-    return upsert(conn, reflect_table(conn, ACTUALS), rows, key=("dataset", "series_id", "ts"))
+    return upsert(conn, actuals_table, rows, key=("dataset", "series_id", "ts"))
+
+
+def _withdrawn_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel: pd.DataFrame,
+                       held: pd.DataFrame, after: pd.Timestamp) -> pd.DataFrame:
+    """The stored actuals (series_id, ts) that the source no longer holds, as far as `panel` shows.
+
+    Only what the run read can tell: series in `panel`, ts after `after` and up to the panel's
+    last timestamp. A past as_of (a backfill night) reads only up to it, so later actuals are
+    never judged by it; a series the run did not read at all (gone from the source) keeps its
+    actuals, which still score the forecasts made for it.
+    """
+    if panel.empty:
+        return pd.DataFrame({"series_id": [], "ts": pd.Series([], dtype="datetime64[us]")})
+    through = pd.Timestamp(panel["ts"].max())
+    stored = pd.DataFrame(
+        conn.execute(sa.select(table.c.series_id, table.c.ts).where(
+            table.c.dataset == dataset, table.c.ts > after.to_pydatetime(), table.c.ts <= through.to_pydatetime()
+        )).all(),
+        columns=["series_id", "ts"],
+    )
+    stored = stored[stored["series_id"].isin(pd.unique(panel["series_id"]))]
+    if stored.empty:
+        return stored.assign(ts=stored["ts"].astype("datetime64[us]"))
+    # One unit on both sides: the database gives microseconds, the panel nanoseconds.
+    stored = stored.assign(series_id=stored["series_id"].astype(str), ts=stored["ts"].astype("datetime64[us]"))
+    keys = held[["series_id", "ts"]].assign(series_id=held["series_id"].astype(str),
+                                            ts=held["ts"].astype("datetime64[us]"))
+    found = stored.merge(keys.drop_duplicates(), on=["series_id", "ts"], how="left", indicator=True)
+    return found.loc[found["_merge"] == "left_only", ["series_id", "ts"]].reset_index(drop=True)
 
 
 def to_records(frame: pd.DataFrame, **constants: Any) -> list[dict[str, Any]]:

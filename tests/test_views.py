@@ -126,3 +126,55 @@ def test_a_changed_view_with_dependants_is_refused_by_name_on_postgresql(two_run
         with two_runs.begin() as conn:
             db.init_db(conn)
     assert list(query(two_runs, "SELECT * FROM my_latest").columns) == ["old_name"]
+
+
+def stored_actuals(engine: sa.Engine) -> list[tuple[str, str, float]]:
+    frame = query(engine, "SELECT series_id, ts, value FROM actuals ORDER BY series_id, ts")
+    return [(s, f"{pd.Timestamp(t):%Y-%m}", v) for s, t, v in frame.itertuples(index=False)]
+
+
+def scored_at(engine: sa.Engine, month: str) -> int:
+    """Rows of forecast_accuracy at `month` (compared in pandas: SQLite stores TIMESTAMP as text)."""
+    accuracy = query(engine, "SELECT ts FROM forecast_accuracy")
+    return int((pd.to_datetime(accuracy["ts"]) == pd.Timestamp(month)).sum())
+
+
+def observed(series_id: str, until: str, values: dict[str, float] | None = None) -> pd.DataFrame:
+    return actuals(until, values).assign(series_id=series_id)
+
+
+@pytest.mark.parametrize("withdrawal", ["row deleted", "value set to NULL"])
+def test_an_actual_the_source_withdrew_is_deleted_and_scores_no_forecast_any_more(
+        two_runs: sa.Engine, withdrawal: str) -> None:
+    """The source corrected a's 2020-04 value away. actuals kept it, so forecast_accuracy went on
+    scoring night 1's forecast against a value that no longer exists anywhere."""
+    with two_runs.begin() as conn:  # a night reads a and c through 2020-05
+        db.write_actuals(conn, dataset="sales", created_at=datetime(2020, 6, 2),
+                         panel=pd.concat([observed("a", "2020-05-01", {"2020-04-01": 12.0, "2020-05-01": 13.0}),
+                                          observed("c", "2020-05-01", {"2020-05-01": 3.0})]))
+    assert stored_actuals(two_runs) == [("a", "2020-04", 12.0), ("a", "2020-05", 13.0),
+                                        ("c", "2020-04", 1.0), ("c", "2020-05", 3.0)]
+    assert scored_at(two_runs, "2020-04-01") == 1
+
+    panel = observed("a", "2020-05-01", {"2020-05-01": 13.0})
+    if withdrawal == "row deleted":
+        panel = panel[panel["ts"] != pd.Timestamp("2020-04-01")]
+    else:
+        panel.loc[panel["ts"] == pd.Timestamp("2020-04-01"), "value"] = float("nan")
+    with two_runs.begin() as conn:  # the next night reads a alone: c has gone from the source
+        db.write_actuals(conn, dataset="sales", panel=panel, created_at=datetime(2020, 6, 3))
+
+    # a's withdrawn value is gone; c, which the night did not read, keeps what it had.
+    assert stored_actuals(two_runs) == [("a", "2020-05", 13.0), ("c", "2020-04", 1.0), ("c", "2020-05", 3.0)]
+    assert scored_at(two_runs, "2020-04-01") == 0
+
+
+def test_a_past_as_of_never_deletes_the_actuals_after_it(two_runs: sa.Engine) -> None:
+    """A backfill night reads the source up to its as_of: the later actuals are not its to judge."""
+    with two_runs.begin() as conn:
+        db.write_actuals(conn, dataset="sales", created_at=datetime(2020, 6, 2),
+                         panel=observed("a", "2020-05-01", {"2020-04-01": 12.0, "2020-05-01": 13.0}))
+    with two_runs.begin() as conn:  # as_of 2020-04: the rows through it, as read_dataset gives them
+        db.write_actuals(conn, dataset="sales", created_at=datetime(2020, 6, 3),
+                         panel=observed("a", "2020-04-01", {"2020-04-01": 12.0}))
+    assert stored_actuals(two_runs) == [("a", "2020-04", 12.0), ("a", "2020-05", 13.0)]
