@@ -971,10 +971,14 @@ def _withdrawn_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel
                        held: pd.DataFrame, after: pd.Timestamp) -> pd.DataFrame:
     """The stored actuals (series_id, ts) that the source no longer holds, as far as `panel` shows.
 
-    Only what the run read can tell: series in `panel`, ts after `after` and up to the panel's
-    last timestamp. A past as_of (a backfill night) reads only up to it, so later actuals are
-    never judged by it; a series the run did not read at all (gone from the source) keeps its
-    actuals, which still score the forecasts made for it.
+    Only what the run read can tell: series in `panel`, ts after `after`, from the series' first
+    timestamp in `panel` up to the panel's last. A past as_of (a backfill night) reads only up
+    to it, so later actuals are never judged by it; a source that keeps only recent history (a
+    retention policy, a query over the last n months) never read the older ones either; a series
+    the run did not read at all (gone from the source) keeps its actuals, which still score the
+    forecasts made for it. `panel` is as old as the run's read: an actual another process
+    recorded since (`forecasting backfill` ending, `predict`) at or before its last timestamp is
+    deleted, and recorded again by the next run that reads it.
     """
     if panel.empty:
         return pd.DataFrame({"series_id": [], "ts": pd.Series([], dtype="datetime64[us]")})
@@ -985,11 +989,13 @@ def _withdrawn_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel
         )).all(),
         columns=["series_id", "ts"],
     )
-    stored = stored[stored["series_id"].isin(pd.unique(panel["series_id"]))]
-    if stored.empty:
-        return stored.assign(ts=stored["ts"].astype("datetime64[us]"))
-    # One unit on both sides: the database gives microseconds, the panel nanoseconds.
+    # One type and unit on both sides: the database gives str and microseconds; a panel's ids
+    # are str (to_long_frame), its timestamps nanoseconds.
     stored = stored.assign(series_id=stored["series_id"].astype(str), ts=stored["ts"].astype("datetime64[us]"))
+    first = panel.groupby(panel["series_id"].astype(str))["ts"].min().astype("datetime64[us]")
+    stored = stored[stored["ts"].to_numpy() >= stored["series_id"].map(first).to_numpy()]  # NaT: not read
+    if stored.empty:
+        return stored.reset_index(drop=True)
     keys = held[["series_id", "ts"]].assign(series_id=held["series_id"].astype(str),
                                             ts=held["ts"].astype("datetime64[us]"))
     found = stored.merge(keys.drop_duplicates(), on=["series_id", "ts"], how="left", indicator=True)
