@@ -196,6 +196,7 @@ def postgres_runs(
                 conn.exec_driver_sql("TRUNCATE forecasts")
             with engine.begin() as conn:
                 plain_copy(conn, frame)
+            assert count(engine) == len(frame)  # as before (c): the scan sets the rows' hint bits
             times["copy_rerun"].append(timed(engine, lambda conn: delete_and_copy(conn, rerun), checkpoint=True))
             assert models(engine) == {"lstm": len(frame)}, "DELETE + COPY did not replace every row"
             done = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
