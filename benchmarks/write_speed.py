@@ -10,10 +10,10 @@ the as_of's rows, then upserts new values), (d) `db.upsert` once more over the s
 row conflicts and is updated: a path write_run does not take), (e) the floor under any rerun:
 the as_of's rows deleted, then a plain COPY of the new values, onto a committed first write as
 (c) meets it. Prints medians and the ratios to COPY (target <= 2x), and (c) against (e): what
-write_run adds to what the database itself must do to replace the rows; appends them to RESULTS.md. Once, for before/after: `db.upsert` of
-`db.to_records(frame)` (the dicts write_run used to pass), the executemany path that upsert
-replaced on `--old-rows` rows (scaled linearly), and SQLite (in-process executemany, new and
-old) on `--sqlite-rows` rows.
+write_run adds to what the database itself must do to replace the rows; appends them to
+RESULTS.md. Once, for before/after: `db.upsert` of `db.to_records(frame)` (the dicts write_run
+used to pass), the executemany path that upsert replaced on `--old-rows` rows (scaled
+linearly), and SQLite (in-process executemany, new and old) on `--sqlite-rows` rows.
 The rows are synthetic (random walks), which is fine here: only their number and types matter.
 """
 

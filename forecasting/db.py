@@ -954,7 +954,7 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
     withdrawn = _withdrawn_actuals(conn, actuals_table, dataset=dataset, panel=panel, held=recent,
                                    after=pd.Timestamp(oldest))
     if len(withdrawn):
-        log.warning("dataset %r: %d stored actual(s) no longer in the source deleted (e.g. series %r at %s)",
+        log.warning("dataset %r: deleted %d stored actual(s) that the source no longer holds (e.g. series %r at %s)",
                     dataset, len(withdrawn), withdrawn["series_id"].iloc[0], withdrawn["ts"].iloc[0])
         conn.execute(
             sa.delete(actuals_table).where(actuals_table.c.dataset == dataset,

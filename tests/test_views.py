@@ -182,7 +182,8 @@ def test_a_past_as_of_never_deletes_the_actuals_after_it(two_runs: sa.Engine) ->
 
 def test_a_source_that_keeps_only_recent_history_leaves_the_older_actuals(two_runs: sa.Engine) -> None:
     """A retention policy, or a source.query over the last months: the night never read a's 2020-04,
-    so it cannot tell that it was withdrawn (before, every night deleted the older history)."""
+    so it cannot tell whether it was withdrawn (judged from the oldest forecast's as_of instead of
+    each series' first row read, every night would delete the older history)."""
     with two_runs.begin() as conn:
         db.write_actuals(conn, dataset="sales", created_at=datetime(2020, 6, 2),
                          panel=observed("a", "2020-05-01", {"2020-04-01": 12.0, "2020-05-01": 13.0}))
