@@ -654,7 +654,7 @@ def record_actuals(config: DatasetConfig) -> int:
         written = pipeline.write_actuals(engine, config=config, actuals=observed_rows(panel, report))
     finally:
         engine.dispose()
-    get_run_logger().info("recorded %d actuals of %r up to %s", written, config.name, as_of)
+    get_run_logger().info("recorded %d new or restated actuals of %r up to %s", written, config.name, as_of)
     return written
 
 

@@ -934,13 +934,17 @@ def not_writable(engine: Engine, dataset: str, reason: str) -> OutputNotWritable
 
 def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, created_at: datetime) -> int:
     """Make `actuals` hold what the source holds now, for the observations that can match a
-    stored forecast (ts after its oldest as_of); the number of rows upserted.
+    stored forecast (ts after its oldest as_of); the number of rows written (new or changed).
 
-    Older observations can never join a forecast, so a nightly run writes only the recent tail
-    of each series, not the whole history again. `panel` is what the run read of the source (a
-    row whose value is NaN holds no observation). An actual stored before that the source no
-    longer holds - the row deleted there, or its value set to NULL: a correction - is deleted
-    (`_withdrawn_actuals`), so that `forecast_accuracy` stops scoring forecasts against it.
+    `panel` is what the run read of the source (a row whose value is NaN holds no observation).
+    Compared with what `actuals` holds (`_stored_actuals`):
+    - a new observation, or one whose value the source restated, is upserted (its `loaded_at`
+      is this write's `created_at`); an unchanged one is not written again. Every night reads
+      the tail since the oldest forecast, which grows with the forecasts' history: writing it
+      all again each night would cost a growing upsert, a read costs far less;
+    - a stored actual the source no longer holds - the row deleted there, or its value set to
+      NULL: a correction - is deleted, so that `forecast_accuracy` stops scoring forecasts
+      against it.
     """
     forecasts_table = reflect_table(conn, FORECASTS)
     oldest = conn.execute(
@@ -950,9 +954,10 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
         return 0
     actuals_table = reflect_table(conn, ACTUALS)
     recent = panel.loc[panel["ts"] > pd.Timestamp(oldest), ["series_id", "ts", "value"]]
-    recent = recent[recent["value"].notna()]
-    withdrawn = _withdrawn_actuals(conn, actuals_table, dataset=dataset, panel=panel, held=recent,
-                                   after=pd.Timestamp(oldest))
+    held = _actual_keys(recent[recent["value"].notna()]).drop_duplicates(["series_id", "ts"], keep="last")
+    stored = _stored_actuals(conn, actuals_table, dataset=dataset, panel=panel, after=pd.Timestamp(oldest))
+    both = stored.merge(held, on=["series_id", "ts"], how="outer", suffixes=("_stored", ""), indicator=True)
+    withdrawn = both[both["_merge"] == "left_only"]
     if len(withdrawn):
         log.warning("dataset %r: deleted %d stored actual(s) that the source no longer holds (e.g. series %r at %s)",
                     dataset, len(withdrawn), withdrawn["series_id"].iloc[0], withdrawn["ts"].iloc[0])
@@ -963,43 +968,44 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
             [{"withdrawn_id": i, "withdrawn_ts": t} for i, t in
              zip(withdrawn["series_id"].tolist(), withdrawn["ts"].dt.to_pydatetime().tolist())],
         )
-    rows = recent.assign(dataset=dataset, loaded_at=created_at)
+    new = (both["_merge"] == "right_only") | ((both["_merge"] == "both") & (both["value"] != both["value_stored"]))
+    rows = both.loc[new, ["series_id", "ts", "value"]].assign(dataset=dataset, loaded_at=created_at)
     return upsert(conn, actuals_table, rows, key=("dataset", "series_id", "ts"))
 
 
-def _withdrawn_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel: pd.DataFrame,
-                       held: pd.DataFrame, after: pd.Timestamp) -> pd.DataFrame:
-    """The stored actuals (series_id, ts) that the source no longer holds, as far as `panel` shows.
+def _actual_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """series_id, ts, value with one type and unit whatever their source: the database gives str
+    and microseconds, a panel str ids (to_long_frame) and nanoseconds."""
+    return pd.DataFrame({"series_id": frame["series_id"].astype(str).to_numpy(),
+                         "ts": frame["ts"].astype("datetime64[us]").to_numpy(),
+                         "value": frame["value"].astype("float64").to_numpy()})
 
-    Only what the run read can tell: series in `panel`, ts after `after`, from the series' first
-    timestamp in `panel` up to the panel's last. A past as_of (a backfill night) reads only up
-    to it, so later actuals are never judged by it; a source that keeps only recent history (a
-    retention policy, a query over the last n months) never read the older ones either; a series
-    the run did not read at all (gone from the source) keeps its actuals, which still score the
+
+def _stored_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel: pd.DataFrame,
+                    after: pd.Timestamp) -> pd.DataFrame:
+    """The stored actuals (series_id, ts, value) that `panel` can judge: of its series, ts after
+    `after`, from the series' first timestamp in `panel` up to the panel's last.
+
+    Only what the run read can tell. A past as_of (a backfill night) reads only up to it, so
+    later actuals are never judged by it; a source that keeps only recent history (a retention
+    policy, a query over the last n months) never read the older ones either; a series the run
+    did not read at all (gone from the source) keeps its actuals, which still score the
     forecasts made for it. `panel` is as old as the run's read: an actual another process
     recorded since (`forecasting backfill` ending, `predict`) at or before its last timestamp is
     deleted, and recorded again by the next run that reads it.
     """
+    empty = _actual_keys(pd.DataFrame({"series_id": [], "ts": [], "value": []}))
     if panel.empty:
-        return pd.DataFrame({"series_id": [], "ts": pd.Series([], dtype="datetime64[us]")})
+        return empty
     through = pd.Timestamp(panel["ts"].max())
-    stored = pd.DataFrame(
-        conn.execute(sa.select(table.c.series_id, table.c.ts).where(
-            table.c.dataset == dataset, table.c.ts > after.to_pydatetime(), table.c.ts <= through.to_pydatetime()
-        )).all(),
-        columns=["series_id", "ts"],
-    )
-    # One type and unit on both sides: the database gives str and microseconds; a panel's ids
-    # are str (to_long_frame), its timestamps nanoseconds.
-    stored = stored.assign(series_id=stored["series_id"].astype(str), ts=stored["ts"].astype("datetime64[us]"))
+    rows = conn.execute(sa.select(table.c.series_id, table.c.ts, table.c.value).where(
+        table.c.dataset == dataset, table.c.ts > after.to_pydatetime(), table.c.ts <= through.to_pydatetime()
+    )).all()
+    if not rows:
+        return empty
+    stored = _actual_keys(pd.DataFrame(rows, columns=["series_id", "ts", "value"]))
     first = panel.groupby(panel["series_id"].astype(str))["ts"].min().astype("datetime64[us]")
-    stored = stored[stored["ts"].to_numpy() >= stored["series_id"].map(first).to_numpy()]  # NaT: not read
-    if stored.empty:
-        return stored.reset_index(drop=True)
-    keys = held[["series_id", "ts"]].assign(series_id=held["series_id"].astype(str),
-                                            ts=held["ts"].astype("datetime64[us]"))
-    found = stored.merge(keys.drop_duplicates(), on=["series_id", "ts"], how="left", indicator=True)
-    return found.loc[found["_merge"] == "left_only", ["series_id", "ts"]].reset_index(drop=True)
+    return stored[stored["ts"].to_numpy() >= stored["series_id"].map(first).to_numpy()]  # NaT: not read
 
 
 def to_records(frame: pd.DataFrame, **constants: Any) -> list[dict[str, Any]]:

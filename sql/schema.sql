@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS actuals (
     series_id  VARCHAR(255)     NOT NULL,
     ts         TIMESTAMP        NOT NULL,
     value      DOUBLE PRECISION NOT NULL,
-    loaded_at  TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    loaded_at  TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,  -- when this value was recorded (new or restated)
     CONSTRAINT actuals_key PRIMARY KEY (dataset, series_id, ts)
 );
 

@@ -191,3 +191,21 @@ def test_a_source_that_keeps_only_recent_history_leaves_the_older_actuals(two_ru
         db.write_actuals(conn, dataset="sales", created_at=datetime(2020, 6, 3),
                          panel=pd.DataFrame({"series_id": "a", "ts": [pd.Timestamp("2020-05-01")], "value": 13.0}))
     assert stored_actuals(two_runs) == [("a", "2020-04", 12.0), ("a", "2020-05", 13.0)]
+
+
+def test_a_night_writes_only_the_actuals_that_are_new_or_restated(two_runs: sa.Engine) -> None:
+    """Each night reads the tail since the oldest forecast, which grows with the forecasts'
+    history; writing it all again every night made the nightly upsert grow with it."""
+    def write(panel: pd.DataFrame, day: int) -> int:
+        with two_runs.begin() as conn:
+            return db.write_actuals(conn, dataset="sales", panel=panel, created_at=datetime(2020, 6, day))
+
+    panel = observed("a", "2020-05-01", {"2020-04-01": 12.0, "2020-05-01": 13.0})
+    assert write(panel, 2) == 1  # 2020-05 is new; 2020-04 (12) was recorded by night 2
+    assert write(panel, 3) == 0  # the same source again: nothing to write
+    panel.loc[panel["ts"] == pd.Timestamp("2020-04-01"), "value"] = 12.5  # restated at the source
+    assert write(pd.concat([panel, observed("a", "2020-06-01").tail(1)]), 4) == 2  # the restated one and 2020-06
+
+    assert stored_actuals(two_runs) == [("a", "2020-04", 12.5), ("a", "2020-05", 13.0), ("a", "2020-06", 1.0)]
+    loaded = query(two_runs, "SELECT ts, loaded_at FROM actuals ORDER BY ts")
+    assert [pd.Timestamp(t).day for t in loaded["loaded_at"]] == [4, 2, 4]  # when each value was recorded
