@@ -974,10 +974,10 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
 
 
 def _actual_keys(frame: pd.DataFrame) -> pd.DataFrame:
-    """series_id, ts, value with one type and unit whatever their source: the database gives str
-    and microseconds, a panel str ids (to_long_frame) and nanoseconds."""
+    """series_id, ts, value with one type and unit whatever their source: PostgreSQL gives
+    datetimes, SQLite the ISO text it stores, a panel nanoseconds (and str ids: to_long_frame)."""
     return pd.DataFrame({"series_id": frame["series_id"].astype(str).to_numpy(),
-                         "ts": frame["ts"].astype("datetime64[us]").to_numpy(),
+                         "ts": pd.to_datetime(frame["ts"], format="ISO8601").astype("datetime64[us]").to_numpy(),
                          "value": frame["value"].astype("float64").to_numpy()})
 
 
@@ -998,12 +998,12 @@ def _stored_actuals(conn: Connection, table: sa.Table, *, dataset: str, panel: p
     if panel.empty:
         return empty
     through = pd.Timestamp(panel["ts"].max())
-    rows = conn.execute(sa.select(table.c.series_id, table.c.ts, table.c.value).where(
+    stored = frame_of(conn.execute(sa.select(table.c.series_id, table.c.ts, table.c.value).where(
         table.c.dataset == dataset, table.c.ts > after.to_pydatetime(), table.c.ts <= through.to_pydatetime()
-    )).all()
-    if not rows:
+    )))  # the driver's tuples: a frame built from Row objects took 2.7 s for 365,000 rows
+    if stored.empty:
         return empty
-    stored = _actual_keys(pd.DataFrame(rows, columns=["series_id", "ts", "value"]))
+    stored = _actual_keys(stored)
     first = panel.groupby(panel["series_id"].astype(str))["ts"].min().astype("datetime64[us]")
     return stored[stored["ts"].to_numpy() >= stored["series_id"].map(first).to_numpy()]  # NaT: not read
 
