@@ -184,10 +184,17 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     if len(gaps):
         problems.append(Problem(series_id, "missing_timestamps", gaps[0],
                                 f"{len(gaps)} timestamp(s) missing against freq {freq!r}"))
-    if len(expected) < required_length:  # steps spanned; gaps are their own check
-        problems.append(Problem(series_id, "too_short", unique[-1], _too_short(len(expected), required_length)))
-    if as_of is not None and unique[-1] < as_of:
-        problems.append(Problem(series_id, "ends_before_as_of", unique[-1],
+    # Length and end are the target's: rows whose target is NULL before the first value or
+    # after the last add no history (`fill` has nothing to interpolate them from), so a series
+    # that stopped reporting but kept its rows ends where it would without them.
+    seen = pd.DatetimeIndex(ts[~np.isnan(_floats(group["value"]))].drop_duplicates().sort_values())
+    if not len(seen):  # no target at all: no_values names it
+        return problems
+    spanned = len(pd.date_range(seen[0], seen[-1], freq=offset))  # steps; gaps are their own check
+    if spanned < required_length:
+        problems.append(Problem(series_id, "too_short", seen[-1], _too_short(spanned, required_length)))
+    if as_of is not None and seen[-1] < as_of:
+        problems.append(Problem(series_id, "ends_before_as_of", seen[-1],
                                 f"last observation is before as_of {as_of}"))
     return problems
 
@@ -288,14 +295,22 @@ def validate(
 
 
 def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:
-    """Sort, keep the last of duplicate timestamps, reindex to freq, interpolate per step."""
+    """Sort, keep the last of duplicate timestamps, keep the span from the first target to the
+    last, reindex that to freq, interpolate per step."""
     group = group.sort_values("ts", kind="stable").drop_duplicates("ts", keep="last")
+    # Rows of NULL target before the first value or after the last have no neighbour to
+    # interpolate from: carrying the nearest value over them made up flat history, and at the
+    # end actuals that the backtest scored against (naive's MASE 0). find_problems judged the
+    # series' length and end without them.
+    observed = group["value"].notna().to_numpy()
+    group = group.iloc[observed.argmax():len(observed) - observed[::-1].argmax()]
     series_id = group["series_id"].iloc[0]
     index = pd.date_range(group["ts"].iloc[0], group["ts"].iloc[-1], freq=freq)
     filled = group.set_index("ts").reindex(index)
     numeric = filled.columns.drop("series_id")
     before = int(filled[numeric].isna().to_numpy().sum())  # targets and covariates
-    # Linear per step (the grid is regular); ends without a neighbour take the nearest value.
+    # Linear per step (the grid is regular). The target has a value at both ends now; a
+    # covariate without one there takes its nearest value.
     filled[numeric] = filled[numeric].interpolate(method="linear").ffill().bfill()
     filled["series_id"] = series_id
     filled = filled.rename_axis("ts").reset_index()

@@ -105,6 +105,51 @@ def test_series_ending_before_as_of_is_named() -> None:
         validate(panel, CONFIG, input_window=WINDOW, as_of=ts[-1] + pd.DateOffset(months=2))
 
 
+def stopped_reporting(null_tail: int, null_head: int = 0) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """Series a, and b whose first `null_head` and last `null_tail` rows hold a NULL target:
+    a source that keeps writing rows for a series it no longer measures; and the as_of."""
+    ts = pd.date_range("2018-01-01", periods=REQUIRED + 10, freq="MS")
+    values = np.arange(len(ts), dtype=float)
+    b = values.copy()
+    b[:null_head] = np.nan
+    b[len(b) - null_tail:] = np.nan
+    panel = pd.concat([pd.DataFrame({"series_id": "a", "ts": ts, "value": values}),
+                       pd.DataFrame({"series_id": "b", "ts": ts, "value": b})], ignore_index=True)
+    return panel, ts[-1]
+
+
+@pytest.mark.parametrize("policy", ["refuse", "fill"])
+def test_null_targets_after_the_last_value_do_not_extend_a_series(policy: str) -> None:
+    """`fill` carried b's last value over its NULL tail: made-up actuals at the end, which the
+    backtest scored against (naive's MASE 0 on b). Those rows add nothing: b ends where it
+    would without them, before as_of, whatever the policy."""
+    panel, as_of = stopped_reporting(null_tail=4)
+    with pytest.raises(ValidationFailed, match=r"series 'b': ends_before_as_of at 2020-06-01 00:00:00"):
+        validate(panel, tiny_config(validation={"policy": policy}), input_window=WINDOW, as_of=as_of)
+    without_rows = panel[panel["value"].notna()]
+    with pytest.raises(ValidationFailed, match=r"series 'b': ends_before_as_of at 2020-06-01 00:00:00"):
+        validate(without_rows, tiny_config(validation={"policy": policy}), input_window=WINDOW, as_of=as_of)
+    dropped = validate(panel, tiny_config(validation={"policy": "drop", "max_dropped_share": 1.0}),
+                       input_window=WINDOW, as_of=as_of)
+    assert dropped.dropped == ["b"]
+
+
+def test_fill_starts_a_series_at_its_first_value_and_judges_its_length_from_there() -> None:
+    """Leading NULL targets were back-filled with the first value: flat made-up history that
+    lowered the series' MASE scale (in-sample naive errors of 0) and its scaler's spread."""
+    panel, as_of = stopped_reporting(null_tail=0, null_head=5)
+    report = validate(panel, tiny_config(validation={"policy": "fill"}), input_window=WINDOW, as_of=as_of)
+    b = report.panel[report.panel["series_id"] == "b"]
+    assert b["ts"].iloc[0] == pd.Timestamp("2018-06-01") and len(b) == REQUIRED + 5
+    np.testing.assert_array_equal(b["value"].to_numpy(), np.arange(5.0, REQUIRED + 10))
+    assert report.filled == {"b": 0}
+    # the same rows, fewer of them real: now too short, judged on the target's span alone
+    short, as_of = stopped_reporting(null_tail=0, null_head=11)
+    with pytest.raises(ValidationFailed, match=rf"series 'b': too_short at 2020-10-01 00:00:00: {REQUIRED - 1} time "
+                                               rf"steps, need at least {REQUIRED}"):
+        validate(short, tiny_config(validation={"policy": "fill"}), input_window=WINDOW, as_of=as_of)
+
+
 def _observed_by_definition(loaded: pd.DataFrame) -> pd.DataFrame:
     real = loaded[np.isfinite(loaded["value"])]
     return real.drop_duplicates(["series_id", "ts"], keep="last")
