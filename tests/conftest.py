@@ -29,10 +29,14 @@ _pg_passed = 0
 # An xdist worker's torch threads: its share of the cores (configure_torch_threads reads
 # OMP_NUM_THREADS). With every worker on all cores their threads spin-wait against each other,
 # which on a busy machine made training ~10x slower (benchmarks/training_speed.py's docstring).
-# Processes the tests start (flows in subprocesses, Dask workers) inherit it.
+# Processes the tests start (flows in subprocesses, Dask workers) inherit it. The ETS baselines'
+# worker processes (forecasting.baselines.workers) get the same share, or each test worker would
+# spawn one per core; tests/test_baselines.py asks for 2 by name, so that path stays tested.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+if _WORKERS > 1:
+    _SHARE = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _SHARE)
+    os.environ.setdefault("FORECASTING_WORKERS", _SHARE)
 
 
 @pytest.fixture(scope="session")
