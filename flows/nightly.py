@@ -162,8 +162,8 @@ def log_candidate(experiment: str, parent: str, config: DatasetConfig,
 
 
 @task(name="compare", **COMPUTE)
-def compare(results: list[pipeline.CandidateResult]) -> pipeline.Comparison:
-    comparison = pipeline.compare(results)
+def compare(config: DatasetConfig, results: list[pipeline.CandidateResult]) -> pipeline.Comparison:
+    comparison = pipeline.compare(results, dataset=config.name)
     get_run_logger().info("champion of the backtest: %s", comparison.champion)
     return comparison
 
@@ -417,7 +417,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
                 logged[result.name] = in_background(_log_candidate_after, started, config, result, panel,
                                                     effective_as_of)
                 results.append(result)
-            comparison = compare(results)
+            comparison = compare(config, results)
             with timer.stage("fit-champion"):
                 fitted = _here_or_on_cluster(fit_champion, config, panel, comparison.champion)
             with timer.stage("tracking"):  # what is left of the parent's and champion's logging

@@ -31,10 +31,16 @@ SIMPLICITY = ("naive", "seasonal_naive", "ets", "rnn", "gru", "lstm")
 class BacktestResult:
     predictions: pd.DataFrame  # model, series_id, origin, step, ts, y, yhat
     scores: pd.DataFrame  # model, series_id (None on the aggregate row), mae, rmse, smape, mase
-    champion: str
     histories: dict[str, list[dict]]  # per model, from its last fit
     fit_seconds: dict[str, float]  # per model, summed over its fits
     predict_seconds: dict[str, float] = field(default_factory=dict)  # per model, summed over origins
+
+    @property
+    def champion(self) -> str:
+        """choose_champion of these scores, asked for only where a choice is made: a backtest of
+        one model (a candidate, a shard, the current champion re-scored) is only scored, and
+        a model without a MASE there (non-finite forecasts) is a score row, not an error."""
+        return choose_champion(self.scores)
 
 
 def split_at_origin(panel: pd.DataFrame, *, cut: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -107,5 +113,5 @@ def run_backtest(panel: pd.DataFrame, *, candidates: Sequence[str], freq: str, h
     predictions = pd.concat(parts, ignore_index=True)[
         ["model", "series_id", "origin", "step", "ts", "y", "yhat"]]
     scores = score(predictions, panel, season_length=season_length)
-    return BacktestResult(predictions=predictions, scores=scores, champion=choose_champion(scores),
-                          histories=histories, fit_seconds=fit_seconds, predict_seconds=predict_seconds)
+    return BacktestResult(predictions=predictions, scores=scores, histories=histories, fit_seconds=fit_seconds,
+                          predict_seconds=predict_seconds)

@@ -142,21 +142,18 @@ def backtest_candidate(
     on_epoch: Callable[[str, int, float, float], None] | None = None,
 ) -> CandidateResult:
     start = time.perf_counter()
-    try:
-        result = run_backtest(
-            panel,
-            candidates=[name],
-            freq=config.freq,
-            horizon=config.horizon,
-            season_length=config.season_length,
-            training=config.training,
-            windows=config.backtest.windows,
-            retrain=config.backtest.retrain,
-            covariates=config.source.covariates,
-            on_epoch=on_epoch,
-        )
-    except NoDefinedMase as exc:  # the data's, not the model's: say whose
-        raise NoDefinedMase(f"dataset {config.name!r}: {exc}") from None
+    result = run_backtest(
+        panel,
+        candidates=[name],
+        freq=config.freq,
+        horizon=config.horizon,
+        season_length=config.season_length,
+        training=config.training,
+        windows=config.backtest.windows,
+        retrain=config.backtest.retrain,
+        covariates=config.source.covariates,
+        on_epoch=on_epoch,
+    )
     seconds = time.perf_counter() - start
     residuals = intervals.scaled_residuals(result.predictions, panel, season_length=config.season_length)
     covered = intervals.coverage(residuals, horizon=config.horizon, level=config.interval_level)
@@ -181,10 +178,24 @@ class Comparison:
         return table.sort_values("mase").reset_index()
 
 
-def compare(results: list[CandidateResult]) -> Comparison:
+def compare(results: list[CandidateResult], *, dataset: str) -> Comparison:
+    """Every candidate's backtest side by side and the champion among them. A candidate whose
+    aggregate MASE is undefined (it forecast a non-finite value) cannot be champion; only when
+    none has one does the night stop, with NoDefinedMase naming `dataset` and the cause."""
     scores = pd.concat([r.backtest.scores for r in results], ignore_index=True)
     predictions = pd.concat([r.backtest.predictions for r in results], ignore_index=True)
-    return Comparison(choose_champion(scores), scores, predictions, results)
+    try:
+        champion = choose_champion(scores)
+    except NoDefinedMase as exc:
+        finite = np.isfinite(pd.to_numeric(predictions["yhat"]).to_numpy(dtype=float, na_value=np.nan))
+        diverged = sorted(set(predictions.loc[~finite, "model"]))
+        if diverged == sorted({r.name for r in results}):
+            raise NoDefinedMase(f"dataset {dataset!r}: no model has a defined MASE, so no champion can be chosen: "
+                                f"every candidate ({', '.join(diverged)}) forecast non-finite values for some "
+                                "series (the warnings above name them)") from None
+        also = f" ({', '.join(diverged)} also forecast non-finite values)" if diverged else ""
+        raise NoDefinedMase(f"dataset {dataset!r}: {exc}{also}") from None
+    return Comparison(champion, scores, predictions, results)
 
 
 # ----------------------------------------------------------------------------------- tracking

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from forecasting import intervals
-from forecasting.backtest import BacktestResult, choose_champion
+from forecasting.backtest import BacktestResult
 from forecasting.config import DatasetConfig
 from forecasting.metrics import score
 from forecasting.pipeline import CandidateResult
@@ -48,7 +48,7 @@ def join_backtests(config: DatasetConfig, panel: pd.DataFrame,
     predictions = predictions.iloc[np.argsort(fold, kind="stable")].reset_index(drop=True)
     scores = score(predictions, panel, season_length=config.season_length)
     backtest = BacktestResult(
-        predictions=predictions, scores=scores, champion=choose_champion(scores),
+        predictions=predictions, scores=scores,
         histories={name: []},  # local models do not train
         fit_seconds={name: sum(part.backtest.fit_seconds.get(name, 0.0) for part in parts)},
         predict_seconds={name: sum(part.backtest.predict_seconds.get(name, 0.0) for part in parts)},

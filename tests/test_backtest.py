@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -78,13 +79,41 @@ def test_champion_is_lowest_mase_and_ties_go_to_the_simpler_model():
 def test_a_dataset_of_constant_series_says_why_nothing_can_be_scored():
     """It said "`scores` holds no aggregate row with a defined MASE", naming neither the
     dataset nor the cause."""
-    from forecasting.pipeline import backtest_candidate
+    from forecasting.pipeline import backtest_candidate, compare
     from tests.flow_fixtures import tiny_config
 
     flat = PANEL.assign(value=5.0)
+    result = backtest_candidate(tiny_config(), flat, "naive")  # scored: MASE undefined, no error yet
     with pytest.raises(ValueError, match=r"dataset 'sales': no model has a defined MASE, .* which is 0 in every "
                                          r"series' training part here \(constant series"):
-        backtest_candidate(tiny_config(), flat, "naive")
+        compare([result], dataset="sales")
+
+
+def test_a_candidate_with_non_finite_forecasts_is_scored_out_not_a_failed_night(monkeypatch):
+    """A one-model backtest chose a champion among its one model: a candidate that forecast inf
+    for one series raised NoDefinedMase (blaming constant series) and failed the night, where
+    it should only lose its aggregate MASE and the comparison go on without it."""
+    from forecasting import baselines
+    from forecasting.pipeline import backtest_candidate, compare
+    from tests.flow_fixtures import tiny_config
+
+    config = tiny_config()
+    real = baselines.naive_many
+
+    def diverging(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        rows[1] = np.inf
+        return rows
+
+    monkeypatch.setattr(baselines, "naive_many", diverging)
+    naive = backtest_candidate(config, PANEL, "naive")
+    agg = naive.backtest.scores[naive.backtest.scores["series_id"].isna()]
+    assert agg["mase"].isna().all()
+    seasonal = backtest_candidate(config, PANEL, "seasonal_naive")
+    assert compare([naive, seasonal], dataset="sales").champion == "seasonal_naive"
+    with pytest.raises(ValueError, match=r"dataset 'sales': no model has a defined MASE, so no champion can be "
+                                         r"chosen: every candidate \(naive\) forecast non-finite values"):
+        compare([naive], dataset="sales")
 
 
 def test_backtest_bad_input():

@@ -40,6 +40,20 @@ def test_shards_joined_equal_one_backtest(name: str) -> None:
     assert joined.coverage == whole.coverage
 
 
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_shard_of_constant_series_joins_like_the_rest(name: str) -> None:
+    """A shard whose series all have an undefined MASE (constant history) raised NoDefinedMase
+    in its own backtest, failing a --dask night that one process runs: with a few series on
+    many threads, one constant series is a shard of its own."""
+    config = tiny_config()
+    flat = panel().assign(value=lambda f: f["value"].where(f["series_id"] != SERIES[-1], 5.0))
+    whole = pipeline.backtest_candidate(config, flat, name)
+    parts = shards.split(flat, len(SERIES))
+    joined = shards.join_backtests(config, flat, [pipeline.backtest_candidate(config, p, name) for p in parts])
+    pd.testing.assert_frame_equal(joined.backtest.scores, whole.backtest.scores, check_exact=True)
+    assert np.isnan(joined.backtest.scores.set_index("series_id").loc[SERIES[-1], "mase"])
+
+
 def test_split_keeps_whole_series_in_order() -> None:
     assert len(shards.split(panel(), 10)) == len(SERIES)  # never an empty shard
     pd.testing.assert_frame_equal(pd.concat(shards.split(panel(), 2), ignore_index=True), panel())

@@ -15,7 +15,7 @@ import pytest
 from mlflow.protos import databricks_pb2
 from mlflow.tracking import MlflowClient
 
-from forecasting import pipeline, tracking, tracking_process
+from forecasting import baselines, pipeline, tracking, tracking_process
 from forecasting.config import DatasetConfig, Settings
 from tests.flow_fixtures import Failed, tiny_config
 
@@ -43,7 +43,7 @@ def promote(client: MlflowClient, panel: pd.DataFrame, name: str, *, claimed_mas
     uri = Settings().mlflow_tracking_uri
     experiment, parent = tracking_process.start_night(uri, config.name, "parent", {}, {})
     result = pipeline.backtest_candidate(config, panel, name)
-    comparison = pipeline.compare([result])
+    comparison = pipeline.compare([result], dataset=config.name)
     if claimed_mase is not None:
         comparison.scores.loc[comparison.scores["series_id"].isna(), "mase"] = claimed_mase
     run_id = tracking.write_candidate_log(client, pipeline.candidate_log(
@@ -142,6 +142,25 @@ def test_a_champion_that_cannot_backtest_on_tonights_data_is_replaced_not_a_fail
     assert night.reason.startswith("current champion v1 cannot be re-scored on tonight's data: ")
 
 
+def test_a_champion_that_re_scores_to_non_finite_forecasts_is_replaced_not_a_failed_night(
+        client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its re-score's own backtest chose a champion among its one model, so a non-finite
+    forecast raised NoDefinedMase out of `decide`, after training, every night."""
+    first = promote(client, seasonal_panel(), "seasonal_naive")
+    assert first.version == "1"
+    real = baselines.seasonal_naive_many
+
+    def diverging(*args: object, **kwargs: object) -> np.ndarray:
+        rows = real(*args, **kwargs)
+        rows[0] = np.inf  # series a
+        return rows
+
+    monkeypatch.setattr(baselines, "seasonal_naive_many", diverging)
+    night = promote(client, seasonal_panel(), "naive", claimed_mase=1e9)  # would have been kept
+    assert night.promoted and night.version == "2"
+    assert night.reason == "current champion v1 re-scored to no MASE (non-finite forecasts)"
+
+
 def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: MlflowClient) -> None:
     """On a night that keeps the current champion, `is_champion` marks the model that forecast:
     a row of its own, with the scores it was re-scored to, not tonight's candidate's."""
@@ -149,7 +168,8 @@ def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: Ml
     first = promote(client, panel, "seasonal_naive")
     kept = promote(client, panel, "naive")
     assert kept.decision == "kept"
-    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")]),
+    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")],
+                                                dataset=CONFIG.name),
                                {"naive": "tonights-run"}, promotion=kept)
     flagged = rows[rows["is_champion"]]
     assert flagged["model"].tolist() == ["seasonal_naive v1"] and flagged["series_id"].isna().all()
@@ -158,11 +178,12 @@ def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: Ml
     assert flagged["mlflow_run_id"].iloc[0] == first.run_id
     assert not rows.loc[rows["model"] == "naive", "is_champion"].any()
     promoted = promote(client, panel, "naive", claimed_mase=0.0)
-    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")]),
+    rows = pipeline.score_rows(pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")],
+                                                dataset=CONFIG.name),
                                {"naive": promoted.run_id}, promotion=promoted)
     assert set(rows.loc[rows["is_champion"], "model"]) == {"naive"} and len(rows) == 3  # a, b, aggregate
     assert (rows["status"] == "scored").all() and rows["detail"].isna().all()
-    comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")])
+    comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")], dataset=CONFIG.name)
     comparison.scores.loc[comparison.scores["series_id"] == "a", ["mae", "rmse", "smape", "mase"]] = float("nan")
     rows = pipeline.score_rows(comparison, {"naive": promoted.run_id}, promotion=promoted)
     failed = rows[rows["status"] == "failed"]  # metrics.score leaves non-finite forecasts unscored
@@ -430,7 +451,7 @@ def test_the_nights_review_retried_after_it_failed_half_way_lists_each_model_onc
     experiment = tracking.experiment_id(client, CONFIG.name)
     parent = tracking.start_run(client, experiment=experiment, name="parent", tags={}, params={})
     comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, name)
-                                   for name in ("naive", "seasonal_naive")])
+                                   for name in ("naive", "seasonal_naive")], dataset=CONFIG.name)
     fitted = pipeline.fit_final(CONFIG, panel, "seasonal_naive")
     rows = pipeline.forecast(fitted, config=CONFIG, panel=panel, quantiles=pipeline.calibrate(CONFIG, panel, comparison),
                              version=None, run_id=None)
