@@ -440,13 +440,15 @@ def decide(
         return new("promoted", "no current champion")
     if isinstance(current, UnusableChampion):
         return new("promoted", f"current champion v{current.version} cannot be used: {current.reason}")
-    unlike = unlike_config(current, config)
-    if unlike is not None:
-        return new("promoted", unlike)
+    # Before the config's checks: a champion unlike tonight's config is still production's, and
+    # a past night's model (trained on less data) must not take its place.
     if current.trained_through is not None and current.trained_through > as_of:
         return new("backfill", f"current champion v{current.version} was trained through "
                    f"{current.trained_through}, after as_of {as_of}: alias untouched, "
                    "forecast by this night's model")
+    unlike = unlike_config(current, config)
+    if unlike is not None:
+        return new("promoted", unlike)
     try:
         rescored = rescore_current(current.forecaster, config, panel, comparison)
     except SeriesTooShort as exc:  # its input window is longer than tonight's series allow

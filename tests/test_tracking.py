@@ -116,6 +116,19 @@ def test_a_changed_interval_level_promotes_and_predict_refuses_the_old_champion(
     assert pipeline.unlike_config(loaded, wider) == night.reason
 
 
+def test_a_past_night_after_a_config_change_leaves_the_alias_alone(client: MlflowClient) -> None:
+    """`run --as-of` before the champion's data end, after a change the champion is unlike
+    (here its interval level): the config's check came first and promoted a model trained on
+    less data, which `predict` then forecast with."""
+    panel = seasonal_panel()
+    promote(client, panel, "seasonal_naive")
+    past = panel[panel["ts"] <= panel["ts"].max() - pd.DateOffset(months=12)].reset_index(drop=True)
+    night = promote(client, past, "naive", config=CONFIG.model_copy(update={"interval_level": 0.95}))
+    assert night.decision == "backfill" and not night.promoted
+    assert night.reason.startswith("current champion v1 was trained through ")
+    assert str(tracking.champion_version(client, "sales").version) == "1"
+
+
 def test_a_champion_whose_cell_left_models_is_replaced_and_refused_by_predict(client: MlflowClient) -> None:
     """`models: [lstm, gru]` after an rnn champion: the night kept rnn (its re-score still won),
     so a cell taken out of the comparison went on making the production forecast."""
