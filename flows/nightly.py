@@ -610,19 +610,19 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
 def _leaving_production_alone(config: DatasetConfig, nights: list[pd.Timestamp], as_ofs: list[pd.Timestamp],
                               start: str, end: str) -> list[pd.Timestamp]:
     """The backfill's nights without those whose as_of (`as_ofs`, each night's effective one)
-    holds the current champion's forecast: production's, which a backfill night would replace
-    with its own model. A night after production's newest is run, with a warning: until the
-    next scheduled night, current_forecasts shows its forecast."""
+    holds a champion's forecast, the current one's or an earlier one's: production's, which a
+    backfill night would replace with its own model. A night after production's newest is run,
+    with a warning: until the next scheduled night, current_forecasts shows its forecast."""
     champions = champions_nights(config)
     logger = get_run_logger()
     production = [d for d, as_of in zip(nights, as_ofs) if as_of in champions]
     if production:
         shown = ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in production[:10])
         if len(production) == len(nights):
-            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds the champion's "
+            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds a champion's "
                              f"forecast (production's nights: {shown}); `forecasting run --as-of` redoes one")
         logger.warning(
-            "dataset %r: %d as_of date(s) skipped, whose forecast the champion made (production's nights; a "
+            "dataset %r: %d as_of date(s) skipped, whose forecast a champion made (production's nights; a "
             "backfill night would replace it with its own model): %s; `forecasting run --as-of` redoes one",
             config.name, len(production), shown)
     newest = max(champions) if champions else None
@@ -660,15 +660,16 @@ def record_actuals(config: DatasetConfig) -> int:
 
 @task(name="champions-nights", **IO_RETRIES)
 def champions_nights(config: DatasetConfig) -> set[pd.Timestamp]:
-    """The as_of dates whose stored forecast the current champion made: production's nights,
-    which a backfill leaves alone (it would replace them with its own models)."""
-    version = tracking_process.call(tracking_process.champion_version, _tracking_uri(), config.name)
-    if version is None:
+    """The as_of dates whose stored forecast a champion made (the current one, or one before
+    it): production's nights, which a backfill leaves alone (it would replace them with its
+    own models)."""
+    versions = tracking_process.call(tracking_process.served_versions, _tracking_uri(), config.name)
+    if not versions:
         return set()
     engine = db.make_engine(Settings())
     try:
         with db.naming_connection_errors(engine), engine.connect() as conn:
-            return set(db.as_ofs_forecast_by(conn, dataset=config.name, version=version))
+            return set(db.as_ofs_forecast_by(conn, dataset=config.name, versions=versions))
     finally:
         engine.dispose()
 

@@ -1049,10 +1049,10 @@ def _plain_column(series: pd.Series) -> list[Any]:
     return [_plain(v) for v in values]
 
 
-def as_ofs_forecast_by(conn: Connection, *, dataset: str, version: str) -> list[pd.Timestamp]:
-    """The as_of dates whose stored forecast the model version `version` made, oldest first."""
+def as_ofs_forecast_by(conn: Connection, *, dataset: str, versions: Sequence[str]) -> list[pd.Timestamp]:
+    """The as_of dates whose stored forecast one of the model `versions` made, oldest first."""
     table = reflect_table(conn, FORECASTS)
-    query = (sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version == version)
+    query = (sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version.in_(list(versions)))
              .distinct().order_by(table.c.as_of))
     return [pd.Timestamp(t) for t in conn.execute(query).scalars()]
 

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORECASTER_DIR_TAG = "forecaster_dir"  # where in the model's artifacts our own files lie
+# On every version the `champion` alias has pointed at (set as it moves to or from one): the
+# versions whose forecasts production served, which a backfill leaves alone. MLflow keeps no
+# history of an alias; a version it left before this tag existed is known only while current.
+SERVED_TAG = "served_as_champion"
 
 
 def connect(settings: Settings | None = None) -> MlflowClient:
@@ -481,8 +485,29 @@ def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: 
     found = str(current.version) if current is not None else None
     if found not in (replaces, version):
         return found
-    client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)
+    name = registered_model_name(dataset)
+    # Tagged first: a retry after a failure between the two finds the alias moved and returns.
+    for served in {version, found} - {None}:
+        client.set_model_version_tag(name, served, SERVED_TAG, "true")
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     return version
+
+
+def served_versions(client: MlflowClient, dataset: str) -> list[str]:
+    """The versions whose forecasts production served: every one tagged SERVED_TAG, and the one
+    `champion` points at now (by hand too), in version order."""
+    name = registered_model_name(dataset)
+    served, token = set(), None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        served |= {str(v.version) for v in page if (v.tags or {}).get(SERVED_TAG) == "true"}
+        token = page.token
+        if not token:
+            break
+    current = champion_version(client, dataset)
+    if current is not None:
+        served.add(str(current.version))
+    return sorted(served, key=int)
 
 
 def restore_champion(client: MlflowClient, dataset: str, version: str | None, *, from_version: str) -> None:

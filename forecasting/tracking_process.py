@@ -368,6 +368,13 @@ def champion_version(tracking_uri: str, dataset: str) -> str | None:
     return str(current.version) if current is not None else None
 
 
+def served_versions(tracking_uri: str, dataset: str) -> list[str]:
+    """The versions whose forecasts production served (see tracking.served_versions)."""
+    from forecasting import tracking
+
+    return tracking.served_versions(_client(tracking_uri), dataset)
+
+
 def set_champion(tracking_uri: str, dataset: str, version: str, replaces: str | None) -> str | None:
     """Move `champion` to `version` if it still points at `replaces`; where it points afterwards
     (see tracking.set_champion)."""

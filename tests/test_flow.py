@@ -133,20 +133,23 @@ def test_a_backfill_never_moves_the_alias(engine: sa.Engine, env: dict[str, str]
 
 def test_a_backfill_leaves_the_nights_whose_forecast_the_champion_made(engine: sa.Engine, env: dict[str, str]) -> None:
     """A backfill over dates production had run replaced their forecasts with its own models:
-    current_forecasts then showed a version the `champion` alias does not point at."""
+    current_forecasts then showed a version the `champion` alias does not point at. Only the
+    current champion's nights were left alone; an earlier champion's (2019-06-01, v1, before
+    the alias moved on to v2) were replaced, rewriting what production had served."""
     load_sales(engine)
     config = tiny_config()
-    nightly(config=config, as_of="2019-06-01")
+    first = nightly(config=config, as_of="2019-06-01")
     second = nightly(config=config, as_of="2019-07-01")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     champion = str(client.get_model_version_by_alias("sales-forecaster", "champion").version)
-    assert second["model_version"] == champion  # the newest night is production's
+    assert second["model_version"] == champion != first["model_version"]  # the alias moved on
     before = forecasts(engine)
-    production = sorted(pd.to_datetime(before.loc[before["model_version"] == champion, "as_of"]).unique())
+    production = sorted(pd.to_datetime(before.loc[before["model_version"].isin([first["model_version"], champion]),
+                                                  "as_of"]).unique())
     nights = backfill(config=config, start="2019-05-01", end="2019-07-01")
     ran = [pd.Timestamp(n["as_of"]) for n in nights]
-    assert pd.Timestamp("2019-07-01") in production and not set(ran) & set(production)
-    assert pd.Timestamp("2019-05-01") in ran
+    assert production == [pd.Timestamp("2019-06-01"), pd.Timestamp("2019-07-01")]
+    assert ran == [pd.Timestamp("2019-05-01")]
     after = forecasts(engine)
     for as_of in production:
         pd.testing.assert_frame_equal(after[after["as_of"] == as_of].reset_index(drop=True),
@@ -154,8 +157,8 @@ def test_a_backfill_leaves_the_nights_whose_forecast_the_champion_made(engine: s
     with engine.connect() as conn:
         current = conn.execute(sa.text("SELECT DISTINCT model_version FROM current_forecasts")).scalars().all()
     assert current == [champion]
-    with pytest.raises(ValueError, match=r"every date from '2019-07-01' to '2019-07-01' holds the champion's forecast"):
-        backfill(config=config, start="2019-07-01", end="2019-07-01")
+    with pytest.raises(ValueError, match=r"every date from '2019-06-01' to '2019-07-01' holds a champion's forecast"):
+        backfill(config=config, start="2019-06-01", end="2019-07-01")
 
 
 def alias_taken_off_before_the_write(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> MlflowClient:

@@ -99,6 +99,20 @@ def test_a_changed_season_promotes_rather_than_compare_mase_on_two_scales(client
     assert night.reason == "current champion v1 has season_length 12, the config now 6"
 
 
+def test_served_versions_are_every_version_the_alias_pointed_at(client: MlflowClient) -> None:
+    """What a backfill leaves alone: the nights of every champion, not only the current one."""
+    panel = seasonal_panel()
+    uri = Settings().mlflow_tracking_uri
+    assert tracking_process.served_versions(uri, "sales") == []
+    promote(client, panel, "seasonal_naive")
+    promote(client, panel, "naive", claimed_mase=0.0)  # promoted: the alias moves on to v2
+    kept = promote(client, panel, "seasonal_naive", claimed_mase=float("inf"))  # v3: registered, not champion
+    assert kept.decision == "kept" and kept.new_version == "3", kept.reason
+    assert tracking_process.served_versions(uri, "sales") == ["1", "2"]
+    client.set_registered_model_alias("sales-forecaster", "champion", "3")  # by hand, in the UI
+    assert tracking_process.served_versions(uri, "sales") == ["1", "2", "3"]
+
+
 def test_a_changed_interval_level_promotes_and_predict_refuses_the_old_champion(client: MlflowClient) -> None:
     """A kept champion used to forecast with intervals calibrated at the old level (and
     `predict` always did): a champion's intervals must be at the config's level."""
