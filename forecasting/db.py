@@ -339,9 +339,10 @@ def read_times(conn: Connection, config: DatasetConfig, *, until: datetime) -> p
     else:
         columns = _source_query(_subquery_of(source.query)).columns(sa.column(time), sa.column(target)).subquery(
             "source_rows").c
-    observed = columns[target].is_not(None)
-    if conn.dialect.name == "postgresql":  # its floating types hold NaN, which the load reads as missing
-        observed = columns[target] != float("nan")  # NaN equals NaN there; NULL compares to nothing
+    # Neither NULL (which compares to nothing) nor NaN, which PostgreSQL's floating and numeric
+    # types hold and read_dataset reads as missing. Compared as text: a text target (read_dataset
+    # parses it) compared with a float is an error there.
+    observed = sa.cast(columns[target], sa.Text) != "NaN"
     # The values as the driver gives them, as read_dataset reads them: through the reflected
     # type, SQLite's NUM (CREATE TABLE ... AS SELECT declares columns by affinity) converted
     # '2020-01-01' to a decimal and failed.

@@ -324,6 +324,23 @@ def test_times_of_a_table_made_by_create_table_as_select(small_sales: sa.Engine)
         assert len(db.read_dataset(conn, copy)) == 12
 
 
+def test_times_of_a_text_target_leave_out_null_as_the_load_does(engine: sa.Engine) -> None:
+    """read_dataset parses a VARCHAR target; read_times compared it with a float (NaN) on
+    PostgreSQL, an error there, so every backfill of such a source failed."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE readings (sid VARCHAR(8), day DATE, y VARCHAR(16))")
+        conn.exec_driver_sql("INSERT INTO readings VALUES ('a', '2020-01-01', '1.5'), ('a', '2020-01-02', NULL), "
+                             "('a', '2020-01-05', '2.5')")
+    config = DatasetConfig.from_mapping({"name": "readings", "freq": "D", "horizon": 2, "season_length": 7,
+                                         "source": {"table": "readings", "id_column": "sid", "time_column": "day",
+                                                    "target_column": "y"}})
+    with engine.connect() as conn:
+        times = db.read_times(conn, config, until=datetime(2020, 2, 1))
+        loaded = db.read_dataset(conn, config)
+    assert list(times) == [pd.Timestamp("2020-01-01"), pd.Timestamp("2020-01-05")]
+    assert list(loaded.loc[loaded["value"].notna(), "ts"]) == list(times)
+
+
 def test_text_times_in_several_iso_forms_are_read() -> None:
     """SQLite text written by two tools: pandas took the first value's format for all, and the
     dataset was refused as "not timestamps". A value in no ISO form is still refused."""
