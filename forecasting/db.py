@@ -65,7 +65,8 @@ class OutputNotWritable(RuntimeError):
 
 # Why a database refuses a write, by PostgreSQL SQLSTATE and by SQLite message.
 _REFUSED_SQLSTATES = {
-    "42501": "the role lacks a privilege (GRANT INSERT, UPDATE, DELETE on the output tables)",
+    "42501": "the role lacks a privilege (a write needs SELECT, INSERT, UPDATE and DELETE on the output tables, "
+             "and TEMPORARY on the database for its staging tables)",
     "25006": "the transaction is read-only (default_transaction_read_only or a standby)",
     "53100": "the disk is full",
     "53400": "a configured limit was reached",
@@ -895,8 +896,11 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
     """Raise OutputNotWritable unless a run could write its rows; writes nothing.
 
     Run before training, so a read-only database or a role without INSERT fails the night in
-    a second rather than after hours of training. It upserts and deletes one probe row per
-    output table (the same statements as write_run, so the same privileges), then rolls back.
+    a second rather than after hours of training. It upserts one probe row per output table
+    twice, then deletes it, and rolls back: the same statements as the night's writes, so the
+    same privileges. Twice, because a new key takes a plain INSERT (see _insert_if_all_new)
+    and only an existing one the ON CONFLICT DO UPDATE that a rerun or a restated actual runs,
+    for which PostgreSQL checks UPDATE.
     """
     probe = {"dataset": dataset, "as_of": datetime(1900, 1, 1)}
     rows = {
@@ -912,6 +916,7 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
             take_write_lock(conn)
             for name, (row, key) in rows.items():
                 table = reflect_table(conn, name, dataset=dataset)
+                upsert(conn, table, [row], key=key)
                 upsert(conn, table, [row], key=key)
                 conn.execute(sa.delete(table).where(*(table.c[k] == row[k] for k in key)))
         except sa.exc.DBAPIError as exc:

@@ -253,6 +253,36 @@ def test_init_db_by_a_role_that_may_not_create_tables_is_told_so_pg(pg_url: str,
     engine.dispose()
 
 
+def test_the_write_check_needs_every_privilege_a_write_uses_pg(pg_url: str) -> None:
+    """The probe upserted new keys only, a plain INSERT: a role without UPDATE passed it, and
+    the night failed at its write after training, on the first restated actual or rerun. A
+    role without TEMPORARY (the staging tables) was told to GRANT what it had."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        db.init_db(conn)
+    database = sa.make_url(pg_url).database
+    try:
+        with role_of_schema(engine, pg_url, "noupdate", "SELECT, INSERT, DELETE ON ALL TABLES") as no_update:
+            target = db.make_engine(url=no_update)
+            with target.connect() as conn, pytest.raises(db.OutputNotWritable, match=r"lacks a privilege .* UPDATE .* "
+                                                                                     r"\(permission denied for table"):
+                db.check_output_writable(conn, dataset="sales")
+            target.dispose()
+        with role_of_schema(engine, pg_url, "notemp", "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES") as no_temp:
+            with engine.begin() as conn:  # this session's database only
+                conn.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+            target = db.make_engine(url=no_temp)
+            with target.connect() as conn, pytest.raises(db.OutputNotWritable, match=r"TEMPORARY on the database .* "
+                                                                                     r"\(permission denied to create "
+                                                                                     r"temporary tables"):
+                db.check_output_writable(conn, dataset="sales")
+            target.dispose()
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
+        engine.dispose()
+
+
 def test_a_read_only_target_fails_before_training_and_touches_nothing(
     engine: sa.Engine, env: dict[str, str], read_only_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
