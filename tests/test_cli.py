@@ -78,6 +78,33 @@ def test_an_unreachable_database_is_named_with_its_password_masked(
     assert "Secret-7" not in out
 
 
+def test_an_early_start_of_prefects_local_api_that_fails_leaves_no_server_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect's start leaves the process of a start that timed out running; the flow's own
+    start then launched a second, and only that one was stopped at exit: the first outlived
+    `forecasting run`, holding its stdout (a pipe to `tail` never closed)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    spawned = []
+
+    def timed_out(self: SubprocessASGIServer, timeout: int | None = None) -> None:
+        self.server_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        spawned.append((self.server_process, timeout))
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})  # none of this session's servers
+    monkeypatch.setattr(SubprocessASGIServer, "start", timed_out)
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True}, restore_defaults={PREFECT_API_URL}):
+        thread = cli._start_local_prefect_api()
+        assert thread is not None
+        thread.join(60)
+    [(process, timeout)] = spawned
+    assert timeout >= cli.EARLY_START_TIMEOUT_S  # a fresh PREFECT_HOME takes ~30 s, past Prefect's 20
+    assert process.wait(timeout=10) is not None  # stopped, not left running
+    assert SubprocessASGIServer._instances == {}  # the flow's start makes a fresh one
+
+
 @pytest.mark.parametrize("command", ["run", "predict", "backfill"])
 def test_bad_config_is_a_clear_error_before_anything_starts(
         command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
