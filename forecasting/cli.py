@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import inspect
 import logging
 import os
 import sys
@@ -369,8 +370,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("`forecasting serve` needs a Prefect server: start one (`prefect server start`) "
                           "and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     check_prefect_server(str(PREFECT_API_URL.value()))
+    served = served_deployments(deployments, args.prefect_yaml)
     console.print(f"serving {', '.join(d['name'] for d in deployments)} (Ctrl+C to stop)")
-    serve(*served_deployments(deployments))
+    serve(*served)
     return 0
 
 
@@ -387,19 +389,39 @@ def check_prefect_server(api_url: str) -> None:
                           f"({type(failed).__name__}: {failed}); start one (`prefect server start`) or correct the URL")
 
 
-def served_deployments(deployments: list[dict[str, Any]]) -> list[Any]:
+def served_deployments(deployments: list[dict[str, Any]], source: Path | None = None) -> list[Any]:
     """The nightly flow's RunnerDeployments, named by module path (`flows.nightly:nightly`).
 
     The runner starts each run as `python -m prefect.engine`, which loads the flow from its
     entrypoint. From a file path (`flows/nightly.py:nightly`, to_deployment's default) it is
     loaded as a module `nightly`, and the tasks Dask pickles for a remote cluster name that
     module, which no worker can import: every run on such a cluster failed.
+
+    Each is checked as the server would take it, before anything is served, and refused in one
+    line naming `source` (prefect.yaml) and the deployment: a parameter the flow does not take
+    (every scheduled run failed on it) or a schedule option Prefect refuses (a timezone, say).
     """
     from prefect.deployments.runner import EntrypointType
+    from pydantic import ValidationError
 
     from flows.nightly import nightly
 
-    return [nightly.to_deployment(**d, entrypoint_type=EntrypointType.MODULE_PATH) for d in deployments]
+    where = f"{source}: " if source is not None else ""
+    accepted = list(inspect.signature(nightly.fn).parameters)
+    served = []
+    for d in deployments:
+        given = [("parameters", d["parameters"])] + [(f"schedules[{i}].parameters", schedule.parameters)
+                                                     for i, schedule in enumerate(d["schedules"])]
+        for key, parameters in given:
+            unknown = sorted(set(parameters or {}) - set(accepted))
+            if unknown:
+                raise ConfigError(f"{where}deployment {d['name']!r}: {key} names {unknown[0]!r}, which the nightly "
+                                  f"flow does not take (it takes {', '.join(accepted)})")
+        try:
+            served.append(nightly.to_deployment(**d, entrypoint_type=EntrypointType.MODULE_PATH))
+        except ValidationError as exc:
+            raise ConfigError(f"{where}deployment {d['name']!r}: {_one_line(exc)}") from None
+    return served
 
 
 NIGHTLY_ENTRYPOINT = "flows.nightly:nightly"  # the one flow `forecasting serve` serves
@@ -420,9 +442,19 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"--prefect-yaml {str(path)!r}: cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    deployments = []
-    for item in spec.get("deployments", []):
-        name = item.get("name")
+    listed = spec.get("deployments") if isinstance(spec, dict) else None
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(f"{path}: `deployments` ({listed!r}) must be a list of deployments (mappings with a "
+                          "name), and hold at least one")
+    deployments, names = [], set()
+    for index, item in enumerate(listed):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{path}: deployments[{index}] ({item!r}) is not a deployment: a mapping with a "
+                              "`name` (text) and its keys")
+        if name in names:  # the server keys a deployment by flow and name: the second replaced the first
+            raise ConfigError(f"{path}: deployment {name!r} is named twice: each deployment needs its own name")
+        names.add(name)
         unknown = sorted(set(item) - _DEPLOYMENT_KEYS)
         if unknown:
             raise ConfigError(f"{path}: deployment {name!r}: key {unknown[0]!r} is not read by "
@@ -433,7 +465,14 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
                               f"`forecasting serve`, which serves {NIGHTLY_ENTRYPOINT!r} only; use `prefect deploy` "
                               "for it")
         parameters = _with_checked_config(path, name, "parameters", item.get("parameters", {}))
-        schedules = [_schedule(path, name, i, raw) for i, raw in enumerate(item.get("schedules", []))]
+        raw_schedules = item.get("schedules") or []  # `schedules:` with nothing under it: none
+        if not isinstance(raw_schedules, list):
+            raise ConfigError(f"{path}: deployment {name!r}: schedules ({raw_schedules!r}) must be a list of "
+                              "schedules (mappings with cron, interval or rrule)")
+        tags = item.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+            raise ConfigError(f"{path}: deployment {name!r}: tags ({tags!r}) must be a list of texts")
+        schedules = [_schedule(path, name, i, raw) for i, raw in enumerate(raw_schedules)]
         # The nightly flow has no default config: a scheduled run without one failed at night
         # ("config: Field required"). A schedule's own parameters override the deployment's. A
         # deployment with no schedules is left alone: its runs are started by hand, with theirs.
@@ -445,7 +484,7 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
             name=name,
             description=item.get("description"),
             parameters=parameters,
-            tags=item.get("tags", []),
+            tags=tags,
             schedules=schedules,
         ))
     return deployments
@@ -512,6 +551,9 @@ def _schedule(path: Path, deployment: str, index: int, raw: dict[str, Any]) -> A
     `parameters.config` checked and resolved as the deployment's is."""
     from prefect.schedules import Cron, Interval, RRule
 
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: deployment {deployment!r}: schedules[{index}] ({raw!r}) is not a schedule: a "
+                          "mapping with one of cron, interval, rrule (and its options)")
     kinds = [k for k in ("cron", "interval", "rrule") if k in raw]
     unknown = sorted(set(raw) - _SCHEDULE_KEYS - {"cron", "interval", "rrule"})
     if len(kinds) != 1 or unknown:

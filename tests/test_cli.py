@@ -253,6 +253,47 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
         deployments_from_yaml(spec(entrypoint="flows.nightly:predict"))
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", r"`deployments` \(None\) must be a list of deployments"),
+    ("deployments:\n", r"`deployments` \(None\) must be a list of deployments"),
+    ("deployments: {name: a}\n", r"`deployments` \(\{'name': 'a'\}\) must be a list"),
+    ("deployments: [sales-nightly]\n", r"deployments\[0\] \('sales-nightly'\) is not a deployment"),
+    ("deployments: [{name: a}, {name: a}]\n", r"deployment 'a' is named twice"),
+    ("deployments: [{name: a, schedules: ['0 2 * * *']}]\n", r"deployment 'a': schedules\[0\] \('0 2 \* \* \*'\) "
+                                                             r"is not a schedule"),
+    ("deployments: [{name: a, schedules: {cron: '0 2 * * *'}}]\n", r"deployment 'a': schedules \(.*\) must be a list"),
+    ("deployments: [{name: a, tags: sales}]\n", r"deployment 'a': tags \('sales'\) must be a list of texts"),
+])
+def test_serve_refuses_a_prefect_yaml_of_the_wrong_shape_in_one_line(tmp_path: Path, text: str, problem: str) -> None:
+    """Tracebacks (TypeError, AttributeError) for an empty file or section, or an item that is
+    not a mapping; two deployments of one name were merged by the server (the first's schedule
+    lost); `tags: sales` was served as five one-letter tags."""
+    path = tmp_path / "prefect.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem) as refused:
+        deployments_from_yaml(path)
+    assert str(refused.value).startswith(f"{path}: ") and "\n" not in str(refused.value)
+
+
+def test_serve_refuses_what_the_flow_or_prefect_would_refuse_at_night(tmp_path: Path) -> None:
+    """A misspelt parameter (every scheduled run failed: the flow takes config, as_of,
+    backfill) and a schedule option Prefect refuses (printed as a multi-line pydantic error,
+    naming neither the file nor the deployment, after "serving")."""
+    config = {"config": str(a_config(tmp_path / "ok.yaml"))}
+    for deployment, problem in (
+            ({"parameters": {**config, "asof": "2017-01-01"}},
+             r"deployment 'sales-nightly': parameters names 'asof', which the nightly flow does not take \(it takes "
+             r"config, as_of, backfill\)"),
+            ({"parameters": config, "schedules": [{"cron": "0 2 * * *", "parameters": {"back_fill": True}}]},
+             r"deployment 'sales-nightly': schedules\[0\].parameters names 'back_fill'"),
+            ({"parameters": config, "schedules": [{"cron": "0 2 * * *", "timezone": "Mars/Base"}]},
+             r"deployment 'sales-nightly': .*Mars/Base")):
+        path = serve_spec(tmp_path, deployment)
+        with pytest.raises(ConfigError, match=problem) as refused:
+            served_deployments(deployments_from_yaml(path), path)
+        assert str(refused.value).startswith(f"{path}: ") and "\n" not in str(refused.value)
+
+
 def serve_spec(directory: Path, *deployments: dict[str, object]) -> Path:
     """A prefect.yaml in `directory` with these deployments of the nightly flow, scheduled nightly
     unless they say otherwise."""
