@@ -556,10 +556,10 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
         )
     unlike = pipeline.unlike_config(champion, config)
     if unlike is not None:
-        raise ValueError(f"dataset {config.name!r}: {unlike}; run `forecasting run` to train and "
-                         "promote a champion for this config")
+        raise pipeline.RequestRefused(f"dataset {config.name!r}: {unlike}; run `forecasting run` to train and "
+                                      "promote a champion for this config")
     if champion.trained_through is not None and champion.trained_through > effective_as_of:
-        raise ValueError(
+        raise pipeline.RequestRefused(
             f"dataset {config.name!r}: champion v{champion.version} was trained on data through "
             f"{champion.trained_through}, after as_of {effective_as_of}; a forecast for that date "
             f"would use later data. Use `forecasting run --as-of` (or backfill) for past dates"
@@ -585,15 +585,17 @@ def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str
     first, last = (pipeline.parse_as_of(start, config.source.timezone),
                    pipeline.parse_as_of(end, config.source.timezone))
     if first is None or last is None or first > last:
-        raise ValueError(f"backfill range `--start` ({start!r}) .. `--end` ({end!r}) is empty or reversed")
+        raise pipeline.RequestRefused(f"backfill range `--start` ({start!r}) .. `--end` ({end!r}) is empty or "
+                                      "reversed")
     dates = pd.date_range(first, last, freq=config.freq)
     if len(dates) == 0:
-        raise ValueError(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
+        raise pipeline.RequestRefused(f"no {config.freq!r} timestamps between {start!r} and {end!r}")
     times = data_times(config, last)
     nights, skipped = pipeline.backfill_nights(dates, times, config.freq)
     if not nights:
-        raise ValueError(f"dataset {config.name!r}: no {config.freq!r} date from {start!r} to {end!r} has data "
-                         "of its own (the range is after the data's end, before its start, or in a gap)")
+        raise pipeline.RequestRefused(f"dataset {config.name!r}: no {config.freq!r} date from {start!r} to {end!r} "
+                                      "has data of its own (the range is after the data's end, before its start, or "
+                                      "in a gap)")
     nights = _leaving_production_alone(config, nights, pipeline.effective_as_ofs(nights, times), start, end)
     if skipped:
         get_run_logger().warning(
@@ -619,8 +621,9 @@ def _leaving_production_alone(config: DatasetConfig, nights: list[pd.Timestamp],
     if production:
         shown = ", ".join(f"{d:%Y-%m-%d %H:%M}" for d in production[:10])
         if len(production) == len(nights):
-            raise ValueError(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds a champion's "
-                             f"forecast (production's nights: {shown}); `forecasting run --as-of` redoes one")
+            raise pipeline.RequestRefused(f"dataset {config.name!r}: every date from {start!r} to {end!r} holds a "
+                                          f"champion's forecast (production's nights: {shown}); `forecasting run "
+                                          "--as-of` redoes one")
         logger.warning(
             "dataset %r: %d as_of date(s) skipped, whose forecast a champion made (production's nights; a "
             "backfill night would replace it with its own model): %s; `forecasting run --as-of` redoes one",

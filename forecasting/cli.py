@@ -159,7 +159,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     # Not db.DatabaseError: an unreachable database, but also SQLite's "no such column" from a bug
     return (ConfigError, SettingError, db.DataError, db.OutputNotWritable, ValidationFailed,
-            NoDefinedMase, pipeline.ChampionMoved, NoChampion, UnusableChampion, TrackingRefused)
+            NoDefinedMase, pipeline.ChampionMoved, pipeline.RequestRefused, NoChampion, UnusableChampion,
+            TrackingRefused)
 
 
 # How long the early start waits for Prefect's local API: a first start on a fresh PREFECT_HOME

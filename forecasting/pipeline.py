@@ -631,6 +631,12 @@ class ChampionMoved(ValueError):
     """The alias moved between loading the champion and writing its forecast."""
 
 
+class RequestRefused(ValueError):
+    """What a command asked for cannot be done as asked (a predict by a champion unlike the
+    config or trained on later data, a backfill range without a night to run); the message
+    says what to do instead."""
+
+
 def write_night(engine: Engine, *, config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
                 scores: pd.DataFrame, actuals: pd.DataFrame | None, promotion: Promotion,
                 alias: Alias) -> tuple[int, int, Promotion]:

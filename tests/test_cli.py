@@ -206,6 +206,19 @@ def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
 
 
 @pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # what it tests is the CLI's message
+def test_a_refused_backfill_is_one_line_without_a_traceback(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain ValueError: Prefect's flow logger printed its 15-line traceback above the CLI's
+    one line, as for a bug."""
+    path = sales_loaded_and_its_config(engine, tmp_path)
+    assert main(["backfill", "--config", str(path), "--start", "2018-12-02", "--end", "2018-12-20"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("error: ") and "no 'MS' timestamps between '2018-12-02' and '2018-12-20'" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.usefixtures("prefect")
 def test_run_prints_champion_and_rows(engine: sa.Engine, env: dict[str, str], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     path = sales_loaded_and_its_config(engine, tmp_path)
