@@ -252,6 +252,12 @@ class NeuralForecaster(Forecaster):
     def _state(self) -> dict[str, Any]:
         if self.scaler is None:
             raise ValueError(f"forecaster {self.name!r} is not fitted; nothing to save")
+        # JSON keys are text: an int id would come back as '0', every series would look new to
+        # the loaded scaler, and be scaled from the history given to predict, not the training's.
+        other = next((sid for sid in self.scaler.mean if not isinstance(sid, str)), None)
+        if other is not None:
+            raise ValueError(f"forecaster {self.name!r}: `series_id` ({other!r}, {type(other).__name__}) must be "
+                             "text for the model to be saved and loaded unchanged; cast the ids with astype(str)")
         return {**super()._state(), "input_window": self.input_window,
                 "net": self.net_config.to_dict(), "scaler": self.scaler.to_dict(),
                 "history": self.history}

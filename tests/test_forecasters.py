@@ -91,6 +91,17 @@ def test_save_load_round_trip_gives_the_same_forecast(tmp_path, monkeypatch):
     assert g.params == f.params and g.history == f.history
 
 
+def test_a_model_of_integer_series_ids_refuses_to_be_saved_rather_than_load_changed(tmp_path):
+    """JSON turned the scaler's int keys into text: the loaded model took every series for a
+    new one and scaled it from the history given to predict (its forecasts moved with it)."""
+    panel = TRAIN.assign(series_id=pd.factorize(TRAIN["series_id"])[0])
+    f = make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON,
+                        training=tiny_training(max_epochs=1)).fit(panel)
+    with pytest.raises(ValueError, match=r"forecaster 'gru': `series_id` \(0, int\) must be text"):
+        f.save(tmp_path)
+    assert not (tmp_path / "forecaster.json").exists()
+
+
 @pytest.mark.parametrize("strategy", ["direct", "recursive"])
 def test_annual_cycle_is_two_more_inputs_that_change_the_forecast_and_survive_saving(tmp_path, strategy):
     daily = make_panel(3, 500, freq="D", season=7, noise=0.3)
