@@ -175,17 +175,19 @@ def _start_local_prefect_api() -> threading.Thread | None:
         return None
 
     def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer  # what the flow's client uses
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-        server = SubprocessASGIServer()
+        server = None
         try:
+            from prefect.server.api.server import SubprocessASGIServer  # what the flow's client uses
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+            server = SubprocessASGIServer()
             server.start(timeout=max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EARLY_START_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 - the flow's own start reports what is wrong
             # A start that timed out leaves its process running; the flow's start would launch a
             # second, and Prefect stops only that one at exit: the first outlived the command
             # (holding its stdout, so `forecasting run | tee` never ended). Stopped here.
-            server.stop()
+            if server is not None:
+                server.stop()
             logging.getLogger(__name__).debug("early start of Prefect's local API failed: %s", exc)
 
     thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
