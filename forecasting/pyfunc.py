@@ -23,4 +23,7 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
         self.forecaster = load_forecaster(Path(context.artifacts["forecaster"]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        return self.forecaster.predict(model_input)
+        # The forecasters read each series' last row as its last time point (the pipeline's
+        # panels are sorted): rows in another order gave a forecast from the wrong date, silently.
+        ordered = model_input.sort_values(["series_id", "ts"], kind="stable", ignore_index=True)
+        return self.forecaster.predict(ordered)

@@ -305,6 +305,10 @@ def test_a_baseline_champion_is_logged_as_code_and_loads_in_mlflows_own_loader(
     assert not list(artifacts.rglob("python_model.pkl")) and list(artifacts.rglob("pyfunc_model.py"))
     model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
     pd.testing.assert_frame_equal(model.predict(panel), promotion.forecaster.predict(panel))
+    # rows in any order: each series' last row was taken for its last time point (a forecast
+    # dated from a random month of its history)
+    shuffled = panel.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(model.predict(shuffled), promotion.forecaster.predict(panel))
     # A version registered before holds a pickle that names forecasting.tracking.ForecasterPyfunc.
     import pickle
 
