@@ -237,7 +237,10 @@ def write_night(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFr
 @task(name="write", **IO_RETRIES)
 def write_champions_forecast(config: DatasetConfig, as_of: pd.Timestamp, forecasts: pd.DataFrame,
                              actuals: pd.DataFrame, version: str) -> int:
-    """predict's rows, if champion `version` still is the champion (else ChampionMoved)."""
+    """predict's rows, if champion `version` still is the champion (else ChampionMoved). The
+    version is tagged as served first, so that a backfill leaves these rows whatever the alias
+    does next."""
+    tracking_process.call(tracking_process.mark_served, _tracking_uri(), config.name, version)
     engine = db.make_engine(Settings())
     try:
         written = pipeline.write_with_champion(engine, config=config, as_of=as_of, forecasts=forecasts,

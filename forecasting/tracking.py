@@ -493,6 +493,12 @@ def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: 
     return version
 
 
+def mark_served(client: MlflowClient, dataset: str, version: str) -> None:
+    """Tag `version` as one whose forecasts production served (`predict` by the champion, which
+    may have been moved there by hand: the alias moving on later would leave no trace)."""
+    client.set_model_version_tag(registered_model_name(dataset), version, SERVED_TAG, "true")
+
+
 def served_versions(client: MlflowClient, dataset: str) -> list[str]:
     """The versions whose forecasts production served: every one tagged SERVED_TAG, and the one
     `champion` points at now (by hand too), in version order."""

@@ -375,6 +375,13 @@ def served_versions(tracking_uri: str, dataset: str) -> list[str]:
     return tracking.served_versions(_client(tracking_uri), dataset)
 
 
+def mark_served(tracking_uri: str, dataset: str, version: str) -> None:
+    """Tag `version` as one whose forecasts production served (see tracking.mark_served)."""
+    from forecasting import tracking
+
+    tracking.mark_served(_client(tracking_uri), dataset, version)
+
+
 def set_champion(tracking_uri: str, dataset: str, version: str, replaces: str | None) -> str | None:
     """Move `champion` to `version` if it still points at `replaces`; where it points afterwards
     (see tracking.set_champion)."""

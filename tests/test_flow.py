@@ -74,10 +74,15 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     assert second["as_of"] == first["as_of"]
 
     # predict: the registered champion, no training, the same rows as the run wrote.
+    champion = str(client.get_model_version_by_alias("sales-forecaster", "champion").version)
+    # as for a version the alias was moved to by hand: predict marks what it serves, so a
+    # backfill leaves its rows after the alias moves on
+    client.delete_model_version_tag("sales-forecaster", champion, "served_as_champion")
     predicted = predict(config=config)
     after_predict = forecasts(engine)
     assert predicted["forecast_rows"] == len(rows)
-    assert predicted["model_version"] == str(client.get_model_version_by_alias("sales-forecaster", "champion").version)
+    assert predicted["model_version"] == champion
+    assert client.get_model_version("sales-forecaster", champion).tags["served_as_champion"] == "true"
     same = ["series_id", "as_of", "ts", "step", "model", "model_version", "mlflow_run_id"]
     pd.testing.assert_frame_equal(after_predict[same], again[same])
     for column in ("value", "lower", "upper"):
