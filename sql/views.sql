@@ -43,7 +43,8 @@ SELECT
     f.value AS forecast,
     a.value AS actual,
     a.value - f.value AS error,
-    CASE WHEN a.value = 0 THEN NULL ELSE ABS(a.value - f.value) / ABS(a.value) END
+    -- in percent, as model_scores.smape is (a fraction here was 100x off beside it)
+    CASE WHEN a.value = 0 THEN NULL ELSE 100.0 * ABS(a.value - f.value) / ABS(a.value) END
         AS absolute_percentage_error,
     CASE WHEN f.lower IS NULL OR f.upper IS NULL THEN NULL  -- no interval: not a miss
          WHEN a.value BETWEEN f.lower AND f.upper THEN 1 ELSE 0 END AS inside_interval
@@ -52,6 +53,9 @@ JOIN actuals a
   ON a.dataset = f.dataset AND a.series_id = f.series_id AND a.ts = f.ts;
 
 -- Per dataset and model: backtest MASE over the last 10 runs (as_of) and how often it won.
+-- mean_mase and best_mase are over the runs it was scored in (scored_runs); a run whose
+-- backtest forecast a non-finite value has no MASE and counts in failed_runs, so a model that
+-- failed most nights does not top the board on its few scored ones unseen.
 DROP VIEW IF EXISTS model_leaderboard;
 CREATE VIEW model_leaderboard AS
 SELECT
@@ -61,7 +65,9 @@ SELECT
     AVG(mase) AS mean_mase,
     MIN(mase) AS best_mase,
     SUM(CASE WHEN is_champion THEN 1 ELSE 0 END) AS times_champion,
-    MAX(as_of) AS last_as_of
+    MAX(as_of) AS last_as_of,
+    COUNT(mase) AS scored_runs,
+    SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed_runs
 FROM (
     SELECT s.*, DENSE_RANK() OVER (PARTITION BY dataset ORDER BY as_of DESC) AS recency
     FROM model_scores s

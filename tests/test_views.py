@@ -78,7 +78,7 @@ def test_forecast_accuracy_joins_landed_actuals_only(two_runs: sa.Engine) -> Non
     assert (row["series_id"], int(row["step"]), row["model"]) == ("a", 1, "lstm")
     assert pd.Timestamp(row["as_of"]) == pd.Timestamp("2020-03-01")
     assert (row["forecast"], row["actual"], row["error"]) == (10.0, 12.0, 2.0)
-    assert row["absolute_percentage_error"] == pytest.approx(2 / 12)
+    assert row["absolute_percentage_error"] == pytest.approx(100 * 2 / 12)  # percent, as model_scores.smape
     assert int(row["inside_interval"]) == 1
 
 
@@ -89,6 +89,21 @@ def test_model_leaderboard_counts_runs_and_wins(two_runs: sa.Engine) -> None:
     assert board.loc["naive", "mean_mase"] == pytest.approx(1.0)
     assert board.loc["lstm", "times_champion"] == 1 and board.loc["naive", "times_champion"] == 1
     assert pd.Timestamp(board.loc["lstm", "last_as_of"]) == pd.Timestamp("2020-04-01")
+    assert board.loc["lstm", "scored_runs"] == 2 and board.loc["lstm", "failed_runs"] == 0
+
+
+def test_model_leaderboard_shows_the_runs_a_model_failed(two_runs: sa.Engine) -> None:
+    """A model whose backtest forecast a non-finite value has a `failed` aggregate row without
+    MASE: counted in `runs` but not in mean_mase, it topped the board on its one scored night."""
+    with two_runs.begin() as conn:
+        failed = scores("naive", {"lstm": float("nan"), "naive": 0.9}).assign(
+            mase=lambda f: f["mase"].astype(object).where(f["model"] != "lstm", None),
+            status=lambda f: f["model"].map({"lstm": "failed", "naive": "scored"}))
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 5, 1), forecasts=forecast("a", "2020-05-01", [1.0]),
+                     scores=failed, actuals=actuals("2020-05-01"))
+    board = query(two_runs, "SELECT * FROM model_leaderboard ORDER BY model").set_index("model")
+    assert board.loc["lstm", "runs"] == 3 and board.loc["lstm", "scored_runs"] == 2
+    assert board.loc["lstm", "failed_runs"] == 1 and board.loc["naive", "failed_runs"] == 0
 
 
 def test_a_forecast_without_interval_is_not_counted_as_a_miss(two_runs: sa.Engine) -> None:
