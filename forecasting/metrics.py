@@ -51,6 +51,11 @@ def mase(y: np.ndarray, yhat: np.ndarray, history: np.ndarray, season_length: in
     return mae(y, yhat) / mase_scale(history, season_length)
 
 
+def non_finite(yhat: pd.Series) -> np.ndarray:
+    """Which forecasts are not numbers (NaN, NULL, infinite): never scored, never champion."""
+    return ~np.isfinite(pd.to_numeric(yhat).to_numpy(dtype=float, na_value=np.nan))
+
+
 def score(predictions: pd.DataFrame, history: pd.DataFrame, *, season_length: int) -> pd.DataFrame:
     """Per-series and aggregate metrics of each model.
 
@@ -70,7 +75,7 @@ def score(predictions: pd.DataFrame, history: pd.DataFrame, *, season_length: in
     preds = preds.merge(scales, on=["series_id", "origin"], how="left")
     preds["abs_err"] = (preds["y"] - preds["yhat"]).abs()
     preds["scaled_err"] = preds["abs_err"] / preds["scale"]
-    preds["failed"] = ~np.isfinite(pd.to_numeric(preds["yhat"]).to_numpy(dtype=float, na_value=np.nan))
+    preds["failed"] = non_finite(preds["yhat"])
     rows, failed = [], {}
     for (model, sid), g in preds.groupby(["model", "series_id"], sort=False):
         if g["failed"].any():

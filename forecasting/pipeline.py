@@ -187,8 +187,7 @@ def compare(results: list[CandidateResult], *, dataset: str) -> Comparison:
     try:
         champion = choose_champion(scores)
     except NoDefinedMase as exc:
-        finite = np.isfinite(pd.to_numeric(predictions["yhat"]).to_numpy(dtype=float, na_value=np.nan))
-        diverged = sorted(set(predictions.loc[~finite, "model"]))
+        diverged = sorted(set(predictions.loc[metrics.non_finite(predictions["yhat"]), "model"]))
         if diverged == sorted({r.name for r in results}):
             raise NoDefinedMase(f"dataset {dataset!r}: no model has a defined MASE, so no champion can be chosen: "
                                 f"every candidate ({', '.join(diverged)}) forecast non-finite values for some "

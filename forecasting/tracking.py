@@ -485,17 +485,17 @@ def set_champion(client: MlflowClient, dataset: str, version: str, *, replaces: 
     found = str(current.version) if current is not None else None
     if found not in (replaces, version):
         return found
-    name = registered_model_name(dataset)
     # Tagged first: a retry after a failure between the two finds the alias moved and returns.
     for served in {version, found} - {None}:
-        client.set_model_version_tag(name, served, SERVED_TAG, "true")
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        mark_served(client, dataset, served)
+    client.set_registered_model_alias(registered_model_name(dataset), CHAMPION_ALIAS, version)
     return version
 
 
 def mark_served(client: MlflowClient, dataset: str, version: str) -> None:
-    """Tag `version` as one whose forecasts production served (`predict` by the champion, which
-    may have been moved there by hand: the alias moving on later would leave no trace)."""
+    """Tag `version` as one whose forecasts production served: as the alias moves to or from it,
+    and when `predict` forecasts with it (the alias may have been moved there by hand, and its
+    moving on later would leave no trace)."""
     client.set_model_version_tag(registered_model_name(dataset), version, SERVED_TAG, "true")
 
 

@@ -172,8 +172,10 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
         position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
         problems.append(Problem(series_id, "unsorted", ts.iloc[position],
                                 "rows are not in time order"))
+    target = _floats(group["value"])
     for column in ("value", *covariates):
-        problems += _value_problems(series_id, ts, _floats(group[column]), column=column)
+        problems += _value_problems(series_id, ts, target if column == "value" else _floats(group[column]),
+                                    column=column)
     unique = pd.DatetimeIndex(ts.drop_duplicates().sort_values())
     expected = pd.date_range(unique[0], unique[-1], freq=offset)
     off_grid = unique.difference(expected)
@@ -187,7 +189,7 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     # Length and end are the target's: rows whose target is NULL before the first value or
     # after the last add no history (`fill` has nothing to interpolate them from), so a series
     # that stopped reporting but kept its rows ends where it would without them.
-    seen = pd.DatetimeIndex(ts[~np.isnan(_floats(group["value"]))].drop_duplicates().sort_values())
+    seen = pd.DatetimeIndex(ts[~np.isnan(target)].drop_duplicates().sort_values())
     if not len(seen):  # no target at all: no_values names it
         return problems
     spanned = len(pd.date_range(seen[0], seen[-1], freq=offset))  # steps; gaps are their own check
