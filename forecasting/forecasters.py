@@ -87,8 +87,15 @@ class Forecaster:
     def predict(self, panel: pd.DataFrame) -> pd.DataFrame:
         raise NotImplementedError
 
-    def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:
-        return None
+    def example_input(self, panel: pd.DataFrame) -> pd.DataFrame:
+        """What a registered version's pyfunc takes (its input example): the last rows of the
+        panel's first two series that a forecast of them reads."""
+        first = panel["series_id"].drop_duplicates().head(2)
+        rows = panel[panel["series_id"].isin(first)].groupby("series_id", sort=False).tail(self._history_needed())
+        return rows[["series_id", "ts", "value", *self.covariates]].reset_index(drop=True)
+
+    def _history_needed(self) -> int:
+        return self.season_length  # a season: all seasonal naive reads; ETS fits a shorter model to it
 
     @property
     def params(self) -> dict[str, Any]:
@@ -228,16 +235,8 @@ class NeuralForecaster(Forecaster):
         values = scaler.unscale_rows(scaled, features.series_ids)  # [series, horizon] float64
         return self._frame(features.series_ids, features.last_ts, values)
 
-    def example_input(self, panel: pd.DataFrame) -> np.ndarray | None:
-        """The last windows of the panel's first two series: [2, window, features] float32.
-
-        Never one window: MLflow saves the network through torch.export, which fixes a batch
-        dimension of size 1 for good, and MLflow's own loaders then take one window per call.
-        """
-        first = panel["series_id"].drop_duplicates().head(2)
-        features, _ = self._features(panel[panel["series_id"].isin(first)])
-        windows = last_windows(features, self.input_window).numpy()
-        return windows if len(windows) > 1 else np.concatenate([windows, windows])
+    def _history_needed(self) -> int:
+        return self.input_window
 
     @property
     def params(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ against a quantile computed without that series (one series: without that residu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,14 @@ def add_intervals(
     scales = {sid: series_scale(values, season_length) for sid, (_, values) in series_arrays(panel).items()}
     half = forecast["step"].map(quantiles).to_numpy() * forecast["series_id"].map(scales).to_numpy()
     return forecast.assign(lower=forecast["value"] - half, upper=forecast["value"] + half)
+
+
+def add_step_intervals(
+    forecast: pd.DataFrame, panel: pd.DataFrame, quantiles: Sequence[float], *, season_length: int
+) -> pd.DataFrame:
+    """add_intervals with a registered version's quantiles: a list, step 1 first."""
+    steps = pd.Series(list(quantiles), index=pd.RangeIndex(1, len(quantiles) + 1), dtype=float)
+    return add_intervals(forecast, panel, steps, season_length=season_length)
 
 
 def series_scale(values: np.ndarray, season_length: int) -> float:

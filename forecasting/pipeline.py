@@ -532,9 +532,7 @@ def forecast(
     `quantiles` were calibrated on the model's backtest when it was registered, so `predict`
     and `run` write the same intervals for the same as_of.
     """
-    rows = forecaster.predict(panel)
-    steps = pd.Series(quantiles, index=pd.RangeIndex(1, len(quantiles) + 1))
-    rows = intervals.add_intervals(rows, panel, steps, season_length=config.season_length)
+    rows = intervals.add_step_intervals(forecaster.predict(panel), panel, quantiles, season_length=config.season_length)
     return with_provenance(rows.assign(model=forecaster.name), version=version, run_id=run_id)
 
 

@@ -312,8 +312,8 @@ def write_night_log(client: MlflowClient, entry: NightLog) -> None:
 # ------------------------------------------------------------------------------ model registry
 
 
-# A baseline champion's pyfunc, logged as code: MLflow would otherwise cloudpickle an object
-# (and warn, rightly, that loading it runs whatever it unpickles).
+# Every version's pyfunc, logged as code: MLflow would otherwise cloudpickle an object (and
+# warn, rightly, that loading it runs whatever it unpickles).
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 # Versions registered before hold a pickle that names the class here: MLflow's loader finds it.
 ForecasterPyfunc = pyfunc.ForecasterPyfunc
@@ -337,16 +337,17 @@ def tag_version(
 
 
 def log_and_register(
-    client: MlflowClient, forecaster: Forecaster, *, run_id: str, dataset: str, panel: pd.DataFrame
+    client: MlflowClient, forecaster: Forecaster, *, run_id: str, dataset: str, panel: pd.DataFrame,
+    quantiles: list[float], level: float,
 ) -> str:
-    """Log the fitted forecaster to `run_id`, register it, return the new version number.
+    """Log the fitted forecaster to `run_id` as a pyfunc (see forecasting.pyfunc), register it,
+    return the new version number.
 
     Idempotent per run, so that a retry after a later failure registers no second version; the
     retry still tags the version it finds, since that failure may have come before the tags, and
     a version without FORECASTER_DIR_TAG could be promoted but never loaded.
     """
     name = registered_model_name(dataset)
-    subdir = "extra_files" if forecaster.torch_module is not None else "artifacts/forecaster"
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = str(max(int(v.version) for v in existing))
@@ -356,20 +357,22 @@ def log_and_register(
             client.set_terminated(run_id)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            files = Path(tmp) / "forecaster"
+            files = Path(tmp) / pyfunc.FORECASTER_ARTIFACT
             forecaster.save(files)
+            calibration = pyfunc.write_calibration(Path(tmp) / pyfunc.CALIBRATION_FILE, dataset=dataset,
+                                                   quantiles=quantiles, level=level)
             with mlflow.start_run(run_id=run_id):
-                log = _log_torch if forecaster.torch_module is not None else _log_pyfunc
-                info = log(forecaster, files=files, panel=panel, name=name)
+                info = _log_pyfunc(forecaster, files=files, calibration=calibration, panel=panel, name=name)
         version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, subdir)
+    client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, f"artifacts/{pyfunc.FORECASTER_ARTIFACT}")
     client.set_model_version_tag(name, version, "model", forecaster.name)
     return version
 
 
 def _requirements() -> list[str]:
     """Pinned from what is installed: MLflow would otherwise infer them by importing the model
-    in a subprocess, several seconds per model logged."""
+    in a subprocess, several seconds per model logged. The model's code (this package) imports
+    the ones after mlflow."""
     from importlib.metadata import version
 
     from packaging.version import Version
@@ -377,48 +380,26 @@ def _requirements() -> list[str]:
     # Without a local label ("2.13.0+cpu"), which no package index but the build's own serves;
     # MLflow's own inference drops it too.
     return [f"{package}=={Version(version(package)).public}"
-            for package in ("torch", "numpy", "pandas", "statsmodels", "mlflow")]
+            for package in ("torch", "numpy", "pandas", "statsmodels", "mlflow",
+                            "pydantic", "pydantic-settings", "pyyaml", "sqlalchemy")]
 
 
-def _log_torch(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
-    import mlflow.pytorch
-    import torch
-
-    module = forecaster.torch_module
+def _log_pyfunc(forecaster: Forecaster, *, files: Path, calibration: Path, panel: pd.DataFrame, name: str) -> Any:
     example = forecaster.example_input(panel)
-    device = next(module.parameters()).device
-    module.eval()
-    with torch.no_grad():
-        output = module(torch.from_numpy(example).to(device)).cpu().numpy()
-    with warnings.catch_warnings():
-        # torch.export on nn.RNN/LSTM/GRU: their `_flat_weights` list (views of the registered
-        # parameters, which the export saves) is reassigned while tracing; nothing is lost.
-        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights.* were assigned during export")
-        return mlflow.pytorch.log_model(
-            module,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            extra_files=[str(p) for p in sorted(files.iterdir())],
-            pip_requirements=_requirements(),
-            registered_model_name=name,
-            await_registration_for=60,
-        )
-
-
-def _log_pyfunc(forecaster: Forecaster, *, files: Path, panel: pd.DataFrame, name: str) -> Any:
-    example = panel[["series_id", "ts", "value"]].groupby("series_id").tail(3).head(6)
     # The signature needs the output's columns, not every series' forecast: predicting only
     # the example's series keeps registration constant-time (it was the final ETS forecast of
     # the whole panel, 365 s of 713 s at 1,000 series).
-    output = forecaster.predict(panel[panel["series_id"].isin(example["series_id"].unique())]).head(6)
+    model = pyfunc.ForecasterPyfunc.of(forecaster, json.loads(calibration.read_text()))
+    output = model.predict(None, panel[panel["series_id"].isin(example["series_id"].unique())]).head(6)
     with warnings.catch_warnings():  # the output's `step` is an integer never missing: the hint does not apply
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         signature = infer_signature(example, output)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_MODEL_FILE),
-        artifacts={"forecaster": str(files)},
+        artifacts={pyfunc.FORECASTER_ARTIFACT: str(files), pyfunc.CALIBRATION_ARTIFACT: str(calibration)},
+        # The model's code, so that it loads where this package is not installed
+        code_paths=[str(Path(__file__).parent)],
         signature=signature,
         input_example=example,
         pip_requirements=_requirements(),

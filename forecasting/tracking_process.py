@@ -355,7 +355,8 @@ def register(tracking_uri: str, dataset: str, fitted: Forecaster, *, run_id: str
     from forecasting import tracking
 
     client = _client(tracking_uri)
-    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=dataset, panel=example)
+    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=dataset, panel=example,
+                                        quantiles=quantiles, level=level)
     tracking.tag_version(client, dataset, version, quantiles=quantiles, level=level, trained_through=trained_through)
     return version
 

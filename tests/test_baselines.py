@@ -56,7 +56,9 @@ def test_baseline_forecasters_share_the_interface(name, tmp_path):
     calls = []
     out = f.fit(panel, on_epoch=lambda *a: calls.append(a)).predict(panel)
     assert calls == [] and f.history == [] and f.torch_module is None
-    assert f.example_input(panel) is None
+    example = f.example_input(panel)  # the registered version's pyfunc input: a season of each series
+    assert example.groupby("series_id").size().tolist() == [12, 12]
+    assert np.isfinite(f.predict(example)["value"]).all()
     assert list(out.columns) == ["series_id", "step", "ts", "value"]
     assert out["step"].tolist() == [1, 2, 3] * 2
     last = panel.groupby("series_id")["ts"].max()

@@ -129,12 +129,12 @@ def test_history_callback_params_and_example_input():
     f.fit(TRAIN, on_epoch=lambda e, tr, va: epochs.append((e, tr, va)))
     assert [e for e, _, _ in epochs] == [1, 2, 3]
     assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va} for e, tr, va in epochs]
-    x = f.example_input(TRAIN)
-    assert x.shape == (2, 36, 3) and x.dtype == np.float32  # [2 series, window, value+sin+cos]
-    out = f.torch_module(torch.from_numpy(x))
-    assert out.shape == (2, HORIZON)
-    one_series = f.example_input(TRAIN[TRAIN["series_id"] == "s1"])
-    assert one_series.shape == (2, 36, 3)  # never a batch of 1 (see example_input)
+    example = f.example_input(TRAIN)  # what the registered version's pyfunc takes: each series' last window
+    assert list(example.columns) == ["series_id", "ts", "value"]
+    assert example.groupby("series_id").size().tolist() == [36, 36] and example["series_id"].nunique() == 2
+    first_two = TRAIN[TRAIN["series_id"].isin(example["series_id"].unique())]
+    pd.testing.assert_frame_equal(f.predict(example), f.predict(first_two))  # all a forecast reads
+    assert len(f.example_input(TRAIN[TRAIN["series_id"] == "s1"])) == 36
     assert f.params["input_window"] == 36 and f.params["cell"] == "rnn"
     assert f.params["strategy"] == "direct" and f.params["epochs_trained"] == 3
 
@@ -145,7 +145,7 @@ def test_covariates_are_extra_inputs():
     for strategy in ("direct", "recursive"):
         f = make_forecaster("gru", freq="MS", horizon=HORIZON, season_length=SEASON, covariates=["price"],
                             training=tiny_training(max_epochs=2, strategy=strategy)).fit(train)
-        assert f.example_input(train).shape == (2, 36, 4)
+        assert list(f.example_input(train).columns) == ["series_id", "ts", "value", "price"]
         assert np.isfinite(f.predict(train)["value"]).all()
     with pytest.raises(ValueError, match=r"`panel` lacks columns \['price'\]"):
         f.predict(TRAIN)

@@ -304,11 +304,12 @@ def test_a_baseline_champion_is_logged_as_code_and_loads_in_mlflows_own_loader(
         client.get_model_version_download_uri("sales-forecaster", "1")))
     assert not list(artifacts.rglob("python_model.pkl")) and list(artifacts.rglob("pyfunc_model.py"))
     model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
-    pd.testing.assert_frame_equal(model.predict(panel), promotion.forecaster.predict(panel))
+    points = ["series_id", "step", "ts", "value"]
+    pd.testing.assert_frame_equal(model.predict(panel)[points], promotion.forecaster.predict(panel))
     # rows in any order: each series' last row was taken for its last time point (a forecast
     # dated from a random month of its history)
     shuffled = panel.sample(frac=1.0, random_state=0)
-    pd.testing.assert_frame_equal(model.predict(shuffled), promotion.forecaster.predict(panel))
+    pd.testing.assert_frame_equal(model.predict(shuffled)[points], promotion.forecaster.predict(panel))
     # A version registered before holds a pickle that names forecasting.tracking.ForecasterPyfunc.
     import pickle
 
@@ -377,19 +378,59 @@ def test_load_champion_reads_the_clients_store_not_mlflows_global_one(
     assert loaded.version == "1" and loaded.forecaster.name == "seasonal_naive"
 
 
-def test_a_registered_network_takes_any_number_of_windows_in_mlflows_own_loader(client: MlflowClient) -> None:
-    """MLflow saves the network through torch.export, which fixed the batch dimension to the
-    example's: with a one-window example, `mlflow.pyfunc.load_model(...).predict` refused
-    anything but one window ("Guard failed: x.size()[0] == 1")."""
+@pytest.mark.parametrize("name", ["gru", "seasonal_naive"])
+def test_the_champion_in_mlflows_own_loader_forecasts_the_forecast_tables_rows(client: MlflowClient, name: str) -> None:
+    """`models:/<dataset>-forecaster@champion` had two interfaces: a network's took scaled windows
+    (a tensor) and gave scaled values, a baseline's took the history and gave point forecasts.
+    Both now take the history and give what `forecasts` holds: value, lower, upper."""
     import mlflow
 
     panel = seasonal_panel()
-    promote(client, panel, "gru")
-    model = mlflow.pyfunc.load_model("models:/sales-forecaster/1")
-    ours = tracking.load_champion(client, CONFIG.name).forecaster
-    windows = np.concatenate([ours.example_input(panel)] * 2)[:3]  # 3 windows
-    out = model.predict(windows)
-    assert np.asarray(out).shape == (3, CONFIG.horizon)
+    promotion = promote(client, panel, name)
+    model = mlflow.pyfunc.load_model("models:/sales-forecaster@champion")
+    expected = pipeline.forecast(promotion.forecaster, config=CONFIG, panel=panel, quantiles=promotion.quantiles,
+                                 version=None, run_id=None)
+    got = model.predict(panel.sample(frac=1.0, random_state=0))  # rows in any order
+    assert list(got.columns) == ["series_id", "step", "ts", "value", "lower", "upper"]
+    columns = ["series_id", "step", "ts", "value", "lower", "upper"]
+    pd.testing.assert_frame_equal(got[columns], expected[columns].reset_index(drop=True), rtol=1e-6)
+    assert (got["upper"] > got["lower"]).all()
+    # The history a caller gives is validated as the pipeline's is: month-end dates given to a
+    # month-start model were forecast from, and the forecast dated a month early, silently.
+    month_end = panel.assign(ts=panel["ts"] + pd.offsets.MonthEnd(0))
+    with pytest.raises(ValueError, match=r"dataset 'sales'.*series 'a': off_frequency at 2015-01-31"):
+        model.predict(month_end)
+    with pytest.raises(ValueError, match=r"series 'b': missing_timestamps at 2016-03-01"):
+        model.predict(panel.drop(index=panel.index[(panel["series_id"] == "b")][14]))
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['value'\]"):  # its signature
+        model.predict(panel.rename(columns={"value": "sales"}))
+
+
+def test_a_registered_version_loads_where_this_package_is_not_installed(client: MlflowClient, tmp_path: Path) -> None:
+    """The pyfunc imports `forecasting`: logged without its code, a version loaded only where
+    this package is installed, not on a serving host or another team's notebook."""
+    import mlflow
+
+    panel = seasonal_panel()
+    promote(client, panel, "lstm")
+    local = mlflow.artifacts.download_artifacts(client.get_model_version_download_uri("sales-forecaster", "1"),
+                                                dst_path=str(tmp_path / "model"))
+    panel.to_csv(tmp_path / "history.csv", index=False)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = ("import sys\n"
+            f"sys.path.append({site!r})\n"  # site-packages without its .pth files: no editable install
+            "try:\n    import forecasting\nexcept ModuleNotFoundError:\n    pass\n"
+            "else:\n    raise SystemExit('forecasting is importable: the test proves nothing')\n"
+            "import mlflow, pandas as pd\n"
+            f"history = pd.read_csv({str(tmp_path / 'history.csv')!r}, parse_dates=['ts'])\n"
+            f"out = mlflow.pyfunc.load_model({local!r}).predict(history)\n"
+            "import forecasting\n"
+            "print(len(out), forecasting.__file__)\n")
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, origin = done.stdout.split()
+    assert int(rows) == 2 * CONFIG.horizon and origin.startswith(local)
 
 
 def test_metric_timestamps_are_epoch_milliseconds_whatever_the_machines_time_zone(
@@ -575,7 +616,8 @@ def test_registering_a_baseline_forecasts_only_the_signature_examples_series(
     monkeypatch.setattr(type(fitted), "predict", lambda self, frame: seen.append(frame["series_id"].nunique())
                         or predict(self, frame))
     run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, CONFIG.name), name="r", tags={})
-    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=CONFIG.name, panel=panel)
+    version = tracking.log_and_register(client, fitted, run_id=run_id, dataset=CONFIG.name, panel=panel,
+                                        quantiles=[1.0] * CONFIG.horizon, level=CONFIG.interval_level)
     assert seen and max(seen) <= 2, seen
     loaded = tracking.load_version(client, CONFIG.name, version)
     pd.testing.assert_frame_equal(loaded.forecaster.predict(panel), predict(fitted, panel))
