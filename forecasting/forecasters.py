@@ -205,7 +205,9 @@ class NeuralForecaster(Forecaster):
                 history = train_network(member, features.data, train_starts, val_starts,
                                         input_window=self.input_window, horizon=self.horizon, training=t,
                                         seed=t.seed + i, device=device, on_epoch=callback)
-                self.history += [{**h, "epoch": offset + h["epoch"]} for h in history]
+                # Each member's own epochs (its curve starts again at 1): run on one after
+                # another, the members' curves drew one sawtooth in MLflow's chart.
+                self.history += [{**h, "member": i + 1} for h in history]
         self.torch_module = ensemble.cpu().eval()
         return self
 

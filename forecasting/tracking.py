@@ -241,14 +241,17 @@ def log_metrics(
 
 
 def log_history(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
-    """Per-epoch train/validation loss with step=epoch, in batches of MLflow's limit."""
+    """Per-epoch train/validation loss with step=epoch, in batches of MLflow's limit; an
+    ensemble's as one curve per member (`member_2/train_loss`), each from its epoch 1."""
     timestamp = _now_ms()
+    members = {row.get("member", 1) for row in history}
     metrics = []
     for row in history:
+        prefix = f"member_{row.get('member', 1)}/" if len(members) > 1 else ""
         for key in ("train_loss", "val_loss"):
             value = row.get(key)
             if value is not None and np.isfinite(value):
-                metrics.append(Metric(key, float(value), timestamp, int(row["epoch"])))
+                metrics.append(Metric(prefix + key, float(value), timestamp, int(row["epoch"])))
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
 

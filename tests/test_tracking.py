@@ -433,6 +433,29 @@ def test_a_registered_version_loads_where_this_package_is_not_installed(client: 
     assert int(rows) == 2 * CONFIG.horizon and origin.startswith(local)
 
 
+def test_an_ensembles_loss_curves_are_one_per_member_each_from_its_first_epoch(client: MlflowClient) -> None:
+    """The members train one after another; their epochs were numbered on from the last
+    member's, so MLflow drew one `train_loss` curve that fell, jumped back up and fell again."""
+    from forecasting.forecasters import make_forecaster
+    from tests.forecast_fixtures import make_panel, tiny_training
+
+    f = make_forecaster("gru", freq="MS", horizon=3, season_length=12,
+                        training=tiny_training(max_epochs=3, patience=10, ensemble=2)).fit(make_panel(2, 60))
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, "sales"), name="r", tags={})
+    tracking.log_history(client, run_id, f.history)
+    logged = client.get_run(run_id).data.metrics
+    assert set(logged) == {f"member_{m}/{k}" for m in (1, 2) for k in ("train_loss", "val_loss")}
+    for member in (1, 2):
+        steps = [m.step for m in client.get_metric_history(run_id, f"member_{member}/train_loss")]
+        assert sorted(steps) == [1, 2, 3]
+    assert f.params["epochs_trained"] == 6
+    one = make_forecaster("gru", freq="MS", horizon=3, season_length=12,
+                          training=tiny_training(max_epochs=2, patience=10)).fit(make_panel(2, 60))
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, "sales"), name="s", tags={})
+    tracking.log_history(client, run_id, one.history)
+    assert set(client.get_run(run_id).data.metrics) == {"train_loss", "val_loss"}  # one network: as before
+
+
 def test_metric_timestamps_are_epoch_milliseconds_whatever_the_machines_time_zone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The local wall clock, read as UTC, put every metric 11 hours after its run in Sydney."""
