@@ -46,8 +46,11 @@ SELECT
     -- in percent, as model_scores.smape is (a fraction here was 100x off beside it)
     CASE WHEN a.value = 0 THEN NULL ELSE 100.0 * ABS(a.value - f.value) / ABS(a.value) END
         AS absolute_percentage_error,
+    -- 1.0 or 0.0, a float on both databases: AVG of an integer is `numeric` on PostgreSQL (a
+    -- Decimal in Python, which pandas keeps as object) where SQLite gives a float
     CASE WHEN f.lower IS NULL OR f.upper IS NULL THEN NULL  -- no interval: not a miss
-         WHEN a.value BETWEEN f.lower AND f.upper THEN 1 ELSE 0 END AS inside_interval
+         WHEN a.value BETWEEN f.lower AND f.upper THEN CAST(1 AS DOUBLE PRECISION)
+         ELSE CAST(0 AS DOUBLE PRECISION) END AS inside_interval
 FROM forecasts f
 JOIN actuals a
   ON a.dataset = f.dataset AND a.series_id = f.series_id AND a.ts = f.ts;

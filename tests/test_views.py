@@ -80,6 +80,11 @@ def test_forecast_accuracy_joins_landed_actuals_only(two_runs: sa.Engine) -> Non
     assert (row["forecast"], row["actual"], row["error"]) == (10.0, 12.0, 2.0)
     assert row["absolute_percentage_error"] == pytest.approx(100 * 2 / 12)  # percent, as model_scores.smape
     assert int(row["inside_interval"]) == 1
+    with two_runs.connect() as conn:
+        coverage = conn.exec_driver_sql("SELECT AVG(inside_interval) FROM forecast_accuracy").scalar_one()
+    # a float on both databases: AVG of an integer was `numeric` on PostgreSQL, a Decimal in
+    # Python (pandas.read_sql hides it; a plain driver query or a BI tool does not)
+    assert type(coverage) is float and coverage == 1.0
 
 
 def test_model_leaderboard_counts_runs_and_wins(two_runs: sa.Engine) -> None:
