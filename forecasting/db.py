@@ -786,22 +786,24 @@ def _require_finite(forecasts: pd.DataFrame, *, dataset: str) -> None:
             )
 
 
-def lock_run(conn: Connection, *, dataset: str, as_of: datetime) -> None:
+def lock_run(conn: Connection, *, dataset: str, as_of: datetime, wait_seconds: int = 300) -> None:
     """Serialise writers of the same (dataset, as_of) until the caller's transaction ends.
 
     Without it, two runs of one night on PostgreSQL (READ COMMITTED) could each delete before
     the other inserts and leave the union of both sets. With it, the second writer waits, then
     deletes the first one's rows and writes its own: exactly one set remains. On SQLite the
     database's single write lock does it, taken here at the start of the transaction (see
-    take_write_lock), waiting up to busy_timeout, and held to the end of the transaction.
+    take_write_lock), waiting up to busy_timeout, and held to the end of the transaction. On
+    PostgreSQL, after `wait_seconds` a DatabaseError (transient: the flow retries), not a wait
+    without end behind a session that hangs holding it.
     """
     if conn.dialect.name == "sqlite":
         take_write_lock(conn)
         return
     if conn.dialect.name != "postgresql":
         return
-    key = _advisory_key(f"{dataset}\x00{as_of.isoformat()}")
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    _advisory_xact_lock(conn, f"{dataset}\x00{as_of.isoformat()}", wait_seconds=wait_seconds,
+                        held_by=f"dataset {dataset!r}: another write of as_of {as_of} has held its lock")
 
 
 def _advisory_key(name: str) -> int:
@@ -810,21 +812,27 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock_dataset(conn: Connection, *, dataset: str, wait_seconds: int = 300) -> None:
-    """PostgreSQL: hold this dataset's lock until the caller's transaction ends (an advisory
-    transaction lock: lost only with the transaction itself, whose rows then roll back). After
-    `wait_seconds` for it, a DatabaseError (transient: the flow retries)."""
+def _advisory_xact_lock(conn: Connection, name: str, *, wait_seconds: int, held_by: str) -> None:
+    """PostgreSQL: the advisory transaction lock of `name`, waited for at most `wait_seconds`
+    (lock_timeout, for this statement only); then a DatabaseError of `held_by`."""
     before = conn.execute(sa.text("SHOW lock_timeout")).scalar_one()
     set_local = sa.text("SELECT set_config('lock_timeout', :value, true)")  # SET LOCAL, with a bound value
     conn.execute(set_local, {"value": f"{int(wait_seconds)}s"})
     try:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(f"dataset\x00{dataset}")})
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key(name)})
     except sa.exc.DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
             raise
-        raise DatabaseError(f"dataset {dataset!r}: another night's write of it has held the dataset's lock for "
-                            f"{wait_seconds} s") from None
+        raise DatabaseError(f"{held_by} for {wait_seconds} s") from None
     conn.execute(set_local, {"value": before})
+
+
+def lock_dataset(conn: Connection, *, dataset: str, wait_seconds: int = 300) -> None:
+    """PostgreSQL: hold this dataset's lock until the caller's transaction ends (an advisory
+    transaction lock: lost only with the transaction itself, whose rows then roll back). After
+    `wait_seconds` for it, a DatabaseError (transient: the flow retries)."""
+    _advisory_xact_lock(conn, f"dataset\x00{dataset}", wait_seconds=wait_seconds,
+                        held_by=f"dataset {dataset!r}: another night's write of it has held the dataset's lock")
 
 
 @contextlib.contextmanager

@@ -284,6 +284,23 @@ def test_nights_of_one_dataset_write_one_at_a_time_whatever_their_as_of(tables: 
     assert order == ["slow in", "slow out", "other in"]
 
 
+def test_a_write_waiting_too_long_for_its_nights_lock_is_a_retried_error(pg_url: str) -> None:
+    """`predict` writes under the (dataset, as_of) lock alone: behind a session that hung holding
+    it, it waited without end on PostgreSQL (SQLite's busy_timeout ends the wait there)."""
+    tables = db.make_engine(url=pg_url)
+    night = datetime(2020, 11, 1)
+    with tables.begin() as holder:
+        db.lock_run(holder, dataset="sales", as_of=night)
+        with pytest.raises(db.DatabaseError, match=r"dataset 'sales': another write of as_of 2020-11-01 00:00:00 "
+                                                   r"has held its lock for 1 s"):
+            with tables.begin() as waiter:
+                db.lock_run(waiter, dataset="sales", as_of=night, wait_seconds=1)
+        with tables.begin() as other:  # another night is not held up, and the session's timeout is back
+            db.lock_run(other, dataset="sales", as_of=datetime(2020, 12, 1), wait_seconds=1)
+            assert other.exec_driver_sql("SHOW lock_timeout").scalar_one() == "0"
+    tables.dispose()
+
+
 def test_a_write_waiting_too_long_for_the_datasets_lock_is_a_retried_error(tables: sa.Engine) -> None:
     """A holder that hangs (an MLflow call that never returns) queued every later writer for
     good; SQLite's busy_timeout used to end that wait."""
