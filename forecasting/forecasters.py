@@ -92,7 +92,12 @@ class Forecaster:
         panel's first two series that a forecast of them reads."""
         first = panel["series_id"].drop_duplicates().head(2)
         rows = panel[panel["series_id"].isin(first)].groupby("series_id", sort=False).tail(self._history_needed())
-        return rows[["series_id", "ts", "value", *self.covariates]].reset_index(drop=True)
+        return rows[["series_id", "ts", "value", *self.covariates_read]].reset_index(drop=True)
+
+    @property
+    def covariates_read(self) -> tuple[str, ...]:
+        """The covariates a forecast reads: a baseline's none (it keeps the dataset's for its record)."""
+        return ()
 
     def _history_needed(self) -> int:
         return self.season_length  # a season: all seasonal naive reads; ETS fits a shorter model to it
@@ -236,6 +241,10 @@ class NeuralForecaster(Forecaster):
         ]) if len(x) else np.empty((0, self.horizon), np.float32)  # [series, horizon]
         values = scaler.unscale_rows(scaled, features.series_ids)  # [series, horizon] float64
         return self._frame(features.series_ids, features.last_ts, values)
+
+    @property
+    def covariates_read(self) -> tuple[str, ...]:
+        return self.covariates
 
     def _history_needed(self) -> int:
         return self.input_window

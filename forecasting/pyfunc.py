@@ -68,7 +68,9 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
         """The pipeline's validation of the history a caller passes: a month-end date given to a
         month-start model, a gap or a NaN would otherwise give a forecast dated or scaled wrong."""
         f = self.forecaster
-        problems = find_problems(history, freq=f.freq, required_length=1, covariates=f.covariates)
+        # The covariates it reads: a baseline's version holds the dataset's but was never given
+        # them (MLflow drops columns its signature lacks)
+        problems = find_problems(history, freq=f.freq, required_length=1, covariates=f.covariates_read)
         if problems:
             dataset = (self.calibration or {}).get("dataset", "model input")
             raise ValidationFailed(dataset, problems, note=f"the history given to the {f.name!r} model")

@@ -364,12 +364,32 @@ def log_and_register(
             forecaster.save(files)
             calibration = pyfunc.write_calibration(Path(tmp) / pyfunc.CALIBRATION_FILE, dataset=dataset,
                                                    quantiles=quantiles, level=level)
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), _imports_restored():
                 info = _log_pyfunc(forecaster, files=files, calibration=calibration, panel=panel, name=name)
         version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, f"artifacts/{pyfunc.FORECASTER_ARTIFACT}")
+    # Only where missing: a version this run registered before this release keeps its own
+    # (a network's files were under extra_files)
+    if FORECASTER_DIR_TAG not in client.get_model_version(name, version).tags:
+        client.set_model_version_tag(name, version, FORECASTER_DIR_TAG, f"artifacts/{pyfunc.FORECASTER_ARTIFACT}")
     client.set_model_version_tag(name, version, "model", forecaster.name)
     return version
+
+
+@contextlib.contextmanager
+def _imports_restored() -> Iterator[None]:
+    """sys.path and sys.modules as they were: MLflow loads the model it logs to check its input
+    example, which put the model's (temporary) code directory on sys.path and its model file in
+    sys.modules, once per version, for the life of the logging process."""
+    import sys
+
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        for added in set(sys.modules) - modules:
+            if added.startswith("code_model"):  # MLflow's name for a model file it ran
+                del sys.modules[added]
 
 
 def _requirements() -> list[str]:

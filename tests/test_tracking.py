@@ -433,6 +433,60 @@ def test_a_registered_version_loads_where_this_package_is_not_installed(client: 
     assert int(rows) == 2 * CONFIG.horizon and origin.startswith(local)
 
 
+def test_a_baseline_of_a_dataset_with_covariates_forecasts_from_the_target_alone(client: MlflowClient) -> None:
+    """A baseline keeps its dataset's covariates on record but reads none: its version refused a
+    history without them, or (registered before, whose signature lacked them) failed on a
+    KeyError once MLflow had dropped them."""
+    import mlflow
+    from forecasting.forecasters import make_forecaster
+    from tests.forecast_fixtures import make_panel, tiny_training
+
+    panel = make_panel(2, 40).assign(promo=1.0)
+    f = make_forecaster("seasonal_naive", freq="MS", horizon=4, season_length=12, training=tiny_training(),
+                        covariates=["promo"]).fit(panel)
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, "sales"), name="r", tags={})
+    version = tracking.log_and_register(client, f, run_id=run_id, dataset="sales", panel=panel,
+                                        quantiles=[1.0] * 4, level=0.8)
+    model = mlflow.pyfunc.load_model(f"models:/sales-forecaster/{version}")
+    assert model.metadata.get_input_schema().input_names() == ["series_id", "ts", "value"]
+    points = ["series_id", "step", "ts", "value"]
+    pd.testing.assert_frame_equal(model.predict(panel.drop(columns="promo"))[points], f.predict(panel))
+
+
+def test_registering_leaves_the_logging_processs_imports_as_they_were(client: MlflowClient) -> None:
+    """MLflow loads each model it logs (to check its input example): every registration left the
+    model's deleted temporary code directory on sys.path and its model file in sys.modules,
+    for the life of the logging process."""
+    from forecasting.forecasters import make_forecaster
+    from tests.forecast_fixtures import make_panel, tiny_training
+
+    panel = make_panel(2, 40)
+    f = make_forecaster("seasonal_naive", freq="MS", horizon=4, season_length=12, training=tiny_training()).fit(panel)
+    path, modules = list(sys.path), set(sys.modules)
+    for name in ("r1", "r2"):
+        run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, "sales"), name=name, tags={})
+        tracking.log_and_register(client, f, run_id=run_id, dataset="sales", panel=panel, quantiles=[1.0] * 4, level=0.8)
+    assert sys.path == path
+    assert not [m for m in set(sys.modules) - modules if m.startswith("code_model")]
+
+
+def test_a_retried_registration_keeps_the_files_tag_of_the_version_it_finds(client: MlflowClient) -> None:
+    """A version registered by the release before (a network's files under `extra_files`) and
+    found again by a retry had its tag overwritten with today's place: then it never loaded."""
+    from forecasting.forecasters import make_forecaster
+    from tests.forecast_fixtures import make_panel, tiny_training
+
+    panel = make_panel(2, 40)
+    f = make_forecaster("naive", freq="MS", horizon=4, season_length=12, training=tiny_training()).fit(panel)
+    run_id = tracking.start_run(client, experiment=tracking.experiment_id(client, "sales"), name="r", tags={})
+    register = functools.partial(tracking.log_and_register, client, f, run_id=run_id, dataset="sales", panel=panel,
+                                 quantiles=[1.0] * 4, level=0.8)
+    version = register()
+    client.set_model_version_tag("sales-forecaster", version, tracking.FORECASTER_DIR_TAG, "extra_files")
+    assert register() == version
+    assert client.get_model_version("sales-forecaster", version).tags[tracking.FORECASTER_DIR_TAG] == "extra_files"
+
+
 def test_an_ensembles_loss_curves_are_one_per_member_each_from_its_first_epoch(client: MlflowClient) -> None:
     """The members train one after another; their epochs were numbered on from the last
     member's, so MLflow drew one `train_loss` curve that fell, jumped back up and fell again."""
