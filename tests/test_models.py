@@ -428,3 +428,28 @@ def test_torch_threads_follow_omp_num_threads_else_the_cpus_this_process_may_use
         assert configure_torch_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_torchs_openmp_threads_sleep_when_they_wait_unless_the_user_chose(given):
+    """Spinning OpenMP threads (libgomp's default) took the cores from another process's: two
+    nights training at once on 2 cores each took 6-8x as long as one alone. libgomp reads
+    OMP_WAIT_POLICY once, as torch loads it: the flow's import must set it before torch loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import importlib.abc, os, sys\n"
+            "seen = []\n"
+            "class Spy(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' and not seen:\n"
+            "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "import flows.nightly\n"
+            "print(seen)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == repr([given or "PASSIVE"])  # as torch loaded: PASSIVE, or the user's
