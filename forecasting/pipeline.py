@@ -305,7 +305,8 @@ class Promotion:
     new_mase: float
     current_mase: float | None
     replaces: str | None = None  # the alias's version when the night read it (None: no alias)
-    current_scores: dict[str, float] | None = None  # the current champion re-scored: mae, rmse, smape, mase
+    # the current champion re-scored: mae, rmse, smape, mase, interval_coverage
+    current_scores: dict[str, float] | None = None
 
 
 def fit_final(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
@@ -330,8 +331,8 @@ def same_settings(forecaster: Forecaster, config: DatasetConfig) -> bool:
 def rescore_current(
     current: Forecaster, config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison
 ) -> dict[str, float]:
-    """The current champion's aggregate scores (mae, rmse, smape, mase) at tonight's origins,
-    refitted at each origin.
+    """The current champion's aggregate scores (mae, rmse, smape, mase, and interval_coverage
+    as the candidates', see backtest_candidate) at tonight's origins, refitted at each origin.
 
     Its registered weights have learnt from data inside tonight's backtest window, so scoring
     them there would be in-sample and the alias would never move. Refitting its model and
@@ -340,7 +341,8 @@ def rescore_current(
     """
     aggregate = comparison.scores[comparison.scores["series_id"].isna()].set_index("model")
     if current.name in aggregate.index and same_settings(current, config):
-        return {m: float(aggregate.loc[current.name, m]) for m in metrics.METRICS}
+        coverage = next(r.coverage for r in comparison.results if r.name == current.name)
+        return {**{m: float(aggregate.loc[current.name, m]) for m in metrics.METRICS}, "interval_coverage": coverage}
     result = run_backtest(
         panel, candidates=[current.name], freq=config.freq, horizon=config.horizon,
         season_length=current.season_length, training=current.training,
@@ -350,7 +352,9 @@ def rescore_current(
     # on the config's season, as the candidates were (decide sees to it that the two agree)
     scores = metrics.score(result.predictions, panel, season_length=config.season_length)
     row = scores[scores["series_id"].isna()].iloc[0]
-    return {m: float(row[m]) for m in metrics.METRICS}
+    residuals = intervals.scaled_residuals(result.predictions, panel, season_length=config.season_length)
+    coverage = intervals.coverage(residuals, horizon=config.horizon, level=config.interval_level)
+    return {**{m: float(row[m]) for m in metrics.METRICS}, "interval_coverage": coverage}
 
 
 def calibrate(config: DatasetConfig, panel: pd.DataFrame, comparison: Comparison) -> list[float]:

@@ -202,6 +202,9 @@ def test_a_kept_champion_is_the_flagged_score_row_with_its_own_scores(client: Ml
     assert flagged["model"].tolist() == ["seasonal_naive v1"] and flagged["series_id"].isna().all()
     assert flagged["mase"].iloc[0] == pytest.approx(kept.current_mase)
     assert flagged[["mae", "rmse", "smape"]].notna().all(axis=None)
+    # its intervals' coverage at tonight's origins, as each candidate's (it had none)
+    assert flagged["interval_coverage"].iloc[0] == pytest.approx(
+        pipeline.backtest_candidate(CONFIG, panel, "seasonal_naive").coverage)
     assert flagged["mlflow_run_id"].iloc[0] == first.run_id
     assert not rows.loc[rows["model"] == "naive", "is_champion"].any()
     promoted = promote(client, panel, "naive", claimed_mase=0.0)
