@@ -382,11 +382,12 @@ def _imports_restored() -> Iterator[None]:
     sys.modules, once per version, for the life of the logging process."""
     import sys
 
-    path, modules = list(sys.path), set(sys.modules)
+    path, modules = set(sys.path), set(sys.modules)
     try:
         yield
     finally:
-        sys.path[:] = path
+        # only what was added: the flow's threads may run this (no logging process) and change sys.path
+        sys.path[:] = [entry for entry in sys.path if entry in path]
         for added in set(sys.modules) - modules:
             if added.startswith("code_model"):  # MLflow's name for a model file it ran
                 del sys.modules[added]
