@@ -128,7 +128,7 @@ def test_history_callback_params_and_example_input():
                         training=tiny_training(max_epochs=3, patience=5))
     f.fit(TRAIN, on_epoch=lambda e, tr, va: epochs.append((e, tr, va)))
     assert [e for e, _, _ in epochs] == [1, 2, 3]
-    assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va} for e, tr, va in epochs]
+    assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va, "member": 1} for e, tr, va in epochs]
     example = f.example_input(TRAIN)  # what the registered version's pyfunc takes: each series' last window
     assert list(example.columns) == ["series_id", "ts", "value"]
     assert example.groupby("series_id").size().tolist() == [36, 36] and example["series_id"].nunique() == 2
