@@ -430,6 +430,7 @@ def served_deployments(deployments: list[dict[str, Any]], source: Path | None = 
 NIGHTLY_ENTRYPOINT = "flows.nightly:nightly"  # the one flow `forecasting serve` serves
 # What `forecasting serve` reads of a prefect.yaml deployment; `work_pool` is `prefect deploy`'s.
 _DEPLOYMENT_KEYS = {"name", "entrypoint", "description", "parameters", "tags", "schedules", "work_pool"}
+_WORK_POOL_KEYS = {"name", "work_queue_name"}  # all of a work pool that serve can leave aside
 _SCHEDULE_KEYS = {"timezone", "active", "parameters", "slug", "day_or", "anchor_date"}
 
 
@@ -462,6 +463,7 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
         if unknown:
             raise ConfigError(f"{path}: deployment {name!r}: key {unknown[0]!r} is not read by "
                               "`forecasting serve`; use `prefect deploy` for it")
+        _check_work_pool(path, name, item.get("work_pool"))
         entrypoint = item.get("entrypoint", NIGHTLY_ENTRYPOINT)
         if entrypoint != NIGHTLY_ENTRYPOINT:  # serve runs the nightly flow: another was run in its place
             raise ConfigError(f"{path}: deployment {name!r}: entrypoint {entrypoint!r} is not served by "
@@ -491,6 +493,22 @@ def deployments_from_yaml(path: Path) -> list[dict[str, Any]]:
             schedules=schedules,
         ))
     return deployments
+
+
+def _check_work_pool(path: Path, deployment: str, work_pool: Any) -> None:
+    """A deployment's `work_pool` is `prefect deploy`'s: serve runs the flow in its own process,
+    so only the pool's name may be there. Its `job_variables` (an `env` with the database URL,
+    say) were dropped without a word: the served runs wrote to serve's own default database."""
+    if work_pool is None:
+        return
+    if not isinstance(work_pool, dict):
+        raise ConfigError(f"{path}: deployment {deployment!r}: work_pool ({work_pool!r}) must be a mapping "
+                          "(name, work_queue_name)")
+    ignored = sorted(set(work_pool) - _WORK_POOL_KEYS)
+    if ignored:
+        raise ConfigError(f"{path}: deployment {deployment!r}: work_pool.{ignored[0]} is not applied by "
+                          "`forecasting serve`, whose runs start in its own process and environment: set "
+                          "environment variables where serve runs, or use `prefect deploy`")
 
 
 def _with_checked_config(path: Path, deployment: str, where: str, parameters: Any) -> dict[str, Any]:

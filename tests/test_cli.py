@@ -264,6 +264,16 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
     with pytest.raises(ConfigError, match=r"deployment 'd': entrypoint 'flows.nightly:predict' is not served by "
                                           r"`forecasting serve`"):
         deployments_from_yaml(spec(entrypoint="flows.nightly:predict"))
+    # A work pool's job variables (an env with the database URL) were dropped without a word:
+    # the served runs wrote to serve's own default database. Its name is prefect deploy's alone.
+    pool = {"name": "forecasting-process", "work_queue_name": "default"}
+    assert deployments_from_yaml(spec(work_pool=pool))[0]["name"] == "d"
+    env = {"env": {"FORECASTING_DATABASE_URL": "postgresql+psycopg://db/prod"}}
+    with pytest.raises(ConfigError, match=r"deployment 'd': work_pool.job_variables is not applied by "
+                                          r"`forecasting serve`, whose runs start in its own process"):
+        deployments_from_yaml(spec(work_pool={**pool, "job_variables": env}))
+    with pytest.raises(ConfigError, match=r"work_pool \('forecasting-process'\) must be a mapping"):
+        deployments_from_yaml(spec(work_pool="forecasting-process"))
 
 
 @pytest.mark.parametrize(("text", "problem"), [
