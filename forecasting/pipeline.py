@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, NoDefinedMase, choose_champion, run_backtest
-from forecasting.config import BASELINES, DatasetConfig, parse_as_of  # noqa: F401  (flows call it from here)
+from forecasting.config import BASELINES, DatasetConfig, TrainingConfig, parse_as_of  # noqa: F401  (flows call it from here)
 from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster, UnusableChampion
@@ -324,8 +324,21 @@ def same_settings(forecaster: Forecaster, config: DatasetConfig) -> bool:
         return False
     if forecaster.name in BASELINES:
         return True
-    return (forecaster.training == config.training
+    return (_model_settings(forecaster.training, horizon=forecaster.horizon, season_length=forecaster.season_length)
+            == _model_settings(config.training, horizon=config.horizon, season_length=config.season_length)
             and tuple(forecaster.covariates) == tuple(config.source.covariates))
+
+
+def _model_settings(training: TrainingConfig, *, horizon: int, season_length: int) -> dict[str, Any]:
+    """The training settings that make a network: not `device` (where it trains), and an
+    input window or validation length left to its default is that default. Compared whole, a
+    config that only named the device, or wrote out the default window, kept the old champion
+    forecasting for good (its re-score tied tonight's model, the settings "differed")."""
+    settings = training.model_dump()
+    settings.pop("device")
+    settings["input_window"] = training.input_window or default_input_window(horizon, season_length)
+    settings["val_steps"] = training.val_steps or horizon
+    return settings
 
 
 def rescore_current(
@@ -343,9 +356,12 @@ def rescore_current(
     if current.name in aggregate.index and same_settings(current, config):
         coverage = next(r.coverage for r in comparison.results if r.name == current.name)
         return {**{m: float(aggregate.loc[current.name, m]) for m in metrics.METRICS}, "interval_coverage": coverage}
+    # On tonight's device: a champion trained on a GPU machine failed every night's re-score on
+    # one without CUDA, after all the training
+    training = current.training.model_copy(update={"device": config.training.device})
     result = run_backtest(
         panel, candidates=[current.name], freq=config.freq, horizon=config.horizon,
-        season_length=current.season_length, training=current.training,
+        season_length=current.season_length, training=training,
         windows=config.backtest.windows, retrain=config.backtest.retrain,
         covariates=current.covariates,
     )
@@ -466,6 +482,11 @@ def decide(
     if name == current.forecaster.name and same_settings(current.forecaster, config):
         return new("refreshed", f"same model and settings as {versus}: retrained on data through {as_of}",
                    rescored)
+    if name == current.forecaster.name and new_mase == current_mase:
+        # Settings that differ only in name (precision auto where it means float32, say) build the
+        # same model: kept, the old weights would forecast for good
+        return new("refreshed", f"same model as {versus}, scored the same: retrained on data through {as_of}",
+                   rescored)
     return Decision(current.forecaster, current.quantiles, current, False, "kept",
                     f"new {name} MASE {new_mase:.4f} >= {versus}", new_mase, current_mase, replaces, rescored)
 
@@ -480,7 +501,7 @@ def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str |
     if model.name not in config.candidates:
         return (f"current champion v{current.version} is {model.name!r}, which the config no longer compares "
                 f"(models: {list(config.models)})")
-    if model.horizon != config.horizon or model.freq != config.freq:
+    if model.horizon != config.horizon or to_offset(model.freq) != to_offset(config.freq):  # "W" is "W-SUN"
         return (f"current champion v{current.version} forecasts {model.horizon} x {model.freq!r}, "
                 f"the config now {config.horizon} x {config.freq!r}")
     if model.season_length != config.season_length:

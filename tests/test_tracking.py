@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from forecasting import baselines, pipeline, tracking, tracking_process
 from forecasting.config import DatasetConfig, Settings
+from forecasting.tracking_process import RegisteredForecaster
 from tests.flow_fixtures import Failed, tiny_config
 
 CONFIG = tiny_config()
@@ -154,6 +155,44 @@ def test_a_champion_whose_cell_left_models_is_replaced_and_refused_by_predict(cl
     assert night.reason == "current champion v1 is 'rnn', which the config no longer compares (models: ['lstm', 'gru'])"
     loaded = tracking_process.current_champion(Settings().mlflow_tracking_uri, "sales")
     assert pipeline.unlike_config(loaded, without_rnn) is None  # v2 (naive) is a baseline: always compared
+
+
+def test_a_champion_whose_settings_differ_only_in_name_is_refreshed_not_kept_for_good(client: MlflowClient) -> None:
+    """Settings compared whole: a config that named the device, wrote out the default input
+    window, or changed what cannot change the model (patience beyond max_epochs) kept the old
+    champion forecasting for good: its re-score tied tonight's model, which is not `<`."""
+    panel = seasonal_panel()
+    first = promote(client, panel, "gru")
+    assert first.decision == "promoted"
+    named = CONFIG.training.model_copy(update={"device": "cpu", "input_window": 36})  # 36: the default here
+    assert pipeline.same_settings(first.forecaster, CONFIG.model_copy(update={"training": named}))
+    no_effect = CONFIG.training.model_copy(update={"patience": CONFIG.training.patience + 1})  # > max_epochs either way
+    night = promote(client, panel, "gru", config=CONFIG.model_copy(update={"training": no_effect}))
+    assert night.decision == "refreshed" and night.promoted and night.version == "2", night.reason
+    assert night.new_mase == night.current_mase
+    assert "scored the same" in night.reason
+
+
+def test_a_freq_written_another_way_is_the_same_freq() -> None:
+    """freq was compared as text: a config changed from "W" to "W-SUN" (the same weeks) replaced
+    the champion without a comparison, and `predict` refused it."""
+    weekly = tiny_config(freq="W-SUN", season_length=52)
+    model = pipeline.make_forecaster("naive", freq="W", horizon=weekly.horizon, season_length=52,
+                                     training=weekly.training)
+    current = RegisteredForecaster(model, "1", "run", [1.0] * weekly.horizon, None)
+    assert pipeline.unlike_config(current, weekly) is None
+    assert pipeline.unlike_config(current, tiny_config(freq="W-MON", season_length=52)) is not None
+
+
+def test_a_champion_trained_on_a_gpu_is_re_scored_on_tonights_device(client: MlflowClient) -> None:
+    """Re-scored with its own settings, a champion trained with `device: cuda` failed every
+    night on a machine without CUDA ("CUDA is not available"), after all the training."""
+    panel = seasonal_panel()
+    gpu = pipeline.make_forecaster("lstm", freq=CONFIG.freq, horizon=CONFIG.horizon, season_length=CONFIG.season_length,
+                                   training=CONFIG.training.model_copy(update={"device": "cuda"}))
+    comparison = pipeline.compare([pipeline.backtest_candidate(CONFIG, panel, "naive")], dataset=CONFIG.name)
+    scores = pipeline.rescore_current(gpu, CONFIG, panel, comparison)
+    assert np.isfinite(scores["mase"])
 
 
 def test_a_champion_that_cannot_backtest_on_tonights_data_is_replaced_not_a_failed_night(client: MlflowClient) -> None:
