@@ -53,7 +53,7 @@ from forecasting import db, pipeline, prefect_heartbeats, progress, shards, trac
 from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
-from forecasting.train import configure_torch_threads
+from forecasting.train import check_training_device, configure_torch_threads
 from forecasting.validate import ValidationFailed, ValidationReport, observed_rows, validate
 
 
@@ -363,6 +363,8 @@ def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None, ba
     run's state.
     """
     config = load_config(config)
+    # Served and API runs too (the CLI checks it before it starts one): not after the baselines
+    check_training_device(config.training.device, dataset=config.name)
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
     # load, validate, one per candidate, fit, the parent's and champion's logging, decide,
@@ -543,6 +545,8 @@ def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pi
 def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) -> dict[str, Any]:
     """Forecast with the registered champion, no training; replaces that as_of's forecast rows."""
     config = load_config(config)
+    # Served and API runs too (the CLI checks it before it starts one): not after the baselines
+    check_training_device(config.training.device, dataset=config.name)
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))

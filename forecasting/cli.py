@@ -265,12 +265,12 @@ def check_device(config: DatasetConfig, path: str) -> None:
     workers are this machine)."""
     if config.training.device != "cuda":
         return
-    import torch  # only for this case: the check stays milliseconds otherwise
+    from forecasting.train import check_training_device  # torch only for this case: milliseconds otherwise
 
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{path}: dataset {config.name!r}: key `training.device` is 'cuda', but torch "
-                          f"{torch.__version__} sees no CUDA device here (where the current champion is re-scored, "
-                          "--dask or not); use 'auto' or 'cpu'")
+    try:
+        check_training_device(config.training.device, dataset=config.name)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def check_cluster(args: argparse.Namespace) -> None:

@@ -103,6 +103,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_training_device(device: str, *, dataset: str) -> None:
+    """`training.device` 'cuda' on a machine without CUDA, refused before any work: it failed
+    only as the first network trained, after the baselines' backtests, naming no dataset."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"dataset {dataset!r}: `training.device` is 'cuda', but torch {torch.__version__} sees no "
+                         "CUDA device here (where the networks train and the current champion is re-scored, "
+                         "--dask or not); use 'auto' or 'cpu'")
+
+
 def applied_precision(training: TrainingConfig) -> str:
     """What `training.precision` comes to for the configured device on this host (auto: per CPU)."""
     return effective_precision(training.precision, resolve_device(training.device), training.strategy)

@@ -192,9 +192,9 @@ def test_cuda_asked_for_where_there_is_none_is_refused_before_anything_starts(
     path.write_text(yaml.safe_dump(tiny_config(training={"device": "cuda"}).model_dump(mode="json")))
     dates = ["--start", "2019-01-01", "--end", "2019-02-01"] if command == "backfill" else []
     assert main([command, "--config", str(path), *dates]) == 2
-    assert f"{path}: dataset 'sales': key `training.device` is 'cuda', but torch" in capsys.readouterr().out
+    assert f"{path}: dataset 'sales': `training.device` is 'cuda', but torch" in capsys.readouterr().out
     assert main([command, "--config", str(path), "--dask", "tcp://10.0.0.1:8786", *dates]) == 2
-    assert "key `training.device` is 'cuda', but torch" in capsys.readouterr().out
+    assert "`training.device` is 'cuda', but torch" in capsys.readouterr().out
 
 
 def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:

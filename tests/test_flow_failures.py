@@ -27,6 +27,24 @@ def test_unreachable_database_fails_clearly_within_seconds(monkeypatch: pytest.M
     assert "127.0.0.1:1/prod is not usable" in message and SENTINEL not in message
 
 
+def test_a_served_run_asking_for_cuda_where_there_is_none_fails_before_loading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI refused it; a served or API run failed only when the first network trained,
+    after the baselines' backtests, with a message that named no dataset."""
+    import torch
+
+    import flows.nightly
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever this machine has
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(flows.nightly, "load_series", loaded)
+    with pytest.raises(ValueError, match=r"dataset 'sales': `training.device` is 'cuda', but torch .* sees no CUDA"):
+        nightly(config=tiny_config(training={"device": "cuda"}))
+
+
 def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, env: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     load_sales(engine)
