@@ -253,6 +253,8 @@ def validate(
     """Apply the checks and the config's policy; return the panel the models may use."""
     if panel.empty:
         raise ValidationFailed(config.name, [Problem("*", "empty", None, "the source returned no rows")])
+    if config.source.id_column is None:
+        _refuse_several_series_as_one(panel, config)
     required = min_length(config, input_window)
     problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
                              covariates=config.source.covariates)
@@ -294,6 +296,20 @@ def validate(
             f"{len(failing)} of {total} series failed, more than validation.max_dropped_share ({share:g}) "
             "lets a night drop: not trained on the rest"))
     return report
+
+
+def _refuse_several_series_as_one(panel: pd.DataFrame, config: DatasetConfig) -> None:
+    """A source without `id_column` holds one series. Where each timestamp has two rows or more,
+    it holds several: `fill` kept the last row of each timestamp and made one series of rows
+    from all of them, and the night went on with a warning."""
+    rows, stamps = len(panel), panel["ts"].nunique()
+    if rows < 2 * stamps:
+        return
+    first = panel.loc[panel["ts"].duplicated(), "ts"].min()
+    raise ValidationFailed(config.name, [Problem(str(panel["series_id"].iloc[0]), "duplicate_timestamps", first, (
+        f"{rows} rows for {stamps} timestamps: the source holds several series, but `source.id_column` is not "
+        "set; name the column that tells them apart (or, for repeated deliveries of one series, keep one row "
+        "per timestamp in `source.query`)"))], note="under every policy")
 
 
 def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:

@@ -330,3 +330,21 @@ def test_drop_fails_the_night_rather_than_train_on_a_remnant() -> None:
     everything = tiny_config(validation={"policy": "drop", "max_dropped_share": 1.0})
     with pytest.raises(ValidationFailed, match=r"failed validation \(\d+ problem\(s\)\): every series failed"):
         validate(short[short["series_id"] < "s029"], everything, input_window=WINDOW, as_of=ts[-1])
+
+
+@pytest.mark.parametrize("policy", ["refuse", "drop", "fill"])
+def test_several_series_without_an_id_column_are_refused_not_merged(policy: str) -> None:
+    """Two stores in a source configured without `id_column`: `fill` kept the last row of each
+    timestamp and made one series of both, and the night went on."""
+    config = tiny_config(source={"table": "sales", "time_column": "month", "target_column": "turnover"},
+                         validation={"policy": policy})
+    ts = pd.date_range("2015-01-01", periods=60, freq="MS")
+    both = pd.DataFrame({"series_id": "sales", "ts": np.concatenate([ts, ts]),
+                         "value": np.concatenate([np.full(60, 10.0), np.full(60, 500.0)])})
+    with pytest.raises(ValidationFailed, match=r"series 'sales': duplicate_timestamps at 2015-01-01 00:00:00: "
+                                               r"120 rows for 60 timestamps: .* `source.id_column` is not set"):
+        validate(both, config, input_window=WINDOW, as_of=ts[-1])
+    # a few repeated deliveries of one series are still `fill`'s to repair
+    repeated = pd.concat([both.iloc[:60], both.iloc[:3]], ignore_index=True)
+    if policy == "fill":
+        assert len(validate(repeated, config, input_window=WINDOW, as_of=ts[-1]).panel) == 60
