@@ -71,6 +71,14 @@ class SettingError(ValueError):
     dataset config; the message names the setting and its value."""
 
 
+def _without_comments(sql: str) -> str:
+    """`sql` without its comments: a query that opens with `-- daily totals` is still a SELECT
+    (sqlparse knows string literals from comments)."""
+    import sqlparse
+
+    return sqlparse.format(sql, strip_comments=True)
+
+
 def check_identifier(value: str, *, key: str) -> str:
     if not isinstance(value, str) or not IDENTIFIER.match(value):
         raise ValueError(
@@ -133,7 +141,7 @@ class SourceConfig(_Strict):
                 f"exactly one of `source.table` ({self.table!r}) and `source.query` "
                 f"({self.query!r}) must be given"
             )
-        if self.query is not None and not re.match(r"^\s*(select|with)\b", self.query, re.I):
+        if self.query is not None and not re.match(r"^\s*(select|with)\b", _without_comments(self.query), re.I):
             raise ValueError(f"`source.query` ({self.query!r}) must be a SELECT (or WITH ... SELECT)")
         return self
 

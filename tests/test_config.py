@@ -37,6 +37,12 @@ def test_demo_configs_load(name: str) -> None:
     assert config.candidates[:3] == ("naive", "seasonal_naive", "ets")
 
 
+def test_a_query_that_opens_with_a_comment_is_a_select(tmp_path: Path) -> None:
+    """It was refused as "must be a SELECT", though the query's wrapping strips comments."""
+    query = "-- monthly turnover per store\n/* since 1982 */ SELECT * FROM sales"
+    assert load_config(write(tmp_path, with_source(table=None, query=query))).source.query == query
+
+
 def test_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, VALID))
     assert config.source.table == "sales" and config.source.query is None
@@ -62,6 +68,7 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+        (with_source(table=None, query="-- SELECT\nDELETE FROM sales"), "source", "must be a SELECT"),
         # A covariate written under the long frame's own names would overwrite the target,
         # the ids or the times; one source column in two roles likewise.
         (with_source(covariates=["value"]), "source", "may not name 'value'"),
