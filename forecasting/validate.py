@@ -79,14 +79,24 @@ def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFram
     return loaded[keep]
 
 
+LENGTH_RULE = "input window + horizon x (backtest windows + 1)"
+
+
 def min_length(config: DatasetConfig, input_window: int) -> int:
     """Enough history for one training window plus every backtest window."""
     return input_window + config.horizon * (config.backtest.windows + 1)
 
 
+def describe_min_length(config: DatasetConfig, input_window: int) -> str:
+    """min_length with its terms and the keys that set them: what to change for shorter series."""
+    window = (f"training.input_window {input_window}" if config.training.input_window is not None else
+              f"training.input_window {input_window} (its default, 3 x season_length or more)")
+    return f"{window} + horizon {config.horizon} x (backtest.windows {config.backtest.windows} + 1)"
+
+
 def find_problems(
     panel: pd.DataFrame, *, freq: str, required_length: int, as_of: pd.Timestamp | None = None,
-    covariates: Sequence[str] = (),
+    covariates: Sequence[str] = (), length_rule: str = LENGTH_RULE,
 ) -> list[Problem]:
     """Every problem of every series, series in sorted order, checks in a fixed order.
 
@@ -100,7 +110,7 @@ def find_problems(
     if len(ids) == 0 or (codes < 0).any() or not _is_naive_datetime(ts_column):
         return [p for sid, group in panel.groupby("series_id", sort=True)
                 for p in _series_problems(sid, group, freq=freq, offset=offset, required_length=required_length,
-                                          as_of=as_of, covariates=covariates)]
+                                          as_of=as_of, covariates=covariates, length_rule=length_rule)]
     lengths = np.bincount(codes, minlength=len(ids))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     order = np.argsort(codes, kind="stable")  # rows of each series together, panel order within
@@ -135,11 +145,12 @@ def find_problems(
         if not clean[i]:
             group = panel.iloc[order[starts[i]:starts[i] + lengths[i]]]
             problems += _series_problems(sid, group, freq=freq, offset=offset, required_length=required_length,
-                                         as_of=as_of, covariates=covariates)
+                                         as_of=as_of, covariates=covariates, length_rule=length_rule)
             continue
         end = pd.Timestamp(int(last[i]))
         if lengths[i] < required_length:  # clean: the steps spanned are its rows
-            problems.append(Problem(sid, "too_short", end, _too_short(int(lengths[i]), required_length)))
+            problems.append(Problem(sid, "too_short", end, _too_short(int(lengths[i]), required_length,
+                                                                                 length_rule)))
         if as_of is not None and end < as_of:
             problems.append(Problem(sid, "ends_before_as_of", end, f"last observation is before as_of {as_of}"))
     return problems
@@ -153,14 +164,13 @@ def _is_naive_datetime(column: pd.Series) -> bool:
     return isinstance(column.dtype, np.dtype) and column.dtype.kind == "M"
 
 
-def _too_short(steps: int, required_length: int) -> str:
-    return (f"{steps} time steps, need at least {required_length} "
-            "(input window + horizon x (backtest windows + 1))")
+def _too_short(steps: int, required_length: int, length_rule: str) -> str:
+    return f"{steps} time steps, need at least {required_length} ({length_rule})"
 
 
 def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: pd.DateOffset,
                      required_length: int, as_of: pd.Timestamp | None,
-                     covariates: Sequence[str] = ()) -> list[Problem]:
+                     covariates: Sequence[str] = (), length_rule: str = LENGTH_RULE) -> list[Problem]:
     """The checks of one series, in order, each naming its first offending timestamp."""
     problems: list[Problem] = []
     ts = group["ts"]
@@ -194,7 +204,7 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
         return problems
     spanned = len(pd.date_range(seen[0], seen[-1], freq=offset))  # steps; gaps are their own check
     if spanned < required_length:
-        problems.append(Problem(series_id, "too_short", seen[-1], _too_short(spanned, required_length)))
+        problems.append(Problem(series_id, "too_short", seen[-1], _too_short(spanned, required_length, length_rule)))
     if as_of is not None and seen[-1] < as_of:
         problems.append(Problem(series_id, "ends_before_as_of", seen[-1],
                                 f"last observation is before as_of {as_of}"))
@@ -257,7 +267,7 @@ def validate(
         _refuse_several_series_as_one(panel, config)
     required = min_length(config, input_window)
     problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
-                             covariates=config.source.covariates)
+                             covariates=config.source.covariates, length_rule=describe_min_length(config, input_window))
     if _sub_daily(config.freq):
         problems = [_with_clock_hint(p, config.source.timezone) for p in problems]
     if not problems:

@@ -348,3 +348,15 @@ def test_several_series_without_an_id_column_are_refused_not_merged(policy: str)
     repeated = pd.concat([both.iloc[:60], both.iloc[:3]], ignore_index=True)
     if policy == "fill":
         assert len(validate(repeated, config, input_window=WINDOW, as_of=ts[-1]).panel) == 60
+
+
+def test_too_short_says_which_keys_make_the_length_it_needs() -> None:
+    """"104 time steps, need at least 182 (input window + horizon x (backtest windows + 1))"
+    left the user to find that the window was 3 x season_length by default, and under which key."""
+    ts = pd.date_range("2019-01-01", periods=REQUIRED - 1, freq="MS")
+    short = pd.DataFrame({"series_id": "a", "ts": ts, "value": np.arange(float(len(ts)))})
+    with pytest.raises(ValidationFailed, match=rf"{REQUIRED - 1} time steps, need at least {REQUIRED} "
+                                               r"\(training.input_window 12 \+ horizon 6 x \(backtest.windows 1 \+ 1\)\)"):
+        validate(short, tiny_config(training={"input_window": 12}), input_window=WINDOW, as_of=ts[-1])
+    with pytest.raises(ValidationFailed, match=r"training.input_window 12 \(its default, 3 x season_length or more\)"):
+        validate(short, CONFIG, input_window=WINDOW, as_of=ts[-1])
