@@ -354,8 +354,14 @@ def _artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower())
 
 
+# A config as a mapping is validated by load_config, not by Prefect: Prefect's validation of a
+# DatasetConfig parameter logged pydantic's raw error list (with a misleading "config.str:
+# Input should be a valid string") and never named the dataset or the file's keys as ours does.
+ConfigParameter = DatasetConfig | dict[str, Any] | str
+
+
 @flow(name="nightly-forecast", task_runner=task_runner(Settings().forecasting_dask_address))
-def nightly(config: DatasetConfig | str, as_of: str | datetime | None = None, backfill: bool = False) -> Any:
+def nightly(config: ConfigParameter, as_of: str | datetime | None = None, backfill: bool = False) -> Any:
     """Load, validate, backtest every candidate, promote a champion, write the next n steps.
 
     `backfill`: a night of a backfill, which forecasts with its own model and never moves the
@@ -542,7 +548,7 @@ def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pi
 
 
 @flow(name="predict-with-champion")
-def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) -> dict[str, Any]:
+def predict(config: ConfigParameter, as_of: str | datetime | None = None) -> dict[str, Any]:
     """Forecast with the registered champion, no training; replaces that as_of's forecast rows."""
     config = load_config(config)
     # Served and API runs too (the CLI checks it before it starts one): not after the baselines
@@ -580,7 +586,7 @@ def predict(config: DatasetConfig | str, as_of: str | datetime | None = None) ->
 
 
 @flow(name="backfill", task_runner=task_runner(Settings().forecasting_dask_address))
-def backfill(config: DatasetConfig | str, start: str, end: str) -> list[dict[str, Any]]:
+def backfill(config: ConfigParameter, start: str, end: str) -> list[dict[str, Any]]:
     """The nightly flow for every as_of from start to end at the dataset's freq, oldest first;
     a date with no data of its own (after the data's end, in a gap) is skipped, with a warning,
     rather than repeat the night before it.

@@ -329,8 +329,9 @@ def load_config(config: DatasetConfig | str | Path | dict[str, Any]) -> DatasetC
     """Accept what a flow parameter may hold: the model itself, a YAML path, or a mapping."""
     if isinstance(config, DatasetConfig):
         return config
-    if isinstance(config, dict):
-        return DatasetConfig.from_mapping(config)
+    if isinstance(config, dict):  # a flow parameter: named after the dataset it says it is
+        name = config.get("name")
+        return DatasetConfig.from_mapping(config, origin=f"config of dataset {name!r}" if name else "<config>")
     return DatasetConfig.from_yaml(config)
 
 

@@ -45,6 +45,17 @@ def test_a_served_run_asking_for_cuda_where_there_is_none_fails_before_loading(
         nightly(config=tiny_config(training={"device": "cuda"}))
 
 
+def test_a_bad_config_given_as_a_mapping_gets_the_pipelines_message_not_pydantics_dump() -> None:
+    """Prefect validated a mapping against DatasetConfig itself: it logged pydantic's raw error
+    list, with a misleading "config.str: Input should be a valid string", and no dataset."""
+    from forecasting.config import ConfigError
+
+    raw = tiny_config().model_dump(mode="json") | {"horizon": 0}
+    with pytest.raises(ConfigError, match=r"^config of dataset 'sales': key `horizon` \(value 0\): Input should be "
+                                          r"greater than or equal to 1$"):
+        nightly(config=raw)
+
+
 def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, env: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     load_sales(engine)
