@@ -360,3 +360,13 @@ def test_too_short_says_which_keys_make_the_length_it_needs() -> None:
         validate(short, tiny_config(training={"input_window": 12}), input_window=WINDOW, as_of=ts[-1])
     with pytest.raises(ValidationFailed, match=r"training.input_window 12 \(its default, 3 x season_length or more\)"):
         validate(short, CONFIG, input_window=WINDOW, as_of=ts[-1])
+
+
+def test_negative_targets_under_log_scaling_are_refused_before_any_training() -> None:
+    """They failed as the first network trained, after the baselines' backtests, naming no dataset."""
+    ts = pd.date_range("2015-01-01", periods=60, freq="MS")
+    panel = pd.DataFrame({"series_id": "a", "ts": ts, "value": np.linspace(-5.0, 50.0, 60)})
+    with pytest.raises(ValidationFailed, match=r"dataset 'sales'.*series 'a': negative_target at 2015-01-01 00:00:00: "
+                                               r"6 negative target value\(s\), which `training.scaling` \('log'\)"):
+        validate(panel, tiny_config(training={"scaling": "log"}), input_window=WINDOW, as_of=ts[-1])
+    validate(panel, CONFIG, input_window=WINDOW, as_of=ts[-1])  # auto: standard scaling for it
