@@ -472,10 +472,40 @@ def _source_times(column: pd.Series, config: DatasetConfig) -> pd.Series:
     """naive_times of the source's time column; values that are not timestamps named."""
     name = config.source.time_column
     try:
-        return naive_times(column, config.source.timezone)
+        times = naive_times(column, config.source.timezone)
     except (ValueError, TypeError) as exc:
         raise DataError(f"dataset {config.name!r}: column {name!r} (time_column) holds values that are not "
                         f"timestamps: {exc}") from None
+    _warn_of_days_off_midnight(column, times, config)
+    return times
+
+
+def _warn_of_days_off_midnight(column: pd.Series, times: pd.Series, config: DatasetConfig) -> None:
+    """Days counted in another zone than `source.timezone`: Tokyo's midnights read on UTC's clock
+    are 15:00 the day before, a grid validation accepts, so every day was labelled (and every
+    forecast dated) a day early, silently. Not refused: a reading taken at 09:00 each day is
+    daily data too; a warning names the key."""
+    from forecasting.validate import _sub_daily
+
+    if _sub_daily(config.freq) or not _aware(column) or times.empty:
+        return
+    off = times[times != times.dt.normalize()]
+    if off.empty:
+        return
+    log.warning("dataset %r: column %r (time_column) holds times with a zone, %d of them not at midnight on the "
+                "clock of `source.timezone` (%r), e.g. %s: if the days are counted in another zone, set "
+                "`source.timezone` to it, or every %r step is dated from that time of day",
+                config.name, config.source.time_column, len(off), config.source.timezone, off.iloc[0], config.freq)
+
+
+def _aware(column: pd.Series) -> bool:
+    """Whether the source's times carry a zone (timestamptz, or text with an offset)."""
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        return True
+    first = column.first_valid_index()
+    sample = column[first] if first is not None else None
+    return getattr(sample, "tzinfo", None) is not None or (
+        isinstance(sample, str) and _TEXT_OFFSET.search(sample.strip()) is not None)
 
 
 def naive_times(column: pd.Series, timezone: str) -> pd.Series:
@@ -489,10 +519,7 @@ def naive_times(column: pd.Series, timezone: str) -> pd.Series:
         raise ValueError(f"numbers (e.g. {sample}), not dates or timestamps; convert them in `source.query`, "
                          "e.g. datetime(col, 'unixepoch') on SQLite or to_timestamp(col) on PostgreSQL for "
                          "seconds since 1970")
-    aware = isinstance(column.dtype, pd.DatetimeTZDtype)
-    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
-        aware = getattr(sample, "tzinfo", None) is not None or (
-            isinstance(sample, str) and _TEXT_OFFSET.search(sample.strip()) is not None)
+    aware = _aware(column)
     try:
         ts = pd.to_datetime(column, utc=True)  # mixed offsets (daylight saving) need one zone first
     except ValueError as first_error:

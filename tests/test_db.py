@@ -341,6 +341,25 @@ def test_times_of_a_text_target_leave_out_null_as_the_load_does(engine: sa.Engin
     assert list(loaded.loc[loaded["value"].notna(), "ts"]) == list(times)
 
 
+def test_days_counted_in_another_zone_than_source_timezone_are_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """Tokyo's midnights (timestamptz) read on UTC's clock are 15:00 the day before: a daily grid
+    validation accepts, so every day was labelled, and every forecast dated, a day early."""
+    from tests.flow_fixtures import tiny_config
+
+    tokyo_days = pd.Series(pd.date_range("2021-03-01", periods=3, freq="D", tz="Asia/Tokyo"))
+    source = {"table": "weather", "time_column": "day", "target_column": "t"}
+    with caplog.at_level("WARNING", logger="forecasting.db"):
+        times = db._source_times(tokyo_days, tiny_config(freq="D", season_length=7, source=source))
+    assert times.iloc[0] == pd.Timestamp("2021-02-28 15:00")  # what it reads (not refused: 15:00 readings exist)
+    assert "3 of them not at midnight on the clock of `source.timezone` ('UTC'), e.g. 2021-02-28 15:00:00" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forecasting.db"):
+        times = db._source_times(tokyo_days, tiny_config(freq="D", season_length=7,
+                                                         source={**source, "timezone": "Asia/Tokyo"}))
+        db._source_times(tokyo_days.dt.tz_localize(None), tiny_config(freq="D", season_length=7, source=source))
+    assert times.iloc[0] == pd.Timestamp("2021-03-01") and not caplog.text  # its zone, or naive times: silent
+
+
 def test_text_times_in_several_iso_forms_are_read() -> None:
     """SQLite text written by two tools: pandas took the first value's format for all, and the
     dataset was refused as "not timestamps". A value in no ISO form is still refused."""
