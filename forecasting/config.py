@@ -280,6 +280,17 @@ class DatasetConfig(_Strict):
             raise ValueError(f"`models` ({list(value)!r}) names {twice} more than once")
         return value
 
+    @model_validator(mode="after")
+    def _window_holds_a_season(self) -> DatasetConfig:
+        # The networks' reference is the window's last season: a window shorter than the season
+        # fell back to the last value, silently, while MLflow still logged seasonal_naive.
+        t = self.training
+        if t.input_window is not None and t.residual == "seasonal_naive" and t.input_window < self.season_length:
+            raise ValueError(f"`training.input_window` ({t.input_window}) is shorter than `season_length` "
+                             f"({self.season_length}), which `training.residual` ('seasonal_naive') needs in the "
+                             "window: lengthen the window, or set training.residual to 'last_value'")
+        return self
+
     @property
     def candidates(self) -> tuple[str, ...]:
         """Every model scored in a comparison: baselines first (ties go to the simpler model)."""

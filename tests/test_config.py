@@ -68,6 +68,9 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+        # the networks' seasonal reference fell back to the last value, silently
+        ({**VALID, "training": {"input_window": 6}}, "<root>",
+         "`training.input_window` (6) is shorter than `season_length` (12), which `training.residual`"),
         (with_source(table=None, query="-- SELECT\nDELETE FROM sales"), "source", "must be a SELECT"),
         # A covariate written under the long frame's own names would overwrite the target,
         # the ids or the times; one source column in two roles likewise.
