@@ -49,7 +49,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner
 
-from forecasting import db, pipeline, prefect_heartbeats, progress, shards, tracking_process
+from forecasting import baselines, db, pipeline, prefect_heartbeats, progress, shards, tracking_process
 from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
@@ -371,6 +371,7 @@ def nightly(config: ConfigParameter, as_of: str | datetime | None = None, backfi
     config = load_config(config)
     # Served and API runs too (the CLI checks it before it starts one): not after the baselines
     check_training_device(config.training.device, dataset=config.name)
+    baselines.workers()  # FORECASTING_WORKERS: refused now, not at the ETS backtest
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
     # load, validate, one per candidate, fit, the parent's and champion's logging, decide,
@@ -551,8 +552,7 @@ def _publish(config: DatasetConfig, comparison: pipeline.Comparison, summary: pi
 def predict(config: ConfigParameter, as_of: str | datetime | None = None) -> dict[str, Any]:
     """Forecast with the registered champion, no training; replaces that as_of's forecast rows."""
     config = load_config(config)
-    # Served and API runs too (the CLI checks it before it starts one): not after the baselines
-    check_training_device(config.training.device, dataset=config.name)
+    baselines.workers()  # FORECASTING_WORKERS: refused now, not at the ETS forecast
     configure_torch_threads()
     tracking_process.start()  # its imports run on another core while this process loads the data
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))

@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from forecasting.config import SettingError
+
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN_SERIES = 1000  # below this, spawning workers (2-3 s each: numpy, scipy, statsmodels)
@@ -146,9 +148,9 @@ def workers() -> int:
         try:
             n = int(raw)
         except ValueError:
-            raise ValueError(f"`{WORKERS_ENV}` ({raw!r}) must be an integer >= 1") from None
-        if n < 1:
-            raise ValueError(f"`{WORKERS_ENV}` ({raw!r}) must be an integer >= 1")
+            n = 0
+        if n < 1:  # a SettingError: the CLI names the variable, not the config file, and checks it first
+            raise SettingError(f"`{WORKERS_ENV}` ({raw!r}) must be an integer >= 1")
         return n
     if _in_dask_worker():  # the cluster's worker processes are the parallelism: one shard each
         return 1

@@ -243,6 +243,9 @@ def check_config(args: argparse.Namespace) -> None:
     flow reads it again (it takes a path, as a deployment's parameter does).
     """
     config = load_config(args.config)
+    from forecasting.baselines import workers  # numpy only: its variable fails before, not at the ETS backtest
+
+    workers()
     for option in ("as_of", "start", "end"):  # parse_as_of reads "" as none: --as-of "" meant the latest
         given = getattr(args, option, None)
         if given is not None and not given.strip():

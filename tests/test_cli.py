@@ -197,6 +197,23 @@ def test_cuda_asked_for_where_there_is_none_is_refused_before_anything_starts(
     assert "`training.device` is 'cuda', but torch" in capsys.readouterr().out
 
 
+def test_a_bad_forecasting_workers_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """It failed at the ETS backtest, after load, validate and two baselines, printed after the
+    config's path as if the file were wrong."""
+    monkeypatch.setenv("FORECASTING_WORKERS", "two")
+    monkeypatch.setattr(cli, "check_source", lambda config: None)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flows were loaded")
+
+    monkeypatch.setattr(cli, "flow_module", started)
+    path = tmp_path / "sales.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    assert main(["run", "--config", str(path)]) == 2
+    assert "error: `FORECASTING_WORKERS` ('two') must be an integer >= 1" in capsys.readouterr().out
+
+
 def sales_loaded_and_its_config(engine: sa.Engine, tmp_path: Path) -> Path:
     """The test sales data in the database; the path of a tiny config file for it."""
     load_sales(engine)
