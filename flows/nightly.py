@@ -54,7 +54,8 @@ from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, c
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
 from forecasting.train import check_training_device, configure_torch_threads
-from forecasting.validate import ValidationFailed, ValidationReport, observed_rows, validate
+from forecasting.validate import (ValidationFailed, ValidationReport, observed_rows, refuse_negatives_under_log_scaling,
+                                 validate)
 
 
 # Every flow run's end (each backfill night's too) without the wait for Prefect's heartbeat thread.
@@ -405,6 +406,7 @@ def _nightly(config: DatasetConfig, as_of: str | datetime | None, timer: pipelin
         panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     with timer.stage("validate"):
         report = validate_series(config, panel, effective_as_of)
+        refuse_negatives_under_log_scaling(report.panel, config)  # before training, not at the first network
     loaded, panel = panel, report.panel
     started: Future[tuple[str, str]] | None = None
     try:

@@ -507,7 +507,8 @@ def _check_work_pool(path: Path, deployment: str, work_pool: Any) -> None:
     if not isinstance(work_pool, dict):
         raise ConfigError(f"{path}: deployment {deployment!r}: work_pool ({work_pool!r}) must be a mapping "
                           "(name, work_queue_name)")
-    ignored = sorted(set(work_pool) - _WORK_POOL_KEYS)
+    # Prefect writes `job_variables: {}` into every deployment it generates: only a value is lost
+    ignored = sorted(key for key in set(work_pool) - _WORK_POOL_KEYS if work_pool[key])
     if ignored:
         raise ConfigError(f"{path}: deployment {deployment!r}: work_pool.{ignored[0]} is not applied by "
                           "`forecasting serve`, whose runs start in its own process and environment: set "

@@ -501,7 +501,7 @@ def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str |
     if model.name not in config.candidates:
         return (f"current champion v{current.version} is {model.name!r}, which the config no longer compares "
                 f"(models: {list(config.models)})")
-    if model.horizon != config.horizon or to_offset(model.freq) != to_offset(config.freq):  # "W" is "W-SUN"
+    if model.horizon != config.horizon or not _same_freq(model.freq, config.freq):
         return (f"current champion v{current.version} forecasts {model.horizon} x {model.freq!r}, "
                 f"the config now {config.horizon} x {config.freq!r}")
     if model.season_length != config.season_length:
@@ -516,6 +516,15 @@ def unlike_config(current: RegisteredForecaster, config: DatasetConfig) -> str |
         return (f"current champion v{current.version} needs covariates {missing}, "
                 "which the config no longer reads")
     return None
+
+
+def _same_freq(registered: str, configured: str) -> bool:
+    """As offsets ("W" is "W-SUN"); a freq this pandas no longer reads ("H" or "M", registered
+    under pandas 2) is another freq, not a failed night."""
+    try:
+        return to_offset(registered) == to_offset(configured)
+    except ValueError:
+        return False
 
 
 def superseded(promotion: Promotion, found: str | None) -> Promotion:

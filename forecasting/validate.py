@@ -16,7 +16,7 @@ import pandas as pd
 from pandas.tseries.frequencies import to_offset
 from pandas.tseries.offsets import Tick
 
-from forecasting.config import CELLS, DatasetConfig
+from forecasting.config import DatasetConfig
 
 # The checks a policy of `fill` can repair; the others always refuse or drop the series.
 # Infinite values are not filled in: they are what an upstream division by zero or overflow
@@ -265,7 +265,6 @@ def validate(
         raise ValidationFailed(config.name, [Problem("*", "empty", None, "the source returned no rows")])
     if config.source.id_column is None:
         _refuse_several_series_as_one(panel, config)
-    _refuse_negatives_under_log_scaling(panel, config)
     required = min_length(config, input_window)
     problems = find_problems(panel, freq=config.freq, required_length=required, as_of=as_of,
                              covariates=config.source.covariates, length_rule=describe_min_length(config, input_window))
@@ -323,18 +322,20 @@ def _refuse_several_series_as_one(panel: pd.DataFrame, config: DatasetConfig) ->
         "per timestamp in `source.query`)"))], note="refused under every validation.policy")
 
 
-def _refuse_negatives_under_log_scaling(panel: pd.DataFrame, config: DatasetConfig) -> None:
-    """`training.scaling: log` takes logs of the targets: a negative one failed as the first
-    network trained, after the baselines' backtests, naming no dataset."""
-    if config.training.scaling != "log" or not set(config.candidates) & set(CELLS):
+def refuse_negatives_under_log_scaling(panel: pd.DataFrame, config: DatasetConfig) -> None:
+    """Before a night trains: `training.scaling: log` takes logs of the targets, and a negative
+    one failed as the first network trained, after the baselines' backtests, naming no dataset.
+    On the validated panel (a series the policy dropped is not trained on) and its finite values."""
+    if config.training.scaling != "log":
         return
-    negative = panel[_floats(panel["value"]) < 0]
+    values = _floats(panel["value"])
+    negative = panel[np.isfinite(values) & (values < 0)]
     if negative.empty:
         return
     first = negative.iloc[0]
     raise ValidationFailed(config.name, [Problem(str(first["series_id"]), "negative_target", first["ts"], (
         f"{len(negative)} negative target value(s), which `training.scaling` ('log') cannot take; use 'auto' "
-        "(log where a series has no negative value) or 'standard'"))], note="refused under every validation.policy")
+        "(log only where the whole panel has no negative value) or 'standard'"))])
 
 
 def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:

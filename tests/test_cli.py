@@ -289,6 +289,8 @@ def test_serve_refuses_what_it_would_not_carry_over_and_reads_every_schedule_kin
     with pytest.raises(ConfigError, match=r"deployment 'd': work_pool.job_variables is not applied by "
                                           r"`forecasting serve`, whose runs start in its own process"):
         deployments_from_yaml(spec(work_pool={**pool, "job_variables": env}))
+    # what `prefect init` and `prefect deploy` write into every deployment: nothing to lose
+    assert deployments_from_yaml(spec(work_pool={**pool, "job_variables": {}}))[0]["name"] == "d"
     with pytest.raises(ConfigError, match=r"work_pool \('forecasting-process'\) must be a mapping"):
         deployments_from_yaml(spec(work_pool="forecasting-process"))
 

@@ -41,6 +41,8 @@ def test_a_query_that_opens_with_a_comment_is_a_select(tmp_path: Path) -> None:
     """It was refused as "must be a SELECT", though the query's wrapping strips comments."""
     query = "-- monthly turnover per store\n/* since 1982 */ SELECT * FROM sales"
     assert load_config(write(tmp_path, with_source(table=None, query=query))).source.query == query
+    long = "SELECT * FROM sales WHERE store IN (" + ", ".join(map(str, range(20_000))) + ")"  # > 10,000 tokens
+    assert load_config(write(tmp_path, with_source(table=None, query=long))).source.query == long
 
 
 def test_defaults(tmp_path: Path) -> None:

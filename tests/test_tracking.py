@@ -182,6 +182,13 @@ def test_a_freq_written_another_way_is_the_same_freq() -> None:
     current = RegisteredForecaster(model, "1", "run", [1.0] * weekly.horizon, None)
     assert pipeline.unlike_config(current, weekly) is None
     assert pipeline.unlike_config(current, tiny_config(freq="W-MON", season_length=52)) is not None
+    # registered under pandas 2, as "H" (hours) that pandas 3 no longer reads: another freq, not a failed night
+    hourly = tiny_config(freq="h", season_length=24)
+    old_hours = pipeline.make_forecaster("naive", freq="h", horizon=hourly.horizon, season_length=24,
+                                         training=hourly.training)
+    old_hours.freq = "H"
+    reason = pipeline.unlike_config(RegisteredForecaster(old_hours, "1", "run", [1.0] * hourly.horizon, None), hourly)
+    assert reason == "current champion v1 forecasts 6 x 'H', the config now 6 x 'h'"
 
 
 def test_a_champion_trained_on_a_gpu_is_re_scored_on_tonights_device(client: MlflowClient) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forecasting.validate import ValidationFailed, validate
+from forecasting.validate import ValidationFailed, refuse_negatives_under_log_scaling, validate
 from tests.flow_fixtures import tiny_config
 
 CONFIG = tiny_config()  # monthly, horizon 6, one backtest window
@@ -363,10 +363,13 @@ def test_too_short_says_which_keys_make_the_length_it_needs() -> None:
 
 
 def test_negative_targets_under_log_scaling_are_refused_before_any_training() -> None:
-    """They failed as the first network trained, after the baselines' backtests, naming no dataset."""
+    """They failed as the first network trained, after the baselines' backtests, naming no
+    dataset. Checked on the validated panel: a series the policy dropped is not trained on."""
     ts = pd.date_range("2015-01-01", periods=60, freq="MS")
     panel = pd.DataFrame({"series_id": "a", "ts": ts, "value": np.linspace(-5.0, 50.0, 60)})
     with pytest.raises(ValidationFailed, match=r"dataset 'sales'.*series 'a': negative_target at 2015-01-01 00:00:00: "
                                                r"6 negative target value\(s\), which `training.scaling` \('log'\)"):
-        validate(panel, tiny_config(training={"scaling": "log"}), input_window=WINDOW, as_of=ts[-1])
-    validate(panel, CONFIG, input_window=WINDOW, as_of=ts[-1])  # auto: standard scaling for it
+        refuse_negatives_under_log_scaling(panel, tiny_config(training={"scaling": "log"}))
+    refuse_negatives_under_log_scaling(panel, CONFIG)  # auto: standard scaling for it
+    refuse_negatives_under_log_scaling(panel.assign(value=np.where(panel["value"] < 0, -np.inf, 1.0)),
+                                       tiny_config(training={"scaling": "log"}))  # -inf: non_finite's, not this
