@@ -8,6 +8,7 @@ names the file, the key and the value.
 from __future__ import annotations
 
 import re
+import types
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,27 @@ LONG_FRAME_COLUMNS = {"series_id": "series ids", "ts": "timestamps", "value": "t
 class _Strict(BaseModel):
     # Unknown keys are refused: a misspelt optional key would otherwise be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_for_numbers(cls, raw: Any) -> Any:
+        """YAML reads yes, on and true as True, which pydantic took for 1: `horizon: yes`
+        forecast one step, silently."""
+        if isinstance(raw, dict):
+            for name, value in raw.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                    raise ValueError(f"`{name}` ({value!r}) must be a number, not a yes/no (YAML reads yes, on and "
+                                     "true as true)")
+        return raw
+
+
+def _is_number(annotation: Any) -> bool:
+    """int or float, or either or None."""
+    import typing
+
+    return annotation in (int, float) or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                          and bool({int, float} & set(typing.get_args(annotation))))
 
 
 class SourceConfig(_Strict):

@@ -70,6 +70,10 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+        # YAML's yes/on/true read as 1: `horizon: yes` forecast one step
+        ({**VALID, "horizon": True}, "<root>", "`horizon` (True) must be a number, not a yes/no"),
+        ({**VALID, "training": {"max_epochs": True}}, "training", "`max_epochs` (True) must be a number"),
+        ({**VALID, "training": {"input_window": True}}, "training", "`input_window` (True) must be a number"),
         # the networks' seasonal reference fell back to the last value, silently
         ({**VALID, "training": {"input_window": 6}}, "<root>",
          "`training.input_window` (6) is shorter than `season_length` (12), which `training.residual`"),
