@@ -196,6 +196,10 @@ class NeuralForecaster(Forecaster):
                                                  horizon=self.horizon, val_steps=t.val_steps or self.horizon)
         if len(train_starts) == 0:  # every series has a single window: train on it, and stop
             train_starts = val_starts  # on its own loss (nothing is held out), as a guard against divergence
+            log.warning("%s: every window is a validation window (training.val_steps %s, %d windows of %d+%d "
+                        "steps): it trains on them, and early stopping judges training data; lower val_steps "
+                        "or give the series more history", self.name, t.val_steps, len(val_starts),
+                        self.input_window, self.horizon)
         log.info("%s: %d training and %d validation windows of %d+%d steps over %d series on %s",
                  self.name, len(train_starts), len(val_starts), self.input_window, self.horizon,
                  len(features.series_ids), device)

@@ -238,3 +238,15 @@ def test_baseline_predict_of_all_series_equals_each_series_alone(name):
         np.testing.assert_allclose(out.loc[out.series_id == sid, "value"], single(group["value"].to_numpy()))
     ends = panel.groupby("series_id", sort=False)["ts"].max()
     assert (out.groupby("series_id", sort=False)["ts"].min() == ends + pd.DateOffset(months=1)).all()
+
+
+def test_a_val_steps_that_leaves_no_training_window_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """Every window went to validation, training reused them, and early stopping judged on
+    training data: without a word."""
+    with caplog.at_level("WARNING", logger="forecasting.forecasters"):
+        _fit("gru", max_epochs=1, val_steps=500)
+    assert "gru: every window is a validation window (training.val_steps 500" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forecasting.forecasters"):
+        _fit("gru", max_epochs=1)
+    assert "every window is a validation window" not in caplog.text
