@@ -20,10 +20,13 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from forecasting import intervals
 from forecasting.forecasters import Forecaster, load_forecaster
 from forecasting.validate import ValidationFailed, find_problems
+from forecasting.windows import SeriesTooShort
 
 FORECASTER_ARTIFACT = "forecaster"  # the directory Forecaster.save writes
 CALIBRATION_ARTIFACT = "calibration"  # CALIBRATION_FILE: the version's interval quantiles
@@ -35,6 +38,15 @@ def write_calibration(path: Path, *, dataset: str, quantiles: list[float], level
     path.write_text(json.dumps({"dataset": dataset, "quantiles": [float(q) for q in quantiles],
                                 "level": float(level)}))
     return path
+
+
+class HistoryRefused(MlflowException, ValueError):
+    """A history the model will not forecast from. An MlflowException, so that a served model
+    (`mlflow models serve`) answers 400 with this message; MLflow's server answered any other
+    error with "Encountered an unexpected error while evaluating the model"."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
@@ -57,8 +69,11 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
         # The forecasters read each series' last row as its last time point (the pipeline's
         # panels are sorted): rows in another order gave a forecast from the wrong date, silently.
         ordered = model_input.sort_values(["series_id", "ts"], kind="stable", ignore_index=True)
-        self._check(ordered)
-        rows = self.forecaster.predict(ordered)
+        try:
+            self._check(ordered)
+            rows = self.forecaster.predict(ordered)
+        except (ValidationFailed, SeriesTooShort) as exc:  # the caller's history, not the model
+            raise HistoryRefused(str(exc)) from None
         if self.calibration is None:
             return rows
         return intervals.add_step_intervals(rows, ordered, self.calibration["quantiles"],

@@ -447,8 +447,11 @@ def test_the_champion_in_mlflows_own_loader_forecasts_the_forecast_tables_rows(c
     # The history a caller gives is validated as the pipeline's is: month-end dates given to a
     # month-start model were forecast from, and the forecast dated a month early, silently.
     month_end = panel.assign(ts=panel["ts"] + pd.offsets.MonthEnd(0))
-    with pytest.raises(ValueError, match=r"dataset 'sales'.*series 'a': off_frequency at 2015-01-31"):
+    with pytest.raises(ValueError, match=r"dataset 'sales'.*series 'a': off_frequency at 2015-01-31") as refused:
         model.predict(month_end)
+    # an MlflowException too: `mlflow models serve` answered any other error "Encountered an
+    # unexpected error while evaluating the model", without this message
+    assert isinstance(refused.value, mlflow.exceptions.MlflowException) and refused.value.get_http_status_code() == 400
     with pytest.raises(ValueError, match=r"series 'b': missing_timestamps at 2016-03-01"):
         model.predict(panel.drop(index=panel.index[(panel["series_id"] == "b")][14]))
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['value'\]"):  # its signature
