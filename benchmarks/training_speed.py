@@ -25,8 +25,9 @@ which would measure the emulation, not the code). A last table bounds what float
 the time of our float32 products alone (the same matrix shapes and count per optimizer step,
 nothing else), as windows/s and as a ratio to NF, were every other part of our step free.
 The table is appended to benchmarks/RESULTS.md (not with --no-record). On a shared machine
-pass --threads 1: two intra-op threads competing with other processes for 2 cores spin-wait and
-run ~10x slower (measured here), which swamps what is being compared.
+pass --threads 1: two intra-op threads competing with other processes for 2 cores ran ~10x
+slower (measured here, spin-waiting; NeuralForecast's process, which does not import forecasting,
+still spins: see benchmarks/concurrent_nights.py), which swamps what is being compared.
 """
 
 from __future__ import annotations
