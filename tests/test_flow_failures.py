@@ -56,6 +56,35 @@ def test_a_bad_config_given_as_a_mapping_gets_the_pipelines_message_not_pydantic
         nightly(config=raw)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # what it tests is the flow's order
+def test_negative_targets_under_log_scaling_stop_the_night_before_training_unless_dropped(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """They failed as the first network trained, after the baselines' backtests, naming no
+    dataset. A series the policy drops is not trained on: its negative stops nothing."""
+    from forecasting.validate import ValidationFailed
+    from tests.flow_fixtures import synthetic_sales
+
+    frame = synthetic_sales()
+    frame.loc[frame.index[(frame["series_id"] == "s2")][10], "turnover"] = -4.0
+    load_sales(engine, frame)
+    trained: list[str] = []
+    real = pipeline.backtest_candidate
+    monkeypatch.setattr(pipeline, "backtest_candidate", lambda config, panel, name, **kw: trained.append(name)
+                        or real(config, panel, name, **kw))
+    log_scaling = tiny_config(training={"max_epochs": 1, "hidden_size": 4, "scaling": "log"})
+    with pytest.raises(ValidationFailed, match=r"series 's2': negative_target at 2015-11-01 00:00:00"):
+        nightly(config=log_scaling)
+    assert trained == []
+    # s2 dropped (it also stops early): the others train, on log scaling
+    cut = frame[~((frame["series_id"] == "s2") & (pd.to_datetime(frame["month"]) > "2018-06-01"))]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM sales")
+    load_sales(engine, cut)
+    summary = nightly(config=log_scaling.model_copy(update={"validation": log_scaling.validation.model_copy(
+        update={"policy": "drop"})}))
+    assert summary["dropped_series"] == ["s2"] and trained
+
+
 def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, env: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     load_sales(engine)

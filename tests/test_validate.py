@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forecasting import pipeline
 from forecasting.validate import ValidationFailed, refuse_negatives_under_log_scaling, validate
 from tests.flow_fixtures import tiny_config
 
@@ -358,8 +359,12 @@ def test_too_short_says_which_keys_make_the_length_it_needs() -> None:
     with pytest.raises(ValidationFailed, match=rf"{REQUIRED - 1} time steps, need at least {REQUIRED} "
                                                r"\(training.input_window 12 \+ horizon 6 x \(backtest.windows 1 \+ 1\)\)"):
         validate(short, tiny_config(training={"input_window": 12}), input_window=WINDOW, as_of=ts[-1])
-    with pytest.raises(ValidationFailed, match=r"training.input_window 12 \(its default, 3 x season_length or more\)"):
-        validate(short, CONFIG, input_window=WINDOW, as_of=ts[-1])
+    default = pipeline.input_window(CONFIG)  # what the flow passes: 36 here
+    ts = pd.date_range("2015-01-01", periods=default + 11, freq="MS")
+    shorter = pd.DataFrame({"series_id": "a", "ts": ts, "value": np.arange(float(len(ts)))})
+    with pytest.raises(ValidationFailed, match=rf"training.input_window {default} \(its default, 3 x season_length "
+                                               r"or more\) \+ horizon 6"):
+        validate(shorter, CONFIG, input_window=default, as_of=ts[-1])
 
 
 def test_negative_targets_under_log_scaling_are_refused_before_any_training() -> None:
