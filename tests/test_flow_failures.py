@@ -85,6 +85,22 @@ def test_negative_targets_under_log_scaling_stop_the_night_before_training_unles
     assert summary["dropped_series"] == ["s2"] and trained
 
 
+@pytest.mark.parametrize("flow", ["nightly", "predict"])
+def test_a_bad_forecasting_workers_stops_a_served_run_before_loading(flow: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI refuses it; a served or API run found it at the ETS backtest (or forecast)."""
+    import flows.nightly
+    from forecasting.config import SettingError
+
+    monkeypatch.setenv("FORECASTING_WORKERS", "0")
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(flows.nightly, "load_series", loaded)
+    with pytest.raises(SettingError, match=r"`FORECASTING_WORKERS` \('0'\) must be an integer >= 1"):
+        getattr(flows.nightly, flow)(config=tiny_config())
+
+
 def test_unreachable_mlflow_fails_clearly_and_writes_nothing(engine: sa.Engine, env: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     load_sales(engine)
