@@ -113,6 +113,13 @@ class _Strict(BaseModel):
         return raw
 
 
+def _a_list(value: Any, *, key: str) -> Any:
+    """A list key given one name (`models: rnn`) was refused as "Input should be a valid tuple"."""
+    if isinstance(value, str):
+        raise ValueError(f"`{key}` ({value!r}) must be a list, e.g. [{value}]")
+    return value
+
+
 def _is_number(annotation: Any) -> bool:
     """int or float, or either or None."""
     import typing
@@ -144,12 +151,20 @@ class SourceConfig(_Strict):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
+        if value.strip().lower() == "localtime":  # the host's zone: the same data read otherwise elsewhere
+            raise ValueError("`source.timezone` ('localtime') is the zone of whichever host runs the night; name "
+                             "the zone the data was recorded in, e.g. 'UTC' or 'Europe/Berlin'")
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"`source.timezone` ({value!r}) is not an IANA time zone, e.g. "
                              "'UTC' or 'Europe/Berlin'") from None
         return value
+
+    @field_validator("covariates", mode="before")
+    @classmethod
+    def _covariates_listed(cls, value: Any) -> Any:
+        return _a_list(value, key="source.covariates")
 
     @field_validator("covariates")
     @classmethod
@@ -290,6 +305,11 @@ class DatasetConfig(_Strict):
             raise ValueError(f"`freq` ({value!r}) is finer than whole seconds; forecast tables keep "
                              "timestamps to the second")
         return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_listed(cls, value: Any) -> Any:
+        return _a_list(value, key="models")
 
     @field_validator("models")
     @classmethod

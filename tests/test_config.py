@@ -70,6 +70,11 @@ def test_defaults(tmp_path: Path) -> None:
         (with_source(table='x"; DROP TABLE t;--'), "source.table", "not a valid SQL identifier"),
         (with_source(target_column="turnover; --"), "source.target_column", "not a valid SQL identifier"),
         (with_source(table=None, query="DELETE FROM sales"), "source", "must be a SELECT"),
+        # one name for a list: "Input should be a valid tuple"
+        ({**VALID, "models": "rnn"}, "models", "`models` ('rnn') must be a list, e.g. [rnn]"),
+        (with_source(covariates="temp"), "source.covariates", "`source.covariates` ('temp') must be a list, e.g. [temp]"),
+        # the host's zone: the same rows read otherwise on another machine
+        (with_source(timezone="localtime"), "source.timezone", "`source.timezone` ('localtime') is the zone of whichever"),
         # YAML's yes/on/true read as 1: `horizon: yes` forecast one step
         ({**VALID, "horizon": True}, "<root>", "`horizon` (True) must be a number, not a yes/no"),
         ({**VALID, "training": {"max_epochs": True}}, "training", "`max_epochs` (True) must be a number"),
