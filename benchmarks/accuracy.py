@@ -45,7 +45,6 @@ import pandas as pd
 
 from forecasting.backtest import BacktestResult, choose_champion, run_backtest, split_at_origin
 from forecasting.config import BASELINES, DatasetConfig, TrainingConfig
-from forecasting.forecasters import default_input_window
 from forecasting.metrics import aggregate, score
 from forecasting.train import applied_precision, configure_torch_threads
 from forecasting.windows import Scaler, build_features, window_starts
@@ -74,7 +73,7 @@ class Bench:
 
     @property
     def input_window(self) -> int:
-        return self.training.input_window or default_input_window(self.config.horizon, self.config.season_length)
+        return self.training.resolved(horizon=self.config.horizon, season_length=self.config.season_length).input_window
 
 
 # ----------------------------------------------------------------------------- data

@@ -7,6 +7,7 @@ names the file, the key and the value.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from datetime import datetime
@@ -208,6 +209,11 @@ class SourceConfig(_Strict):
         return self
 
 
+def default_input_window(horizon: int, season_length: int) -> int:
+    """A multiple of the season covering at least three seasons and the horizon."""
+    return season_length * max(3, math.ceil(horizon / season_length))
+
+
 class TrainingConfig(_Strict):
     """Budget and shape of the recurrent forecasters; shared by rnn, lstm and gru."""
 
@@ -247,6 +253,14 @@ class TrainingConfig(_Strict):
     # multiplies bfloat16 natively (avx512_bf16, AMX), but 8-12x slower training where it does
     # not (emulated). auto: bf16-mixed on such a CPU, float32 on any other CPU and on CUDA.
     precision: Literal["auto", "float32", "bf16-mixed"] = "auto"
+
+    def resolved(self, *, horizon: int, season_length: int) -> TrainingConfig:
+        """These settings with the defaults that depend on the dataset filled in: what the
+        networks are built and trained with, and what a comparison of settings compares."""
+        return self.model_copy(update={
+            "input_window": self.input_window or default_input_window(horizon, season_length),
+            "val_steps": self.val_steps or horizon,
+        })
 
 
 class BacktestConfig(_Strict):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,11 +54,6 @@ FORMAT_VERSION = 1
 # share its cores anyway (one torch thread pool).
 _GLOBAL_RNG_HELD = threading.Lock()
 PREDICT_BATCH = 4096  # series per forward pass at predict: bounds the activations' memory
-
-
-def default_input_window(horizon: int, season_length: int) -> int:
-    """A multiple of the season covering at least three seasons and the horizon."""
-    return season_length * max(3, math.ceil(horizon / season_length))
 
 
 class Forecaster:
@@ -174,7 +168,7 @@ class NeuralForecaster(Forecaster):
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         t = self.training
-        self.input_window = t.input_window or default_input_window(self.horizon, self.season_length)
+        self.input_window = t.resolved(horizon=self.horizon, season_length=self.season_length).input_window
         self.net_config = NetConfig(
             cell=name, input_size=1 + calendar_channels(t.annual_cycle) + len(self.covariates),
             hidden_size=t.hidden_size, num_layers=t.num_layers, dropout=t.dropout, horizon=self.horizon,
@@ -192,8 +186,9 @@ class NeuralForecaster(Forecaster):
                                  season_length=self.season_length, covariates=self.covariates)
         features = build_features(panel, self.scaler, freq=self.freq, season_length=self.season_length,
                                   covariates=self.covariates, annual_cycle=t.annual_cycle)
+        val_steps = t.resolved(horizon=self.horizon, season_length=self.season_length).val_steps
         train_starts, val_starts = window_starts(features, input_window=self.input_window,
-                                                 horizon=self.horizon, val_steps=t.val_steps or self.horizon)
+                                                 horizon=self.horizon, val_steps=val_steps)
         if len(train_starts) == 0:  # every series has a single window: train on it, and stop
             train_starts = val_starts  # on its own loss (nothing is held out), as a guard against divergence
             log.warning("%s: every window is a validation window (training.val_steps %s, %d windows of %d+%d "

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, NoDefinedMase, choose_champion, run_backtest
 from forecasting.config import BASELINES, DatasetConfig, TrainingConfig, parse_as_of  # noqa: F401  (flows call it from here)
-from forecasting.forecasters import Forecaster, default_input_window, make_forecaster
+from forecasting.forecasters import Forecaster, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster, UnusableChampion
 from forecasting.validate import Problem
@@ -112,9 +112,7 @@ def effective_as_ofs(dates: list[pd.Timestamp], times: pd.DatetimeIndex) -> list
 
 
 def input_window(config: DatasetConfig) -> int:
-    if config.training.input_window is not None:
-        return config.training.input_window
-    return default_input_window(config.horizon, config.season_length)
+    return config.training.resolved(horizon=config.horizon, season_length=config.season_length).input_window
 
 
 # ---------------------------------------------------------------------------------- candidates
@@ -334,10 +332,8 @@ def _model_settings(training: TrainingConfig, *, horizon: int, season_length: in
     input window or validation length left to its default is that default. Compared whole, a
     config that only named the device, or wrote out the default window, kept the old champion
     forecasting for good (its re-score tied tonight's model, the settings "differed")."""
-    settings = training.model_dump()
+    settings = training.resolved(horizon=horizon, season_length=season_length).model_dump()
     settings.pop("device")
-    settings["input_window"] = training.input_window or default_input_window(horizon, season_length)
-    settings["val_steps"] = training.val_steps or horizon
     return settings
 
 
