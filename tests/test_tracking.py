@@ -37,13 +37,9 @@ def seasonal_panel() -> pd.DataFrame:
 def imports_restored() -> Iterator[None]:
     """mlflow.pyfunc.load_model puts a model's code directory first on sys.path (and its model
     file in sys.modules) for good: a later test's spawned child imported `forecasting` from a
-    tmp_path copy. Each test here leaves them as it found them."""
-    path, modules = list(sys.path), set(sys.modules)
-    yield
-    sys.path[:] = path
-    for added in set(sys.modules) - modules:
-        if added.startswith("code_model"):
-            del sys.modules[added]
+    tmp_path copy. Each test here leaves them as it found them (as registering does)."""
+    with tracking._imports_restored():
+        yield
 
 
 @pytest.fixture
