@@ -288,13 +288,23 @@ def _source_table(conn: Connection, config: DatasetConfig, wanted: Sequence[str]
     return table
 
 
+# A final semicolon, and the blank space and comments after it
+_FINAL_SEMICOLON = re.compile(r";(?:\s|--[^\n]*|/\*.*?\*/)*\Z", re.S)
+
+
 def _subquery_of(sql: str) -> str:
     """`sql` ready to be wrapped as `(...) AS name`: without comments (a trailing `-- ...` would
     swallow the closing parenthesis) or a final semicolon (it would end the statement), both of
-    which a query run as written may have. sqlparse knows string literals from comments."""
+    which a query run as written may have. sqlparse knows string literals from comments; past
+    its 10,000 tokens (a long IN list) it refuses, and then only a final semicolon is taken off,
+    the text ending in a line break so that a trailing `-- ...` ends before the parenthesis."""
     import sqlparse
+    from sqlparse.exceptions import SQLParseError
 
-    return sqlparse.format(sql, strip_comments=True).strip().rstrip(";").strip()
+    try:
+        return sqlparse.format(sql, strip_comments=True).strip().rstrip(";").strip()
+    except SQLParseError:  # the CLI's source check failed on such a query with a traceback
+        return _FINAL_SEMICOLON.sub("", sql.strip()) + "\n"
 
 
 def _execute_source(conn: Connection, config: DatasetConfig, query: Any) -> sa.CursorResult[Any]:
