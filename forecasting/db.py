@@ -13,7 +13,9 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -30,10 +32,17 @@ from forecasting.config import DatasetConfig, Settings, check_identifier, redact
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-FORECASTS = "forecasts"
+FORECASTS = "forecasts"  # the analysts' view: forecast_runs joined to forecast_steps (views.sql)
+FORECAST_RUNS = "forecast_runs"
+FORECAST_STEPS = "forecast_steps"
 MODEL_SCORES = "model_scores"
 ACTUALS = "actuals"
 AGGREGATE_KEY = ""  # model_scores.series_key of the aggregate row (its series_id is NULL)
+OUTPUT_TABLES = (FORECAST_RUNS, FORECAST_STEPS, MODEL_SCORES, ACTUALS)  # what a night writes
+OUTPUT_RELATIONS = (FORECASTS, *OUTPUT_TABLES)
+# A forecast row's columns by the table that holds them: a run's provenance, a step's values.
+RUN_COLUMNS = ("model", "model_version", "mlflow_run_id")
+STEP_COLUMNS = ("series_id", "ts", "step", "value", "lower", "upper")
 
 # SQLite has no timestamp type; store 'YYYY-MM-DD HH:MM:SS' text so that analysts can write
 # `WHERE as_of = '2017-12-01 00:00:00'` and text order is time order.
@@ -165,7 +174,7 @@ def init_db(conn: Connection) -> list[str]:
     take_write_lock(conn)
     if conn.dialect.name == "postgresql":  # two at once on a new database both created each table
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _advisory_key("init-db")})
-    existed = sa.inspect(conn).has_table(FORECASTS)
+    existed = sa.inspect(conn).has_table(MODEL_SCORES)  # in every release's schema
     apply_sql(conn, SQL_DIR / "schema.sql")
     done = set(conn.execute(sa.text("SELECT name FROM schema_migrations")).scalars())
     applied = []
@@ -173,7 +182,13 @@ def init_db(conn: Connection) -> list[str]:
         if path.name in done:
             continue
         if existed:
-            apply_sql(conn, path)
+            try:
+                apply_sql(conn, path)
+            except sa.exc.DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != "2BP01":  # dependent objects still exist
+                    raise
+                raise _dependents_block(exc, f"init-db must apply the migration {path.name}, which drops or "
+                                        "changes a table or view") from None
             applied.append(path.name)
         conn.execute(sa.text("INSERT INTO schema_migrations (name) VALUES (:name)"), {"name": path.name})
     apply_views(conn)
@@ -206,11 +221,15 @@ def apply_views(conn: Connection) -> None:
         except sa.exc.DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) != "2BP01":  # dependent objects still exist
                 raise
-            detail = str(getattr(exc.orig.diag, "message_detail", "") or "").replace("\n", "; ")
-            raise DatabaseError(
-                f"init-db must replace the view {name!r}, whose columns this release changes, but other "
-                f"objects depend on it ({detail}). Drop them, run init-db, then create them again"
-            ) from None
+            raise _dependents_block(exc, f"init-db must replace the view {name!r}, whose columns this "
+                                    "release changes") from None
+
+
+def _dependents_block(exc: sa.exc.DBAPIError, what: str) -> DatabaseError:
+    """PostgreSQL refused to drop what `what` names (2BP01): the error names what depends on it."""
+    detail = str(getattr(exc.orig.diag, "message_detail", "") or "").replace("\n", "; ")
+    return DatabaseError(f"{what}, but other objects depend on it ({detail}). "
+                         "Drop them, run init-db, then create them again")
 
 
 def _savepoint(conn: Connection) -> contextlib.AbstractContextManager[Any]:
@@ -224,15 +243,16 @@ def reflect_table(conn: Connection, name: str, *, dataset: str | None = None) ->
     check_identifier(name, key="table")
     metadata = sa.MetaData()
     overrides = []
-    timestamps = {FORECASTS: ("as_of", "ts", "created_at"), MODEL_SCORES: ("as_of", "created_at"),
-                  ACTUALS: ("ts", "loaded_at")}
-    overrides = [sa.Column(column, TIMESTAMP, primary_key=name == ACTUALS and column == "ts")
+    timestamps = {FORECASTS: ("as_of", "ts", "created_at"), FORECAST_RUNS: ("as_of", "created_at"),
+                  FORECAST_STEPS: ("ts",), MODEL_SCORES: ("as_of", "created_at"), ACTUALS: ("ts", "loaded_at")}
+    in_primary_key = {ACTUALS: ("ts",), FORECAST_STEPS: ("ts",)}.get(name, ())
+    overrides = [sa.Column(column, TIMESTAMP, primary_key=column in in_primary_key)
                  for column in timestamps.get(name, ())]
     try:
         return sa.Table(name, metadata, *overrides, autoload_with=conn)
     except sa.exc.NoSuchTableError:
         where = f"dataset {dataset!r}: " if dataset else ""
-        hint = " (run `forecasting init-db`)" if name in (FORECASTS, MODEL_SCORES, ACTUALS) else ""
+        hint = " (run `forecasting init-db`)" if name in OUTPUT_RELATIONS else ""
         inspector = sa.inspect(conn)
         same_but_case = [t for t in (*inspector.get_table_names(), *inspector.get_view_names())
                          if t.lower() == name.lower() and t != name]
@@ -753,11 +773,12 @@ def write_run(
     scores: pd.DataFrame | None,
     actuals: pd.DataFrame | None = None,
 ) -> tuple[int, int]:
-    """Replace the forecasts (and scores, unless None) of one (dataset, as_of), in the caller's transaction.
+    """Replace the forecast (and scores, unless None) of one (dataset, as_of), in the caller's transaction.
 
-    Rows of the previous run of this (dataset, as_of) that the new run does not produce (e.g. a
-    series dropped since) are deleted first; then the new rows are upserted, which also settles
-    a race with a concurrent writer of the same key.
+    `forecasts` holds the rows of the `forecasts` view less dataset, as_of and created_at: one
+    per series and step (STEP_COLUMNS), and the model that made them all (RUN_COLUMNS). The
+    previous run of this (dataset, as_of), if any, goes whole with its steps (a series dropped
+    since keeps none); the new one is written under a new run_key (see schema.sql).
     """
     _require_finite(forecasts, dataset=dataset)
     stamp = pd.Timestamp(as_of)
@@ -765,21 +786,24 @@ def write_run(
         raise ValueError(f"dataset {dataset!r}: `as_of` ({as_of!r}) must be naive, on the dataset's "
                          "wall clock (see config.parse_as_of)")
     as_of = stamp.to_pydatetime()
-    forecasts_table = reflect_table(conn, FORECASTS)
+    provenance = _one_provenance(forecasts, dataset=dataset, as_of=as_of)
+    runs, steps = reflect_table(conn, FORECAST_RUNS), reflect_table(conn, FORECAST_STEPS)
     scores_table = reflect_table(conn, MODEL_SCORES)
     created_at = datetime.now().replace(microsecond=0)
     lock_run(conn, dataset=dataset, as_of=as_of)
-    tables = [forecasts_table] if scores is None else [forecasts_table, scores_table]
-    for table in tables:
-        conn.execute(
-            sa.delete(table).where(table.c.dataset == dataset, table.c.as_of == as_of)
-        )
+    replaced = conn.execute(sa.select(runs.c.run_key).where(runs.c.dataset == dataset, runs.c.as_of == as_of))
+    for run_key in replaced.scalars().all():
+        conn.execute(sa.delete(steps).where(steps.c.run_key == run_key))
+        conn.execute(sa.delete(runs).where(runs.c.run_key == run_key))
+    if scores is not None:
+        conn.execute(sa.delete(scores_table).where(scores_table.c.dataset == dataset, scores_table.c.as_of == as_of))
     if actuals is not None:
         write_actuals(conn, dataset=dataset, panel=actuals, created_at=created_at)
-    forecast_rows = forecasts.assign(dataset=dataset, as_of=as_of, created_at=created_at)
-    n_forecasts = upsert(
-        conn, forecasts_table, forecast_rows, key=("dataset", "series_id", "as_of", "ts")
-    )
+    n_forecasts = 0
+    if provenance is not None:  # no rows, no run: the as_of holds no forecast, as it would have no rows
+        run_key = _insert_run(conn, runs, {"dataset": dataset, "as_of": as_of, **provenance, "created_at": created_at})
+        step_rows = forecasts[[c for c in STEP_COLUMNS if c in forecasts]].assign(run_key=run_key)
+        n_forecasts = upsert(conn, steps, step_rows, key=("run_key", "series_id", "ts"))
     if scores is None:
         _flag_forecasting_model(conn, scores_table, dataset=dataset, as_of=as_of, forecasts=forecasts)
         return n_forecasts, 0
@@ -789,6 +813,46 @@ def write_run(
     score_rows = score_frame.assign(dataset=dataset, as_of=as_of, created_at=created_at)
     n_scores = upsert(conn, scores_table, score_rows, key=("dataset", "as_of", "model", "series_key"))
     return n_forecasts, n_scores
+
+
+def _one_provenance(forecasts: pd.DataFrame, *, dataset: str, as_of: datetime) -> dict[str, Any] | None:
+    """The model, model_version and mlflow_run_id that every row of `forecasts` names (absent
+    columns: None), or None for no rows. Raises ValueError for a column that is neither a step's
+    nor a run's, or for rows of more than one model: a forecast_runs row holds one."""
+    unknown = sorted(set(map(str, forecasts.columns)) - set(STEP_COLUMNS) - set(RUN_COLUMNS))
+    if unknown:
+        raise ValueError(f"dataset {dataset!r}, as_of {as_of}: the forecast rows hold column(s) {unknown}, "
+                         f"which forecasts has not; its rows have {[*STEP_COLUMNS, *RUN_COLUMNS]}")
+    if forecasts.empty:
+        return None
+    present = [c for c in RUN_COLUMNS if c in forecasts]
+    made_by = forecasts[present].drop_duplicates() if present else pd.DataFrame([{}])
+    if len(made_by) > 1:
+        described = "; ".join(", ".join(f"{c}={v!r}" for c, v in row.items()) for row in made_by.head(3).to_dict("records"))
+        raise ValueError(f"dataset {dataset!r}, as_of {as_of}: the forecast rows name {len(made_by)} models "
+                         f"({described}); one forecast is made by one model")
+    return {c: _plain(made_by[c].iloc[0]) if c in made_by else None for c in RUN_COLUMNS}
+
+
+def _insert_run(conn: Connection, runs: sa.Table, row: dict[str, Any]) -> int:
+    """Insert the forecast_runs row under a new run_key; the key.
+
+    The key grows with the clock (microseconds), so that a run's steps go in at the right edge
+    of forecast_steps' key index; the random low bits keep two writers of the same microsecond
+    (of other datasets or as_ofs: lock_run serialises the same one) apart, and should they meet
+    anyway the primary key refuses the second, which takes another key.
+    """
+    tries = 0
+    while True:
+        run_key = (time.time_ns() // 1000) << 8 | secrets.randbits(8)
+        try:
+            with _savepoint(conn):
+                conn.execute(sa.insert(runs).values(run_key=run_key, **row))
+            return run_key
+        except sa.exc.IntegrityError:
+            tries += 1
+            if tries == 3:  # not a clash of keys: the row itself (e.g. model NULL)
+                raise
 
 
 def _flag_forecasting_model(conn: Connection, scores_table: sa.Table, *, dataset: str, as_of: datetime,
@@ -949,8 +1013,9 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
     """
     probe = {"dataset": dataset, "as_of": datetime(1900, 1, 1)}
     rows = {
-        FORECASTS: ({**probe, "series_id": "-", "ts": datetime(1900, 1, 2), "step": 1, "value": 0.0,
-                     "model": "-"}, ("dataset", "series_id", "as_of", "ts")),
+        FORECAST_RUNS: ({**probe, "run_key": -1, "model": "-"}, ("run_key",)),
+        FORECAST_STEPS: ({"run_key": -1, "series_id": "-", "ts": datetime(1900, 1, 2), "step": 1, "value": 0.0},
+                         ("run_key", "series_id", "ts")),
         MODEL_SCORES: ({**probe, "model": "-", "series_key": AGGREGATE_KEY, "series_id": None},
                        ("dataset", "as_of", "model", "series_key")),
         ACTUALS: ({"dataset": dataset, "series_id": "-", "ts": datetime(1900, 1, 1), "value": 0.0},
@@ -977,7 +1042,7 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
 def not_writable(engine: Engine, dataset: str, reason: str) -> OutputNotWritable:
     reason = scrub(reason, engine.url.render_as_string(hide_password=False))
     return OutputNotWritable(
-        f"dataset {dataset!r}: the output tables ({FORECASTS}, {MODEL_SCORES}, {ACTUALS}) of "
+        f"dataset {dataset!r}: the output tables ({', '.join(OUTPUT_TABLES)}) of "
         f"database {describe(engine)} refuse writes: {reason}. Nothing was written; the source "
         "tables were only read"
     )
@@ -997,10 +1062,8 @@ def write_actuals(conn: Connection, *, dataset: str, panel: pd.DataFrame, create
       NULL: a correction - is deleted, so that `forecast_accuracy` stops scoring forecasts
       against it.
     """
-    forecasts_table = reflect_table(conn, FORECASTS)
-    oldest = conn.execute(
-        sa.select(sa.func.min(forecasts_table.c.as_of)).where(forecasts_table.c.dataset == dataset)
-    ).scalar_one()
+    runs = reflect_table(conn, FORECAST_RUNS)
+    oldest = conn.execute(sa.select(sa.func.min(runs.c.as_of)).where(runs.c.dataset == dataset)).scalar_one()
     if oldest is None:
         return 0
     actuals_table = reflect_table(conn, ACTUALS)
@@ -1102,7 +1165,7 @@ def _plain_column(series: pd.Series) -> list[Any]:
 
 def as_ofs_forecast_by(conn: Connection, *, dataset: str, versions: Sequence[str]) -> list[pd.Timestamp]:
     """The as_of dates whose stored forecast one of the model `versions` made, oldest first."""
-    table = reflect_table(conn, FORECASTS)
+    table = reflect_table(conn, FORECAST_RUNS)
     query = (sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version.in_(list(versions)))
              .distinct().order_by(table.c.as_of))
     return [pd.Timestamp(t) for t in conn.execute(query).scalars()]
@@ -1110,7 +1173,7 @@ def as_ofs_forecast_by(conn: Connection, *, dataset: str, versions: Sequence[str
 
 def holds_forecast_by(conn: Connection, *, dataset: str, as_of: datetime, version: str) -> bool:
     """Whether the stored forecast of (dataset, as_of) is model version `version`'s."""
-    table = reflect_table(conn, FORECASTS)
+    table = reflect_table(conn, FORECAST_RUNS)
     query = sa.select(table.c.as_of).where(table.c.dataset == dataset, table.c.model_version == version,
                                            table.c.as_of == pd.Timestamp(as_of).to_pydatetime()).limit(1)
     return conn.execute(query).first() is not None

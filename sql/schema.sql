@@ -2,25 +2,46 @@
 -- written in the SQL that SQLite and PostgreSQL share. Statements are separated by ';' at the end
 -- of a line.
 
--- One row per forecast step. `as_of` is the last timestamp of the data the forecast used and
--- ts = as_of + step * freq. A rerun of the same (dataset, as_of) replaces its rows.
-CREATE TABLE IF NOT EXISTS forecasts (
+-- A night's forecast is stored as one row of forecast_runs (which dataset and as_of, which
+-- model made it) and its rows of forecast_steps (one per series and step). Analysts read the
+-- view `forecasts` (views.sql), which joins the two into one row per forecast step.
+--
+-- Why two tables, not one keyed by (dataset, series_id, as_of, ts): a rerun of an as_of
+-- replaces its rows in one transaction, and under that key every new row met its deleted twin,
+-- still in the unique index until commit, and was inserted among them: a rerun of 1,000,000
+-- rows cost 2.9x a first write (benchmarks/rerun_key_designs.sql). Each write gets a new
+-- run_key here, so its steps go in at the index's edge and a rerun costs a first write plus
+-- the DELETE. The database still holds at most one forecast per (dataset, series, as_of, ts):
+-- forecast_runs at most one run per (dataset, as_of), and a run at most one step per
+-- (series_id, ts). forecast_steps has no FOREIGN KEY to its run, on purpose: PostgreSQL checks
+-- one row by row, which cost as much as the twins; `forecasting`'s write_run deletes a run's
+-- steps with it, and the view shows only steps whose run exists.
+
+-- One row per (dataset, as_of) forecast. `as_of` is the last timestamp of the data the
+-- forecast used. run_key: the write's own key (increasing with the time of the write).
+CREATE TABLE IF NOT EXISTS forecast_runs (
+    run_key        BIGINT           NOT NULL,
     dataset        VARCHAR(64)      NOT NULL,
-    series_id      VARCHAR(255)     NOT NULL,
     as_of          TIMESTAMP        NOT NULL,
+    model          VARCHAR(64)      NOT NULL,
+    model_version  VARCHAR(32),
+    mlflow_run_id  VARCHAR(64),
+    created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT forecast_runs_pkey PRIMARY KEY (run_key),
+    CONSTRAINT forecast_runs_key UNIQUE (dataset, as_of)
+);
+
+-- One row per series and forecast step of a run: ts = as_of + step * freq.
+CREATE TABLE IF NOT EXISTS forecast_steps (
+    run_key        BIGINT           NOT NULL,
+    series_id      VARCHAR(255)     NOT NULL,
     ts             TIMESTAMP        NOT NULL,
     step           INTEGER          NOT NULL CHECK (step >= 1),
     value          DOUBLE PRECISION NOT NULL,
     lower          DOUBLE PRECISION,
     upper          DOUBLE PRECISION,
-    model          VARCHAR(64)      NOT NULL,
-    model_version  VARCHAR(32),
-    mlflow_run_id  VARCHAR(64),
-    created_at     TIMESTAMP        NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    CONSTRAINT forecasts_key UNIQUE (dataset, series_id, as_of, ts)
+    CONSTRAINT forecast_steps_pkey PRIMARY KEY (run_key, series_id, ts)
 );
-
-CREATE INDEX IF NOT EXISTS forecasts_by_as_of ON forecasts (dataset, as_of);
 
 -- Backtest scores of every candidate of a run: one row per series and one aggregate row per
 -- model. The aggregate row has series_id NULL; the key uses series_key (series_id, or '' for the

@@ -3,6 +3,26 @@
 -- PostgreSQL, init-db replaces each in place instead (db.apply_views), so that views built on
 -- them survive.
 
+-- One row per forecast step: every stored forecast, with the columns of the table it replaced
+-- (schema.sql). A step whose run is gone is not shown.
+DROP VIEW IF EXISTS forecasts;
+CREATE VIEW forecasts AS
+SELECT
+    r.dataset,
+    s.series_id,
+    r.as_of,
+    s.ts,
+    s.step,
+    s.value,
+    s.lower,
+    s.upper,
+    r.model,
+    r.model_version,
+    r.mlflow_run_id,
+    r.created_at
+FROM forecast_steps s
+JOIN forecast_runs r ON r.run_key = s.run_key;
+
 -- Per dataset and series, the rows of the newest as_of: a series the newest run did not
 -- forecast (dropped by validation, gone from the source) keeps its last forecast here; see
 -- current_forecasts for the newest run's alone.

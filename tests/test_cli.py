@@ -52,7 +52,7 @@ def test_console_script_exits_with_the_commands_code_and_all_its_output(
     assert "bad.yaml" in failed.stdout and "source" in failed.stdout
     engine = sa.create_engine(env["FORECASTING_DATABASE_URL"])
     with engine.connect() as conn:  # init-db's transaction was committed before the quick exit
-        assert "forecasts" in sa.inspect(conn).get_table_names()
+        assert "forecast_runs" in sa.inspect(conn).get_table_names()
     engine.dispose()
 
 

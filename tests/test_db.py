@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from forecasting import db, demo
 from forecasting.config import DatasetConfig, Settings
+from tests import old_schemas
 
 SALES = DatasetConfig.from_mapping({
     "name": "sales",
@@ -28,7 +29,8 @@ def test_init_db_twice(engine: sa.Engine) -> None:
     for _ in range(2):
         with engine.begin() as conn:
             db.init_db(conn)
-    assert {"forecasts", "model_scores"} <= table_names(engine)
+    assert {"forecast_runs", "forecast_steps", "model_scores"} <= table_names(engine)
+    assert "forecasts" in sa.inspect(engine).get_view_names()
     columns = {c["name"] for c in sa.inspect(engine).get_columns("forecasts")}
     assert columns == {"dataset", "series_id", "as_of", "ts", "step", "value", "lower", "upper",
                        "model", "model_version", "mlflow_run_id", "created_at"}
@@ -533,6 +535,160 @@ def test_rewrite_with_fewer_series_removes_stale_rows(engine: sa.Engine) -> None
     assert set(rows["series_id"]) == {"a"} and len(rows) == 3
 
 
+def stored_runs(engine: sa.Engine) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql("SELECT run_key, dataset, as_of, model FROM forecast_runs ORDER BY dataset", conn)
+
+
+def stored_steps(engine: sa.Engine) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql("SELECT run_key, series_id, value FROM forecast_steps ORDER BY run_key, series_id", conn)
+
+
+def test_a_rerun_replaces_the_run_and_its_steps_under_a_new_key(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+    as_of = datetime(2020, 12, 1)
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="weather", as_of=as_of, forecasts=forecast_rows(7.0), scores=None)
+        db.write_run(conn, dataset="sales", as_of=as_of, scores=None,
+                     forecasts=pd.concat([forecast_rows(1.0), forecast_rows(1.0).assign(series_id="b")]))
+    first = stored_runs(engine).set_index("dataset")["run_key"]
+    with engine.begin() as conn:
+        db.write_run(conn, dataset="sales", as_of=as_of, scores=None,
+                     forecasts=forecast_rows(3.0).assign(model="gru", model_version="2", mlflow_run_id="r2"))
+    runs = stored_runs(engine).set_index("dataset")
+    assert list(runs.index) == ["sales", "weather"] and runs.loc["sales", "model"] == "gru"
+    assert runs.loc["sales", "run_key"] != first["sales"] and runs.loc["weather", "run_key"] == first["weather"]
+    steps = stored_steps(engine)  # the first run's steps went with it: none is left without a run
+    assert set(steps["run_key"]) == {runs.loc["sales", "run_key"], first["weather"]}
+    assert steps.groupby("run_key")["value"].apply(list).to_dict() == {
+        runs.loc["sales", "run_key"]: [3.0] * 3, first["weather"]: [7.0] * 3}
+    with engine.connect() as conn:
+        view = db.read_forecasts(conn, dataset="sales", as_of=as_of)
+    assert view[["series_id", "value", "model", "model_version", "mlflow_run_id"]].drop_duplicates().values.tolist() \
+        == [["a", 3.0, "gru", "2", "r2"]]
+
+
+def test_the_database_holds_one_forecast_per_dataset_series_as_of_and_ts(engine: sa.Engine) -> None:
+    """The view has no key of its own: the tables' keys give it one, whoever writes them."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    run_key = int(stored_runs(engine)["run_key"].iloc[0])
+    second_run = ("INSERT INTO forecast_runs (run_key, dataset, as_of, model) "
+                  "VALUES (1, 'sales', '2020-12-01 00:00:00', 'gru')")
+    second_step = (f"INSERT INTO forecast_steps (run_key, series_id, ts, step, value) "
+                   f"VALUES ({run_key}, 'a', '2021-01-01 00:00:00', 1, 5.0)")
+    for statement in (second_run, second_step):
+        with pytest.raises(sa.exc.IntegrityError, match=r"UNIQUE constraint failed|duplicate key value"):
+            with engine.begin() as conn:
+                conn.exec_driver_sql(statement)
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales")["value"].tolist() == [1.0] * 3
+
+
+def test_rows_of_two_models_in_one_write_are_refused_naming_them(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    mixed = pd.concat([forecast_rows(2.0), forecast_rows(2.0).assign(series_id="b", model="gru")])
+    with pytest.raises(ValueError, match=r"dataset 'sales', as_of 2020-12-01 00:00:00: the forecast rows name 2 "
+                                         r"models \(model='lstm'.*model='gru'.*one forecast is made by one model"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=mixed, scores=None)
+    with pytest.raises(ValueError, match=r"the forecast rows hold column\(s\) \['dataset', 'vlaue'\]"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), scores=None,
+                         forecasts=forecast_rows(2.0).assign(dataset="sales", vlaue=2.0))
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales")["value"].tolist() == [1.0] * 3
+
+
+def test_an_empty_forecast_replaces_the_as_ofs_with_none(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    with engine.begin() as conn:
+        assert db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), scores=None,
+                            forecasts=forecast_rows(1.0).iloc[:0]) == (0, 0)
+    assert stored_runs(engine).empty and stored_steps(engine).empty
+
+
+def test_analysts_query_the_forecasts_view_by_as_of_text_on_both_databases(engine: sa.Engine) -> None:
+    """README's query: `WHERE as_of = '2018-12-01 00:00:00'`, the timestamps as each database keeps them."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    with engine.connect() as conn:
+        count = conn.execute(sa.text("SELECT COUNT(*) FROM forecasts WHERE as_of = '2020-12-01 00:00:00'")).scalar_one()
+        as_of, ts = conn.execute(sa.text("SELECT as_of, ts FROM forecasts WHERE step = 2")).one()
+    assert count == 3
+    if engine.dialect.name == "sqlite":  # text, as the TIMESTAMP type stores it
+        assert (as_of, ts) == ("2020-12-01 00:00:00", "2021-02-01 00:00:00")
+    else:
+        assert (as_of, ts) == (datetime(2020, 12, 1), datetime(2021, 2, 1))
+
+
+def older_database(engine: sa.Engine) -> pd.DataFrame:
+    """The tables as migration 001 left them (the forecasts table, a view on it) and three
+    stored forecasts; their rows."""
+    rows = pd.concat([
+        forecast_rows(1.0).assign(dataset="sales", as_of=datetime(2020, 11, 1), created_at=datetime(2020, 11, 2)),
+        pd.concat([forecast_rows(2.0), forecast_rows(2.5).assign(series_id="b", lower=None, upper=None)]).assign(
+            dataset="sales", as_of=datetime(2020, 12, 1), model="gru", model_version=None,
+            created_at=datetime(2020, 12, 2, 3, 4, 5)),
+        forecast_rows(9.0).assign(dataset="weather", as_of=datetime(2020, 12, 1), mlflow_run_id="w",
+                                  created_at=datetime(2020, 12, 2)),
+    ], ignore_index=True)
+    with engine.begin() as conn:
+        db.init_db(conn)
+        old_schemas.forecasts_as_a_table(conn)
+        conn.exec_driver_sql("CREATE VIEW current_forecasts AS SELECT * FROM forecasts")
+        db.upsert(conn, db.reflect_table(conn, "forecasts"), rows, key=("dataset", "series_id", "as_of", "ts"))
+    return old_forecasts(engine)
+
+
+def old_forecasts(engine: sa.Engine) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql("SELECT * FROM forecasts ORDER BY dataset, as_of, series_id, ts", conn)
+
+
+def test_init_db_moves_an_older_databases_forecasts_into_runs_and_steps(engine: sa.Engine) -> None:
+    before = older_database(engine)
+    with engine.begin() as conn:
+        assert db.init_db(conn) == ["002_forecast_runs_and_steps.sql"]
+    assert "forecasts" in sa.inspect(engine).get_view_names() and "forecasts" not in table_names(engine)
+    pd.testing.assert_frame_equal(old_forecasts(engine), before)  # the same rows, columns and types
+    runs = stored_runs(engine)
+    assert len(runs) == 3 and len(stored_steps(engine)) == len(before)
+    with engine.begin() as conn:  # the next night's rerun of a moved as_of, beside the moved keys
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(4.0), scores=None)
+        assert db.init_db(conn) == []
+    after = old_forecasts(engine)
+
+    def rerun_as_of(rows: pd.DataFrame) -> pd.Series:
+        return (rows["dataset"] == "sales") & rows["as_of"].astype(str).str.startswith("2020-12-01")
+
+    assert after.loc[rerun_as_of(after), "value"].tolist() == [4.0] * 3
+    pd.testing.assert_frame_equal(after[~rerun_as_of(after)].reset_index(drop=True),
+                                  before[~rerun_as_of(before)].reset_index(drop=True))
+
+
+def test_init_db_names_the_views_of_analysts_on_the_old_forecasts_table_on_postgresql(pg_url: str) -> None:
+    engine = db.make_engine(url=pg_url)
+    before = older_database(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW my_monthly_report AS SELECT series_id, value FROM forecasts")
+    with pytest.raises(db.DatabaseError, match=r"migration 002_forecast_runs_and_steps.sql.*"
+                                               r"depend on it \(view my_monthly_report depends on table forecasts"):
+        with engine.begin() as conn:
+            db.init_db(conn)
+    assert "forecasts" in table_names(engine) and "forecast_runs" not in table_names(engine)
+    pd.testing.assert_frame_equal(old_forecasts(engine), before)
+    engine.dispose()
+
+
 def test_write_failure_leaves_nothing_and_the_previous_run_stays(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         db.init_db(conn)
@@ -617,4 +773,4 @@ def test_init_db_stopped_half_way_leaves_nothing_and_runs_again(engine: sa.Engin
         assert db.init_db(conn) == []
     with engine.begin() as conn:
         assert db.init_db(conn) == []
-    assert {"forecasts", "model_scores", "actuals", "schema_migrations"} <= table_names(engine)
+    assert {"forecast_runs", "forecast_steps", "model_scores", "actuals", "schema_migrations"} <= table_names(engine)

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.nightly import WARNED_STATE, nightly
 from forecasting import db, pipeline, tracking
+from tests import old_schemas
 from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -362,9 +363,11 @@ def test_a_write_refused_midway_leaves_the_previous_rows(engine: sa.Engine, data
 
 
 def test_migrating_an_older_database_adds_the_status_columns(engine: sa.Engine) -> None:
-    """A database made before model_scores had status/detail gets them from init-db, once."""
+    """A database made before model_scores had status/detail gets them from init-db, once (and
+    the later migrations)."""
     with engine.begin() as conn:
         db.init_db(conn)
+        old_schemas.forecasts_as_a_table(conn)
         conn.exec_driver_sql("DROP VIEW IF EXISTS model_leaderboard")
         conn.exec_driver_sql("DROP TABLE model_scores")
         conn.exec_driver_sql("DROP TABLE schema_migrations")
@@ -373,7 +376,7 @@ def test_migrating_an_older_database_adds_the_status_columns(engine: sa.Engine) 
         lines = [line for line in create.splitlines() if "status" not in line and "detail" not in line]
         conn.exec_driver_sql("\n".join(lines))
     with engine.begin() as conn:
-        assert db.init_db(conn) == ["001_model_scores_status.sql"]
+        assert db.init_db(conn) == ["001_model_scores_status.sql", "002_forecast_runs_and_steps.sql"]
     with engine.begin() as conn:
         assert db.init_db(conn) == []
         columns = {c["name"] for c in sa.inspect(conn).get_columns("model_scores")}

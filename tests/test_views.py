@@ -113,7 +113,7 @@ def test_model_leaderboard_shows_the_runs_a_model_failed(two_runs: sa.Engine) ->
 
 def test_a_forecast_without_interval_is_not_counted_as_a_miss(two_runs: sa.Engine) -> None:
     with two_runs.begin() as conn:
-        conn.exec_driver_sql("UPDATE forecasts SET lower = NULL, upper = NULL WHERE series_id = 'a'")
+        conn.exec_driver_sql("UPDATE forecast_steps SET lower = NULL, upper = NULL WHERE series_id = 'a'")
     accuracy = query(two_runs, "SELECT inside_interval FROM forecast_accuracy")
     assert len(accuracy) == 1 and accuracy["inside_interval"].isna().all()
     coverage = query(two_runs, "SELECT AVG(inside_interval) AS coverage FROM forecast_accuracy")
