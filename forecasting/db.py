@@ -140,19 +140,38 @@ def connect_error(engine: Engine, exc: Exception) -> DatabaseError:
     return DatabaseError(f"database {describe(engine)} is not usable: {reason}")
 
 
-def sql_statements(path: Path) -> list[str]:
-    """Split a .sql file on ';' at the end of a line, dropping comment-only chunks."""
-    text = path.read_text()
-    statements = []
-    for chunk in re.split(r";\s*$", text, flags=re.M):
-        body = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--"))
+_ONLY_ON = re.compile(r"^\s*--\s*only on (\w+)\s*$", re.M)  # a statement of one dialect
+_AFTER_VIEWS = re.compile(r"^\s*--\s*after the views\s*$", re.M)  # a migration's, run after views.sql
+
+
+def sql_statements(path: Path, *, dialect: str | None = None, after_views: bool = False) -> list[str]:
+    """The statements of a .sql file: split on ';' at the end of a line (outside a $$-quoted
+    body), comment-only chunks dropped.
+
+    A statement whose comment lines include `-- only on <dialect>` is one of that dialect's
+    (kept when `dialect` is it or None); one with `-- after the views` is a migration's that
+    init-db runs after views.sql (kept only when `after_views`).
+    """
+    statements, chunk = [], []
+    for line in path.read_text().splitlines():
+        chunk.append(line)
+        if line.rstrip().endswith(";") and "\n".join(chunk).count("$$") % 2 == 0:
+            statements.append("\n".join(chunk).rstrip().removesuffix(";"))
+            chunk = []
+    statements.append("\n".join(chunk))
+    kept = []
+    for statement in statements:
+        only = _ONLY_ON.findall(statement)
+        if (dialect is not None and only and dialect not in only) or bool(_AFTER_VIEWS.search(statement)) != after_views:
+            continue
+        body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
         if body.strip():
-            statements.append(body.strip())
-    return statements
+            kept.append(body.strip())
+    return kept
 
 
-def apply_sql(conn: Connection, path: Path) -> int:
-    statements = sql_statements(path)
+def apply_sql(conn: Connection, path: Path, *, after_views: bool = False) -> int:
+    statements = sql_statements(path, dialect=conn.dialect.name, after_views=after_views)
     for statement in statements:
         conn.exec_driver_sql(statement)
     return len(statements)
@@ -182,17 +201,31 @@ def init_db(conn: Connection) -> list[str]:
         if path.name in done:
             continue
         if existed:
-            try:
-                apply_sql(conn, path)
-            except sa.exc.DBAPIError as exc:
-                if getattr(exc.orig, "sqlstate", None) != "2BP01":  # dependent objects still exist
-                    raise
-                raise _dependents_block(exc, f"init-db must apply the migration {path.name}, which drops or "
-                                        "changes a table or view") from None
+            _migrate(conn, path, after_views=False)
             applied.append(path.name)
         conn.execute(sa.text("INSERT INTO schema_migrations (name) VALUES (:name)"), {"name": path.name})
     apply_views(conn)
+    for name in applied:
+        _migrate(conn, MIGRATIONS_DIR / name, after_views=True)
     return applied
+
+
+def _migrate(conn: Connection, path: Path, *, after_views: bool) -> None:
+    """The statements of a migration that run before views.sql, or after it; a DatabaseError
+    that names the migration if the database refuses one (the caller's transaction then
+    leaves everything as it was)."""
+    try:
+        apply_sql(conn, path, after_views=after_views)
+    except sa.exc.DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "2BP01":  # dependent objects still exist
+            raise _dependents_block(exc, f"init-db must apply the migration {path.name}, which drops or "
+                                    "changes a table or view") from None
+        if isinstance(exc, sa.exc.IntegrityError):
+            reason = " ".join(str(exc.orig).split())
+            raise DatabaseError(f"init-db cannot apply the migration {path.name}: the stored rows break "
+                                f"a constraint ({reason}); see the comments of sql/migrations/{path.name}. "
+                                "Nothing was changed") from None
+        raise
 
 
 def apply_views(conn: Connection) -> None:
@@ -645,8 +678,7 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
     import contextlib
     import uuid
 
-    import psycopg  # the driver of postgresql+psycopg URLs; only this path needs it
-    from psycopg import sql
+    from psycopg import sql  # the driver of postgresql+psycopg URLs; only this path needs it
 
     key = list(key)
     repeated = frame.duplicated(subset=key, keep="last") & frame[key].notna().all(axis=1)
@@ -668,23 +700,7 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
 
         run(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
             staging, names, target))
-        copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(staging, names)
-        try:
-            with driver.cursor() as cursor:
-                cursor.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(names, staging))
-                types = [driver.adapters.types.get(c.type_code) for c in cursor.description]
-                frame, binary = _pg_copy_frame(frame, [t.name if t else None for t in types])
-                if binary:
-                    copy_sql += sql.SQL(" (FORMAT BINARY)")
-                with cursor.copy(copy_sql) as copy:
-                    if binary:
-                        copy.set_types([t.oid for t in types])
-                    for start in range(0, len(frame), _PG_COPY_CHUNK):
-                        chunk = frame.iloc[start : start + _PG_COPY_CHUNK]
-                        for row in zip(*(_plain_column(series) for _, series in chunk.items())):
-                            copy.write_row(row)
-        except psycopg.Error as exc:  # the same exception classes as every other statement here
-            raise sa.exc.DBAPIError.instance(copy_sql.as_string(driver), None, exc, psycopg.Error) from exc
+        _pg_copy(conn, staging, frame)
         insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, names, names, staging)
         updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns if c not in key]
         on_conflict = insert + sql.SQL(" ON CONFLICT ({}) ").format(
@@ -693,6 +709,53 @@ def _pg_upsert(conn: Connection, table: sa.Table, frame: pd.DataFrame, *, key: S
         if not (_unique_on(table, key) and _insert_if_all_new(conn, insert.as_string(driver))):
             run(on_conflict)
         run(sql.SQL("DROP TABLE {}").format(staging))
+
+
+def _pg_copy(conn: Connection, target: Any, frame: pd.DataFrame) -> None:
+    """COPY `frame` into `target` (a psycopg.sql identifier; the frame's columns are the table's
+    own, as upsert and insert_new check), binary where every column allows, in the caller's
+    transaction."""
+    import psycopg
+    from psycopg import sql
+
+    driver = conn.connection.driver_connection
+    names = sql.SQL(", ").join(sql.Identifier(str(c)) for c in frame.columns)
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(target, names)
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(names, target))
+            types = [driver.adapters.types.get(c.type_code) for c in cursor.description]
+            frame, binary = _pg_copy_frame(frame, [t.name if t else None for t in types])
+            if binary:
+                copy_sql += sql.SQL(" (FORMAT BINARY)")
+            with cursor.copy(copy_sql) as copy:
+                if binary:
+                    copy.set_types([t.oid for t in types])
+                for start in range(0, len(frame), _PG_COPY_CHUNK):
+                    chunk = frame.iloc[start : start + _PG_COPY_CHUNK]
+                    for row in zip(*(_plain_column(series) for _, series in chunk.items())):
+                        copy.write_row(row)
+    except psycopg.Error as exc:  # the same exception classes as every other statement here
+        raise sa.exc.DBAPIError.instance(copy_sql.as_string(driver), None, exc, psycopg.Error) from exc
+
+
+def insert_new(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> int:
+    """INSERT `frame`, whose keys cannot exist yet (a new run_key's steps), in the caller's
+    transaction; the number of rows. PostgreSQL (psycopg): one COPY straight into the table,
+    no staging table and no ON CONFLICT, which cost a first write of 1,000,000 steps 1.67x the
+    COPY itself. A key met twice, in the table or in `frame`, fails the write (IntegrityError)."""
+    if frame.empty:
+        return 0
+    unknown = [str(c) for c in frame.columns if c not in table.columns]
+    if unknown:  # also what keeps the names spliced into _pg_copy's SQL to the table's own
+        raise ValueError(f"insert into {table.name!r}: `frame` holds columns the table has not: {unknown}")
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        from psycopg import sql
+
+        _pg_copy(conn, sql.Identifier(*([table.schema] if table.schema else []), table.name), frame)
+    else:
+        conn.execute(sa.insert(table), to_records(frame))
+    return len(frame)
 
 
 def _insert_if_all_new(conn: Connection, insert: str) -> bool:
@@ -803,7 +866,7 @@ def write_run(
     if provenance is not None:  # no rows, no run: the as_of holds no forecast, as it would have no rows
         run_key = _insert_run(conn, runs, {"dataset": dataset, "as_of": as_of, **provenance, "created_at": created_at})
         step_rows = forecasts[[c for c in STEP_COLUMNS if c in forecasts]].assign(run_key=run_key)
-        n_forecasts = upsert(conn, steps, step_rows, key=("run_key", "series_id", "ts"))
+        n_forecasts = insert_new(conn, steps, step_rows)
     if scores is None:
         _flag_forecasting_model(conn, scores_table, dataset=dataset, as_of=as_of, forecasts=forecasts)
         return n_forecasts, 0
@@ -1005,17 +1068,21 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
     """Raise OutputNotWritable unless a run could write its rows; writes nothing.
 
     Run before training, so a read-only database or a role without INSERT fails the night in
-    a second rather than after hours of training. It upserts one probe row per output table
-    twice, then deletes it, and rolls back: the same statements as the night's writes, so the
-    same privileges. Twice, because a new key takes a plain INSERT (see _insert_if_all_new)
-    and only an existing one the ON CONFLICT DO UPDATE that a rerun or a restated actual runs,
-    for which PostgreSQL checks UPDATE.
+    a second rather than after hours of training. It writes probe rows with the statements of
+    the night's writes, so the same privileges, then deletes them and rolls back. A forecast's
+    two tables take what write_run sends them: an INSERT under a new run_key (COPY on
+    PostgreSQL) and a DELETE. model_scores and actuals take an upsert twice: a new key takes a
+    plain INSERT (see _insert_if_all_new) and only an existing one the ON CONFLICT DO UPDATE
+    that a restated actual runs, for which PostgreSQL checks UPDATE.
     """
     probe = {"dataset": dataset, "as_of": datetime(1900, 1, 1)}
-    rows = {
-        FORECAST_RUNS: ({**probe, "run_key": -1, "model": "-"}, ("run_key",)),
-        FORECAST_STEPS: ({"run_key": -1, "series_id": "-", "ts": datetime(1900, 1, 2), "step": 1, "value": 0.0},
-                         ("run_key", "series_id", "ts")),
+    # Negative, as no write's is; one per dataset, so that probes of two datasets never wait for each other.
+    run_key = -1 - (_advisory_key(f"write probe\x00{dataset}") & (2**62 - 1))
+    inserted = {
+        FORECAST_RUNS: {**probe, "run_key": run_key, "model": "-"},
+        FORECAST_STEPS: {"run_key": run_key, "series_id": "-", "ts": datetime(1900, 1, 2), "step": 1, "value": 0.0},
+    }
+    upserted = {
         MODEL_SCORES: ({**probe, "model": "-", "series_key": AGGREGATE_KEY, "series_id": None},
                        ("dataset", "as_of", "model", "series_key")),
         ACTUALS: ({"dataset": dataset, "series_id": "-", "ts": datetime(1900, 1, 1), "value": 0.0},
@@ -1024,7 +1091,11 @@ def check_output_writable(conn: Connection, *, dataset: str) -> None:
     with conn.begin_nested() if conn.in_transaction() else conn.begin() as transaction:
         try:
             take_write_lock(conn)
-            for name, (row, key) in rows.items():
+            for name, row in inserted.items():
+                table = reflect_table(conn, name, dataset=dataset)
+                insert_new(conn, table, pd.DataFrame([row]))
+                conn.execute(sa.delete(table).where(table.c.run_key == run_key))
+            for name, (row, key) in upserted.items():
                 table = reflect_table(conn, name, dataset=dataset)
                 upsert(conn, table, [row], key=key)
                 upsert(conn, table, [row], key=key)

@@ -37,14 +37,16 @@ JOIN (
 ) newest
   ON newest.dataset = f.dataset AND newest.series_id = f.series_id AND newest.as_of = f.as_of;
 
--- Per dataset, the rows of its newest as_of only: what the newest run forecast.
+-- Per dataset, the rows of its newest as_of only: what the newest run forecast. The newest
+-- as_of comes from forecast_runs, one row per as_of (from `forecasts`, one per step, it read
+-- every step ever stored).
 DROP VIEW IF EXISTS current_forecasts;
 CREATE VIEW current_forecasts AS
 SELECT f.*
 FROM forecasts f
 JOIN (
     SELECT dataset, MAX(as_of) AS as_of
-    FROM forecasts
+    FROM forecast_runs
     GROUP BY dataset
 ) newest
   ON newest.dataset = f.dataset AND newest.as_of = f.as_of;

@@ -200,3 +200,26 @@ def test_autocommit_connection_still_writes_all_or_nothing(pg_url: str) -> None:
             db.upsert(conn, forecasts, bad, key=KEY)
     assert stored(engine)["value"].tolist() == frame()["value"].tolist()
     engine.dispose()
+
+
+def test_insert_new_writes_rows_whose_keys_are_new_and_refuses_a_key_met_twice(
+    engine: sa.Engine, forecasts: sa.Table
+) -> None:
+    """write_run's path for a new run's steps: COPY straight into the table on PostgreSQL."""
+    rows = frame()
+    rows.loc[1, ["lower", "upper"]] = np.nan
+    with engine.begin() as conn:
+        assert db.insert_new(conn, forecasts, rows) == len(rows)
+        assert db.insert_new(conn, forecasts, rows.iloc[:0]) == 0
+    table = stored(engine)
+    assert table["value"].tolist() == rows["value"].tolist() and table["lower"].isna().tolist() == [
+        i == 1 for i in range(len(rows))]
+    again = frame(value=50.0).assign(dataset="other")
+    for twice in (pd.concat([again, again.iloc[[3]]]), frame(value=50.0)):  # in the frame; in the table
+        with pytest.raises(sa.exc.IntegrityError, match=r"UNIQUE constraint failed|duplicate key value"):
+            with engine.begin() as conn:
+                db.insert_new(conn, forecasts, twice)
+    pd.testing.assert_frame_equal(stored(engine), table)
+    with pytest.raises(ValueError, match=r"insert into 'bulk_rows': `frame` holds columns the table has not: \['nope'\]"):
+        with engine.begin() as conn:
+            db.insert_new(conn, forecasts, rows.assign(nope=1))

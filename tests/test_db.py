@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from datetime import date, datetime
 
 import pandas as pd
@@ -675,17 +676,65 @@ def test_init_db_moves_an_older_databases_forecasts_into_runs_and_steps(engine: 
                                   before[~rerun_as_of(before)].reset_index(drop=True))
 
 
-def test_init_db_names_the_views_of_analysts_on_the_old_forecasts_table_on_postgresql(pg_url: str) -> None:
+def test_init_db_keeps_views_built_on_ours_and_the_grants_of_the_old_table_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL binds views to the table itself: dropping our views over the old table failed on
+    a view of an analyst's built on one of them, and dropping the table lost its GRANTs."""
+    engine = db.make_engine(url=pg_url)
+    older_database(engine)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW my_newest AS SELECT series_id, value FROM current_forecasts")
+        conn.exec_driver_sql(f'CREATE ROLE "{role}"')
+        conn.exec_driver_sql(f'GRANT SELECT, INSERT, DELETE ON forecasts TO "{role}"')
+    try:
+        with engine.begin() as conn:
+            assert db.init_db(conn) == ["002_forecast_runs_and_steps.sql"]
+            privileges = conn.execute(sa.text(
+                "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type) "
+                "FROM information_schema.role_table_grants WHERE grantee = :role GROUP BY table_name ORDER BY 1"
+            ), {"role": role}).all()
+            newest = pd.read_sql("SELECT * FROM my_newest ORDER BY series_id", conn)
+            definition = conn.execute(sa.text("SELECT pg_get_viewdef('current_forecasts')")).scalar_one()
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+    assert privileges == [("forecast_runs", "DELETE,INSERT,SELECT"), ("forecast_steps", "DELETE,INSERT,SELECT"),
+                          ("forecasts", "SELECT")]
+    assert newest.values.tolist() == [["a", 2.0]] * 3 + [["a", 9.0]] * 3 + [["b", 2.5]] * 3
+    assert "forecast_runs" in definition  # replaced in place by views.sql's, not left on the old table
+    assert "forecasts_before_002" not in table_names(engine)
+    engine.dispose()
+
+
+def test_init_db_names_a_view_of_analysts_on_the_old_forecasts_table_on_postgresql(pg_url: str) -> None:
     engine = db.make_engine(url=pg_url)
     before = older_database(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE VIEW my_monthly_report AS SELECT series_id, value FROM forecasts")
-    with pytest.raises(db.DatabaseError, match=r"migration 002_forecast_runs_and_steps.sql.*"
-                                               r"depend on it \(view my_monthly_report depends on table forecasts"):
+    with pytest.raises(db.DatabaseError, match=r"migration 002_forecast_runs_and_steps.sql.*depend on it "
+                                               r"\(view my_monthly_report depends on table forecasts_before_002"):
         with engine.begin() as conn:
             db.init_db(conn)
     assert "forecasts" in table_names(engine) and "forecast_runs" not in table_names(engine)
     pd.testing.assert_frame_equal(old_forecasts(engine), before)
+    engine.dispose()
+
+
+def test_init_db_refuses_an_as_of_that_several_models_forecast_naming_it(engine: sa.Engine) -> None:
+    """Taken apart, MIN(model), MIN(model_version) and MIN(mlflow_run_id) of such an as_of named one
+    run that never existed."""
+    before = older_database(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE forecasts SET model = 'rnn' WHERE series_id = 'b'")
+    with pytest.raises(db.DatabaseError, match=r"cannot apply the migration 002_forecast_runs_and_steps.sql: the "
+                                               r"stored rows break a constraint \(.*(forecast_runs.dataset, "
+                                               r"forecast_runs.as_of|\(dataset, as_of\)=\(sales, 2020-12-01).*"
+                                               r"Nothing was changed"):
+        with engine.begin() as conn:
+            db.init_db(conn)
+    assert "forecast_runs" not in table_names(engine)
+    assert len(old_forecasts(engine)) == len(before)
     engine.dispose()
 
 

@@ -257,7 +257,8 @@ def test_init_db_by_a_role_that_may_not_create_tables_is_told_so_pg(pg_url: str,
 def test_the_write_check_needs_every_privilege_a_write_uses_pg(pg_url: str) -> None:
     """The probe upserted new keys only, a plain INSERT: a role without UPDATE passed it, and
     the night failed at its write after training, on the first restated actual or rerun. A
-    role without TEMPORARY (the staging tables) was told to GRANT what it had."""
+    role without TEMPORARY (the staging tables) was told to GRANT what it had. And no more
+    than a write needs."""
     engine = sa.create_engine(pg_url)
     with engine.begin() as conn:
         db.init_db(conn)
@@ -268,6 +269,23 @@ def test_the_write_check_needs_every_privilege_a_write_uses_pg(pg_url: str) -> N
             with target.connect() as conn, pytest.raises(db.OutputNotWritable, match=r"lacks a privilege .* UPDATE .* "
                                                                                      r"\(permission denied for table"):
                 db.check_output_writable(conn, dataset="sales")
+            target.dispose()
+        # A forecast's two tables take INSERT and DELETE only (a new run_key each write): a
+        # role without UPDATE on them passes, and writes a night and its rerun.
+        with role_of_schema(engine, pg_url, "noupdateforecasts", "SELECT ON ALL TABLES") as writer:
+            with engine.begin() as conn:
+                role = sa.make_url(writer).username
+                conn.exec_driver_sql(f'GRANT INSERT, DELETE ON forecast_runs, forecast_steps TO "{role}"')
+                conn.exec_driver_sql(f'GRANT INSERT, UPDATE, DELETE ON model_scores, actuals TO "{role}"')
+            target = db.make_engine(url=writer)
+            with target.connect() as conn:
+                db.check_output_writable(conn, dataset="sales")
+            forecasts = pd.DataFrame({"series_id": ["a", "a"], "ts": pd.date_range("2021-01-01", periods=2, freq="MS"),
+                                      "step": [1, 2], "value": [1.0, 2.0], "model": "gru"})
+            for _ in range(2):
+                with target.begin() as conn:
+                    db.write_run(conn, dataset="sales", as_of=pd.Timestamp("2020-12-01"), forecasts=forecasts,
+                                 scores=None)
             target.dispose()
         with role_of_schema(engine, pg_url, "notemp", "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES") as no_temp:
             with engine.begin() as conn:  # this session's database only
