@@ -1,7 +1,8 @@
 """db.upsert's bulk path (COPY + one INSERT ... ON CONFLICT on PostgreSQL, executemany on SQLite).
 
-The upserts go into `bulk_rows`, a table of the test's own with the columns and natural key of a
-forecast row (as the `forecasts` view shows it); write_run's use of upsert is at the end.
+The rows go into `bulk_rows`, a table of the test's own with the columns and natural key of a
+forecast row (as the `forecasts` view shows it). The last test is of insert_new, by which
+write_run writes a new run's steps.
 """
 
 from __future__ import annotations
