@@ -606,6 +606,20 @@ def test_rows_of_two_models_in_one_write_are_refused_naming_them(engine: sa.Engi
         assert db.read_forecasts(conn, dataset="sales")["value"].tolist() == [1.0] * 3
 
 
+def test_a_series_forecast_twice_at_one_ts_is_refused_before_anything_is_written(engine: sa.Engine) -> None:
+    """upsert kept the last of such rows; a new run's COPY failed on the second, half-way."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    twice = pd.concat([forecast_rows(2.0), forecast_rows(2.0).assign(series_id="b"), forecast_rows(3.0).iloc[[1]]])
+    with pytest.raises(db.DataError, match=r"dataset 'sales', series 'a': 2 forecast rows share their \(series_id, "
+                                           r"ts\), e.g. ts 2021-02-01 00:00:00: one row per series and step"):
+        with engine.begin() as conn:
+            db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=twice, scores=None)
+    with engine.connect() as conn:
+        assert db.read_forecasts(conn, dataset="sales")["value"].tolist() == [1.0] * 3
+
+
 def test_an_empty_forecast_replaces_the_as_ofs_with_none(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         db.init_db(conn)
@@ -678,32 +692,71 @@ def test_init_db_moves_an_older_databases_forecasts_into_runs_and_steps(engine: 
 
 def test_init_db_keeps_views_built_on_ours_and_the_grants_of_the_old_table_on_postgresql(pg_url: str) -> None:
     """PostgreSQL binds views to the table itself: dropping our views over the old table failed on
-    a view of an analyst's built on one of them, and dropping the table lost its GRANTs."""
+    a view of an analyst's built on one of them, and dropping the table lost its GRANTs. Run by a
+    superuser, init-db left the new tables to it, and the pipeline's role without access."""
     engine = db.make_engine(url=pg_url)
     older_database(engine)
-    role = f"reader_{uuid.uuid4().hex[:8]}"
+    reader, pipeline_role = f"reader_{uuid.uuid4().hex[:8]}", f"pipeline_{uuid.uuid4().hex[:8]}"
+    schema = sa.make_url(pg_url).query["options"].removeprefix("-csearch_path=")
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE VIEW my_newest AS SELECT series_id, value FROM current_forecasts")
-        conn.exec_driver_sql(f'CREATE ROLE "{role}"')
-        conn.exec_driver_sql(f'GRANT SELECT, INSERT, DELETE ON forecasts TO "{role}"')
+        for role in (reader, pipeline_role):
+            conn.exec_driver_sql(f'CREATE ROLE "{role}"')
+        conn.exec_driver_sql(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{pipeline_role}"')
+        conn.exec_driver_sql(f'ALTER TABLE forecasts OWNER TO "{pipeline_role}"')
+        conn.exec_driver_sql(f'GRANT SELECT ON forecasts TO "{reader}" WITH GRANT OPTION')
+        conn.exec_driver_sql(f'GRANT INSERT, DELETE ON forecasts TO "{reader}"')
     try:
         with engine.begin() as conn:
             assert db.init_db(conn) == ["002_forecast_runs_and_steps.sql"]
             privileges = conn.execute(sa.text(
-                "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type) "
+                "SELECT table_name, string_agg(privilege_type || is_grantable, ',' ORDER BY privilege_type) "
                 "FROM information_schema.role_table_grants WHERE grantee = :role GROUP BY table_name ORDER BY 1"
-            ), {"role": role}).all()
+            ), {"role": reader}).all()
+            owners = conn.execute(sa.text(
+                "SELECT relname, pg_get_userbyid(relowner) FROM pg_class WHERE relname IN "
+                "('forecast_runs', 'forecast_steps', 'forecasts') AND relnamespace = CAST(:schema AS regnamespace) ORDER BY 1"
+            ), {"schema": schema}).all()
             newest = pd.read_sql("SELECT * FROM my_newest ORDER BY series_id", conn)
             definition = conn.execute(sa.text("SELECT pg_get_viewdef('current_forecasts')")).scalar_one()
     finally:
         with engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
-            conn.exec_driver_sql(f'DROP ROLE "{role}"')
-    assert privileges == [("forecast_runs", "DELETE,INSERT,SELECT"), ("forecast_steps", "DELETE,INSERT,SELECT"),
-                          ("forecasts", "SELECT")]
+            for role in (reader, pipeline_role):  # the tables it now owns, and the views on them, go too
+                conn.exec_driver_sql(f'DROP OWNED BY "{role}" CASCADE')
+                conn.exec_driver_sql(f'DROP ROLE "{role}"')
+    assert privileges == [("forecast_runs", "DELETENO,INSERTNO,SELECTYES"),
+                          ("forecast_steps", "DELETENO,INSERTNO,SELECTYES"), ("forecasts", "SELECTYES")]
+    assert owners == [(name, pipeline_role) for name in ("forecast_runs", "forecast_steps", "forecasts")]
     assert newest.values.tolist() == [["a", 2.0]] * 3 + [["a", 9.0]] * 3 + [["b", 2.5]] * 3
     assert "forecast_runs" in definition  # replaced in place by views.sql's, not left on the old table
-    assert "forecasts_before_002" not in table_names(engine)
+    engine.dispose()
+
+
+def test_init_db_by_a_role_that_does_not_own_the_old_table_is_told_whom_to_run_it_as_on_postgresql(
+        pg_url: str) -> None:
+    """It was told to GRANT CREATE ON SCHEMA, which it had."""
+    engine = db.make_engine(url=pg_url)
+    before = older_database(engine)
+    role = f"other_{uuid.uuid4().hex[:8]}"
+    url = sa.make_url(pg_url)
+    schema = url.query["options"].removeprefix("-csearch_path=")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{role}"')
+        conn.exec_driver_sql(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+    other = db.make_engine(url=url.set(username=role).render_as_string(hide_password=False))
+    try:
+        with pytest.raises(db.DatabaseError, match=r"cannot apply the migration 002_forecast_runs_and_steps.sql: "
+                                                   r"must be owner of table forecasts\. Run init-db as the role that "
+                                                   r"owns the pipeline's tables"):
+            with other.begin() as conn:
+                db.init_db(conn)
+    finally:
+        other.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+    pd.testing.assert_frame_equal(old_forecasts(engine), before)
     engine.dispose()
 
 
@@ -823,3 +876,15 @@ def test_init_db_stopped_half_way_leaves_nothing_and_runs_again(engine: sa.Engin
     with engine.begin() as conn:
         assert db.init_db(conn) == []
     assert {"forecast_runs", "forecast_steps", "model_scores", "actuals", "schema_migrations"} <= table_names(engine)
+
+
+def test_sql_files_split_by_dialect_and_phase_and_keep_dollar_quoted_bodies_whole(tmp_path) -> None:
+    sql = tmp_path / "m.sql"
+    sql.write_text("CREATE TABLE a (x INTEGER);\n-- only on sqlite\nDROP TABLE a;\n"
+                   "-- only on postgresql\n-- after the views\nDO $$\nBEGIN\n    PERFORM 1;\nEND\n$$;\n")
+    assert db.sql_statements(sql, dialect="sqlite") == ["CREATE TABLE a (x INTEGER)", "DROP TABLE a"]
+    assert db.sql_statements(sql, dialect="postgresql") == ["CREATE TABLE a (x INTEGER)"]
+    assert db.sql_statements(sql, dialect="postgresql", after_views=True) == ["DO $$\nBEGIN\n    PERFORM 1;\nEND\n$$"]
+    sql.write_text("-- only on postgres\nDROP TABLE a;\n")
+    with pytest.raises(ValueError, match=r"m.sql: `-- only on postgres`: the dialects are sqlite and postgresql"):
+        db.sql_statements(sql, dialect="postgresql")

@@ -30,30 +30,41 @@ DROP TABLE forecasts;
 ALTER TABLE forecasts RENAME TO forecasts_before_002;
 
 -- The roles that held a privilege on the table hold it on the two tables now (and SELECT on
--- the view): a writer role other than the one running init-db keeps writing.
+-- the view), grant option included: a writer role other than the one running init-db keeps
+-- writing. And the table's owner owns them (a superuser running init-db would have owned them,
+-- leaving the owner, and our views it owns, without access).
 -- only on postgresql
 -- after the views
 DO $$
 DECLARE
     g record;
+    old_owner name;
 BEGIN
+    SELECT pg_get_userbyid(relowner) INTO old_owner FROM pg_class WHERE oid = 'forecasts_before_002'::regclass;
+    IF old_owner <> current_user THEN
+        EXECUTE 'ALTER TABLE forecast_runs OWNER TO ' || quote_ident(old_owner);
+        EXECUTE 'ALTER TABLE forecast_steps OWNER TO ' || quote_ident(old_owner);
+        EXECUTE 'ALTER VIEW forecasts OWNER TO ' || quote_ident(old_owner);
+    END IF;
     FOR g IN
         SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS role,
-               a.privilege_type
+               a.privilege_type,
+               CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END AS option
         FROM pg_class c, aclexplode(c.relacl) a
         WHERE c.oid = 'forecasts_before_002'::regclass AND a.grantee <> c.relowner
     LOOP
         -- concatenated, not format(): the driver would take its placeholders for parameters
-        EXECUTE 'GRANT ' || g.privilege_type || ' ON forecast_runs, forecast_steps TO ' || g.role;
+        EXECUTE 'GRANT ' || g.privilege_type || ' ON forecast_runs, forecast_steps TO ' || g.role || g.option;
         IF g.privilege_type = 'SELECT' THEN
-            EXECUTE 'GRANT SELECT ON forecasts TO ' || g.role;
+            EXECUTE 'GRANT SELECT ON forecasts TO ' || g.role || g.option;
         END IF;
     END LOOP;
 END
 $$;
 
--- A view of yours that reads the table itself (not through one of ours) still depends on it:
--- PostgreSQL refuses, and init-db stops, naming it, and changes nothing. Drop it, run init-db,
+-- A view of yours that reads the table itself (not through one of ours) still depends on it,
+-- now named forecasts_before_002: PostgreSQL refuses, and init-db stops, naming it, and
+-- changes nothing. Drop it, run init-db,
 -- and create it again (it will read the view `forecasts`).
 -- only on postgresql
 -- after the views
