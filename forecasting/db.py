@@ -894,7 +894,7 @@ def _one_provenance(forecasts: pd.DataFrame, *, dataset: str, as_of: datetime) -
     unknown = sorted(set(map(str, forecasts.columns)) - set(STEP_COLUMNS) - set(RUN_COLUMNS))
     if unknown:
         raise ValueError(f"dataset {dataset!r}, as_of {as_of}: the forecast rows hold column(s) {unknown}, "
-                         f"which forecasts has not; its rows have {[*STEP_COLUMNS, *RUN_COLUMNS]}")
+                         f"which the forecasts view has not; write_run takes {[*STEP_COLUMNS, *RUN_COLUMNS]}")
     if forecasts.empty:
         return None
     present = [c for c in RUN_COLUMNS if c in forecasts]

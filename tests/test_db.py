@@ -536,6 +536,13 @@ def test_rewrite_with_fewer_series_removes_stale_rows(engine: sa.Engine) -> None
     assert set(rows["series_id"]) == {"a"} and len(rows) == 3
 
 
+def first_night(engine: sa.Engine) -> None:
+    """A new database holding one forecast: sales, as_of 2020-12-01, value 1.0."""
+    with engine.begin() as conn:
+        db.init_db(conn)
+        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+
+
 def stored_runs(engine: sa.Engine) -> pd.DataFrame:
     with engine.connect() as conn:
         return pd.read_sql("SELECT run_key, dataset, as_of, model FROM forecast_runs ORDER BY dataset", conn)
@@ -573,9 +580,7 @@ def test_a_rerun_replaces_the_run_and_its_steps_under_a_new_key(engine: sa.Engin
 
 def test_the_database_holds_one_forecast_per_dataset_series_as_of_and_ts(engine: sa.Engine) -> None:
     """The view has no key of its own: the tables' keys give it one, whoever writes them."""
-    with engine.begin() as conn:
-        db.init_db(conn)
-        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    first_night(engine)
     run_key = int(stored_runs(engine)["run_key"].iloc[0])
     second_run = ("INSERT INTO forecast_runs (run_key, dataset, as_of, model) "
                   "VALUES (1, 'sales', '2020-12-01 00:00:00', 'gru')")
@@ -590,9 +595,7 @@ def test_the_database_holds_one_forecast_per_dataset_series_as_of_and_ts(engine:
 
 
 def test_rows_of_two_models_in_one_write_are_refused_naming_them(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        db.init_db(conn)
-        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    first_night(engine)
     mixed = pd.concat([forecast_rows(2.0), forecast_rows(2.0).assign(series_id="b", model="gru")])
     with pytest.raises(ValueError, match=r"dataset 'sales', as_of 2020-12-01 00:00:00: the forecast rows name 2 "
                                          r"models \(model='lstm'.*model='gru'.*one forecast is made by one model"):
@@ -608,9 +611,7 @@ def test_rows_of_two_models_in_one_write_are_refused_naming_them(engine: sa.Engi
 
 def test_a_series_forecast_twice_at_one_ts_is_refused_before_anything_is_written(engine: sa.Engine) -> None:
     """upsert kept the last of such rows; a new run's COPY failed on the second, half-way."""
-    with engine.begin() as conn:
-        db.init_db(conn)
-        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    first_night(engine)
     twice = pd.concat([forecast_rows(2.0), forecast_rows(2.0).assign(series_id="b"), forecast_rows(3.0).iloc[[1]]])
     with pytest.raises(db.DataError, match=r"dataset 'sales', series 'a': 2 forecast rows share their \(series_id, "
                                            r"ts\), e.g. ts 2021-02-01 00:00:00: one row per series and step"):
@@ -621,9 +622,7 @@ def test_a_series_forecast_twice_at_one_ts_is_refused_before_anything_is_written
 
 
 def test_an_empty_forecast_replaces_the_as_ofs_with_none(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        db.init_db(conn)
-        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    first_night(engine)
     with engine.begin() as conn:
         assert db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), scores=None,
                             forecasts=forecast_rows(1.0).iloc[:0]) == (0, 0)
@@ -632,9 +631,7 @@ def test_an_empty_forecast_replaces_the_as_ofs_with_none(engine: sa.Engine) -> N
 
 def test_analysts_query_the_forecasts_view_by_as_of_text_on_both_databases(engine: sa.Engine) -> None:
     """README's query: `WHERE as_of = '2018-12-01 00:00:00'`, the timestamps as each database keeps them."""
-    with engine.begin() as conn:
-        db.init_db(conn)
-        db.write_run(conn, dataset="sales", as_of=datetime(2020, 12, 1), forecasts=forecast_rows(1.0), scores=None)
+    first_night(engine)
     with engine.connect() as conn:
         count = conn.execute(sa.text("SELECT COUNT(*) FROM forecasts WHERE as_of = '2020-12-01 00:00:00'")).scalar_one()
         as_of, ts = conn.execute(sa.text("SELECT as_of, ts FROM forecasts WHERE step = 2")).one()
