@@ -152,12 +152,13 @@ def sql_statements(path: Path, *, dialect: str | None = None, after_views: bool 
     (kept when `dialect` is it or None); one with `-- after the views` is a migration's that
     init-db runs after views.sql (kept only when `after_views`).
     """
-    statements, chunk = [], []
+    statements, chunk, quotes = [], [], 0  # quotes: the $$ seen in this statement so far
     for line in path.read_text().splitlines():
         chunk.append(line)
-        if line.rstrip().endswith(";") and "\n".join(chunk).count("$$") % 2 == 0:
+        quotes += line.count("$$")
+        if line.rstrip().endswith(";") and quotes % 2 == 0:
             statements.append("\n".join(chunk).rstrip().removesuffix(";"))
-            chunk = []
+            chunk, quotes = [], 0
     statements.append("\n".join(chunk))
     kept = []
     for statement in statements:
@@ -864,9 +865,10 @@ def write_run(
     created_at = datetime.now().replace(microsecond=0)
     lock_run(conn, dataset=dataset, as_of=as_of)
     replaced = conn.execute(sa.select(runs.c.run_key).where(runs.c.dataset == dataset, runs.c.as_of == as_of))
-    for run_key in replaced.scalars().all():
-        conn.execute(sa.delete(steps).where(steps.c.run_key == run_key))
-        conn.execute(sa.delete(runs).where(runs.c.run_key == run_key))
+    old_key = replaced.scalar_one_or_none()  # UNIQUE (dataset, as_of): one run at most
+    if old_key is not None:
+        conn.execute(sa.delete(steps).where(steps.c.run_key == old_key))
+        conn.execute(sa.delete(runs).where(runs.c.run_key == old_key))
     if scores is not None:
         conn.execute(sa.delete(scores_table).where(scores_table.c.dataset == dataset, scores_table.c.as_of == as_of))
     if actuals is not None:
