@@ -13,6 +13,7 @@ workers' reports.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,12 +95,40 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store with its tables created, for `mlflow_uri` to copy.
+
+    MLflow creates a new store's tables by running its alembic migrations: ~1 s of CPU, which
+    each of a hundred tests paid again, on a suite that keeps both cores busy. The template is
+    made the way MLflow makes any store, in the rollback-journal mode it leaves a file in, so
+    that the file alone holds it (no -wal beside it) and a copy is the same store. Tests of a
+    store's first opening (the migration race, its lock) make theirs from nothing.
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    with sa.create_engine(uri).connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal", path
+    return path
+
+
 @pytest.fixture
-def env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def mlflow_uri(mlflow_store_template: Path, tmp_path: Path) -> str:
+    """A new MLflow sqlite store in this test's tmp_path (a copy of the session's template)."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_store_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def env(database_url: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Settings of the product pointed at this test's database and a fresh MLflow store."""
     values = {
         "FORECASTING_DATABASE_URL": database_url,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": mlflow_uri,
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

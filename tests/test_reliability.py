@@ -82,16 +82,19 @@ def write_config(path: Path, name: str) -> Path:
 
 
 # On SQLite only: what this tests is the MLflow sqlite store and the processes' start and exit
-# (45 s a backend here). Two writers of one night on PostgreSQL: test_two_writers_of_one_night.
+# (30-40 s a backend here). Two writers of one night on PostgreSQL: test_two_writers_of_one_night.
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_four_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, env: dict[str, str],
-                                                          tmp_path: Path) -> None:
-    """Four worker processes start at once on a fresh MLflow sqlite store (its tables are created
-    by the first of them); two of them run the same dataset and as_of."""
+def test_three_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, env: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    """Three worker processes start at once on a fresh MLflow sqlite store (its tables are created
+    by the first of them); two of them run the same dataset and as_of. Four found the race first;
+    three still race on the store's creation and on one night, at a quarter less of the CPU."""
     from prefect.settings import PREFECT_API_URL
 
     load_sales(engine)
-    names = ["sales", "sales", "sales_b", "sales_c"]
+    # What this tests starts from no store at all, not the suite's ready-made copy (conftest).
+    tracking.sqlite_store_path(env["MLFLOW_TRACKING_URI"]).unlink()
+    names = ["sales", "sales", "sales_b"]
     child_env = {**os.environ, **env, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     processes = [
         subprocess.Popen(
@@ -110,12 +113,12 @@ def test_four_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, en
                            "FROM forecasts GROUP BY dataset ORDER BY dataset")
     # The two runs of 'sales' left one set: as many rows as each other dataset, from one run.
     assert counts.to_dict("records") == [
-        {"dataset": name, "n": len(SERIES) * HORIZON, "runs": 1} for name in ("sales", "sales_b", "sales_c")
+        {"dataset": name, "n": len(SERIES) * HORIZON, "runs": 1} for name in ("sales", "sales_b")
     ]
     scores = query(engine, "SELECT dataset, COUNT(*) AS n FROM model_scores GROUP BY dataset ORDER BY dataset")
     assert scores["n"].nunique() == 1, scores
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    for name in ("sales", "sales_b", "sales_c"):
+    for name in ("sales", "sales_b"):
         assert tracking.champion_version(client, name) is not None
     runs = client.search_runs([client.get_experiment_by_name("sales").experiment_id],
                               filter_string="tags.role = 'nightly'")
@@ -125,10 +128,10 @@ def test_four_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, en
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     nightly_runs = client.search_runs([client.get_experiment_by_name(name).experiment_id
-                                       for name in ("sales", "sales_b", "sales_c")],
+                                       for name in ("sales", "sales_b")],
                                       filter_string="tags.role = 'nightly'")
     flow_run_ids = [UUID(run.data.tags["prefect.flow_run_id"]) for run in nightly_runs]
-    assert len(flow_run_ids) == 4
+    assert len(flow_run_ids) == 3
     with get_client(sync_client=True) as prefect_client:
         for flow_run_id in flow_run_ids:
             logs = prefect_client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))

@@ -36,7 +36,7 @@ def fresh_logging_worker():
 
 
 @pytest.mark.usefixtures("prefect", "fresh_logging_worker")
-def test_password_never_leaks_pg(pg_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch,
+def test_password_never_leaks_pg(pg_url: str, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch,
                                  caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
     engine = sa.create_engine(pg_url)
     load_sales(engine)
@@ -44,8 +44,8 @@ def test_password_never_leaks_pg(pg_url: str, tmp_path, monkeypatch: pytest.Monk
     # The machine's PostgreSQL trusts local connections, so any password connects.
     with_password = sa.make_url(pg_url).set(password=SENTINEL).render_as_string(hide_password=False)
     monkeypatch.setenv("FORECASTING_DATABASE_URL", with_password)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri}
     caplog.set_level(logging.DEBUG)
     summary = nightly(config=tiny_config())
 

@@ -126,8 +126,8 @@ def test_an_error_that_names_the_tracking_uri_comes_back_without_its_password_an
 
 
 def test_a_candidate_run_written_by_the_worker_is_the_one_this_process_would_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = mlflow_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = tracking.connect(Settings())
     experiment = tracking.experiment_id(client, CONFIG.name)
