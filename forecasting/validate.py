@@ -2,8 +2,8 @@
 
 Each problem names the dataset, the series, the check and an example timestamp. The policy of
 the dataset config decides: `refuse` (default) fails the run; `fill` repairs gaps and missing
-targets by interpolation within each series (and drops duplicate timestamps, keeping the last);
-`drop` leaves the failing series out and forecasts the others.
+targets by interpolation within each series (and keeps one of rows that repeat a timestamp with
+the same values); `drop` leaves the failing series out and forecasts the others.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ FILLABLE = frozenset({"missing_timestamps", "missing_target", "missing_covariate
 @dataclass(frozen=True)
 class Problem:
     series_id: str
-    check: str  # duplicate_timestamps | unsorted | missing_target | missing_covariate | non_finite | no_values
+    check: str  # duplicate_timestamps | conflicting_duplicates | unsorted | missing_target | missing_covariate
+    #             | non_finite | no_values
     #             | off_frequency | missing_timestamps | too_short | ends_before_as_of | empty | negative_target
     example: pd.Timestamp | None
     detail: str
@@ -74,6 +75,12 @@ def observed_rows(loaded: pd.DataFrame, report: ValidationReport) -> pd.DataFram
         return loaded
     part = loaded[picked]
     real = np.isfinite(part["value"].to_numpy(dtype=float)) & ~part.duplicated(["series_id", "ts"], keep="last").to_numpy()
+    # A timestamp held with different targets has no one observation to record (and a dropped
+    # series may hold one: `conflicting_duplicates`); repeats of one value are that value.
+    clashing = conflicting_versions(part, ["value"])
+    if len(clashing):
+        keys = pd.MultiIndex.from_frame(part[["series_id", "ts"]])
+        real &= ~keys.isin(pd.MultiIndex.from_frame(clashing[["series_id", "ts"]]))
     keep = ~picked
     keep[np.flatnonzero(picked)[real]] = True
     return loaded[keep]
@@ -178,6 +185,7 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     if len(duplicated):
         problems.append(Problem(series_id, "duplicate_timestamps", duplicated.iloc[0],
                                 f"{len(duplicated)} timestamp(s) appear more than once"))
+        problems += _conflicting_duplicates(series_id, group, ["value", *covariates])
     if not ts.is_monotonic_increasing:
         position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
         problems.append(Problem(series_id, "unsorted", ts.iloc[position],
@@ -211,6 +219,37 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     return problems
 
 
+def _conflicting_duplicates(series_id: str, group: pd.DataFrame, columns: list[str]) -> list[Problem]:
+    """Timestamps repeated with different values (target or covariates): no policy may pick one.
+
+    The rows of one timestamp come in the order the database returns them, which no query
+    without an ORDER BY on more than the time fixes: `fill` kept "the last", so two runs of one
+    night could train on different values. Two series under one id (partly overlapping, in a
+    source without `source.id_column`) look the same. Rows that repeat a timestamp with the same
+    values are one observation delivered twice, and stay `fill`'s to repair.
+    """
+    versions = conflicting_versions(group, columns)
+    if versions.empty:
+        return []
+    clashing = versions["ts"].drop_duplicates()
+    first = clashing.iloc[0]
+    shown = ", ".join(f"{v:g}" for v in sorted(versions.loc[versions["ts"] == first, "value"]))  # not the DB's order
+    return [Problem(series_id, "conflicting_duplicates", first, (
+        f"{len(clashing)} timestamp(s) appear more than once with different values (the target here: {shown}); "
+        "no policy chooses between them: keep one row per timestamp in `source.query`, or, if the source "
+        "holds several series, name the column that tells them apart in `source.id_column`"))]
+
+
+def conflicting_versions(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The distinct versions (series_id, ts and `columns`) of every (series_id, ts) that `rows`
+    hold with different values; NaN equals NaN, and differs from a number. In time order."""
+    keys = ["series_id", "ts"]
+    repeated = rows[rows.duplicated(keys, keep=False)]
+    distinct = repeated.drop_duplicates([*keys, *columns])
+    clashing = distinct[distinct.duplicated(keys, keep=False)]
+    return clashing.sort_values(keys, kind="stable")[[*keys, *columns]]
+
+
 def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column: str) -> list[Problem]:
     """NaN/NULL and infinite values of one numeric column of one series (`value`: the target)."""
     role = "target" if column == "value" else "covariate"
@@ -230,7 +269,8 @@ def _value_problems(series_id: str, ts: pd.Series, values: np.ndarray, *, column
     return problems
 
 
-_CLOCK_CHANGES = {"duplicate_timestamps": "repeated", "missing_timestamps": "skipped"}
+_CLOCK_CHANGES = {"duplicate_timestamps": "repeated", "conflicting_duplicates": "repeated",
+                  "missing_timestamps": "skipped"}
 
 
 def _sub_daily(freq: str) -> bool:
@@ -339,8 +379,9 @@ def refuse_negatives_under_log_scaling(panel: pd.DataFrame, config: DatasetConfi
 
 
 def _fill(group: pd.DataFrame, freq: str) -> tuple[pd.DataFrame, int]:
-    """Sort, keep the last of duplicate timestamps, keep the span from the first target to the
-    last, reindex that to freq, interpolate per step."""
+    """Sort, keep one of rows repeating a timestamp (their values are the same: find_problems
+    refuses those that differ), keep the span from the first target to the last, reindex that
+    to freq, interpolate per step."""
     group = group.sort_values("ts", kind="stable").drop_duplicates("ts", keep="last")
     # Rows of NULL target before the first value or after the last have no neighbour to
     # interpolate from: carrying the nearest value over them made up flat history, and at the

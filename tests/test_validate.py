@@ -152,7 +152,9 @@ def test_fill_starts_a_series_at_its_first_value_and_judges_its_length_from_ther
 
 
 def _observed_by_definition(loaded: pd.DataFrame) -> pd.DataFrame:
-    real = loaded[np.isfinite(loaded["value"])]
+    """Finite targets, one row per (series, ts); none where the source holds two different ones."""
+    versions = loaded.groupby(["series_id", "ts"])["value"].transform(lambda v: v.nunique(dropna=False))
+    real = loaded[np.isfinite(loaded["value"]) & (versions == 1).to_numpy()]
     return real.drop_duplicates(["series_id", "ts"], keep="last")
 
 
@@ -168,7 +170,8 @@ def test_observed_rows_are_the_real_source_rows_of_every_series(policy: str) -> 
     loaded = clean.copy()
     if policy != "refuse":  # b has a NaN and a duplicate, c a gap
         loaded.loc[len(ts) + 3, "value"] = np.nan
-        loaded = pd.concat([loaded, loaded.iloc[[len(ts) + 5]].assign(value=9.0)], ignore_index=True)
+        repeat = loaded.iloc[[len(ts) + 5]]  # `fill` repairs a row delivered twice; under drop, a second value
+        loaded = pd.concat([loaded, repeat.assign(value=9.0) if policy == "drop" else repeat], ignore_index=True)
         loaded = loaded.drop(index=2 * len(ts) + 4)
     config = tiny_config(validation={"policy": policy, "max_dropped_share": 1.0})  # b and c both fail
     report = validate(loaded, config, input_window=WINDOW, as_of=None)
@@ -176,6 +179,10 @@ def test_observed_rows_are_the_real_source_rows_of_every_series(policy: str) -> 
     pd.testing.assert_frame_equal(observed, _observed_by_definition(loaded))
     if policy == "drop":
         assert set(report.dropped) == {"b", "c"} and set(observed["series_id"]) == {"a", "b", "c"}
+        # b's two values at ts[5]: neither is an observation to record
+        assert not ((observed["series_id"] == "b") & (observed["ts"] == ts[5])).any()
+    if policy == "fill":
+        assert ((observed["series_id"] == "b") & (observed["ts"] == ts[5])).sum() == 1
     if policy == "refuse":
         assert observed is loaded  # nothing to pick out: no copy
 
@@ -295,6 +302,9 @@ def test_an_hour_a_daylight_saving_change_repeats_or_skips_is_named_as_such() ->
             assert f"{check} at {hour}:00" in message
             hint = f"{hour}:00 is {change} by a daylight-saving change in Europe/Berlin: keep sub-daily data"
             assert (hint in message) == hinted, message
+            if check == "duplicate_timestamps":  # the hour's two readings differ: the same hint on that
+                assert f"conflicting_duplicates at {hour}:00" in message
+                assert message.count(hint) == (2 if hinted else 0), message
     # A day that starts at a clock change (Santiago, 2024-09-08 00:00) is still that day: no hint.
     days = pd.date_range("2024-06-01", periods=200, freq="D")
     daily = pd.DataFrame({"series_id": "s", "ts": days[days != pd.Timestamp("2024-09-08")], "value": 1.0})
@@ -349,6 +359,46 @@ def test_several_series_without_an_id_column_are_refused_not_merged(policy: str)
     repeated = pd.concat([both.iloc[:60], both.iloc[:3]], ignore_index=True)
     if policy == "fill":
         assert len(validate(repeated, config, input_window=WINDOW, as_of=ts[-1]).panel) == 60
+    # Two stores whose years overlap in part: fewer than two rows a timestamp, so not refused as
+    # several series; `fill` kept one of each overlapping month and merged them into one.
+    later = pd.date_range("2017-01-01", periods=60, freq="MS")
+    overlapping = pd.DataFrame({"series_id": "sales", "ts": np.concatenate([ts, later]),
+                                "value": np.concatenate([np.full(60, 10.0), np.full(60, 500.0)])})
+    with pytest.raises(ValidationFailed, match=r"series 'sales': conflicting_duplicates at 2017-01-01 00:00:00: "
+                                               r"36 timestamp\(s\) appear more than once with different values "
+                                               r"\(the target here: 10, 500\); .* `source.id_column`"):
+        validate(overlapping, config, input_window=WINDOW, as_of=later[-1])
+
+
+@pytest.mark.parametrize("policy", ["refuse", "fill", "drop"])
+def test_a_timestamp_held_with_two_values_is_for_no_policy_to_choose(policy: str) -> None:
+    """The rows of one timestamp come in whatever order the database returns them: `fill`
+    kept "the last", so two runs of one night could train on different values."""
+    config = tiny_config(source={**tiny_config().source.model_dump(), "covariates": ["price"]},
+                         validation={"policy": policy, "max_dropped_share": 1.0})
+    ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
+    clean = pd.concat([pd.DataFrame({"series_id": s, "ts": ts, "value": np.arange(REQUIRED, dtype=float),
+                                     "price": 1.0}) for s in ("a", "b")], ignore_index=True)
+    twice = clean.iloc[[3]].assign(value=99.0)  # a: ts[3] also with 99
+    for order in ([clean, twice], [twice, clean]):
+        panel = pd.concat(order, ignore_index=True)
+        if policy == "drop":
+            report = validate(panel, config, input_window=WINDOW, as_of=ts[-1])
+            assert report.dropped == ["a"] and set(report.panel["series_id"]) == {"b"}
+            continue
+        with pytest.raises(ValidationFailed, match=(
+                r"series 'a': conflicting_duplicates at 2018-04-01 00:00:00: 1 timestamp\(s\) appear more than "
+                r"once with different values \(the target here: 3, 99\); no policy chooses between them")):
+            validate(panel, config, input_window=WINDOW, as_of=ts[-1])
+    # A covariate that differs is as ambiguous; the same row twice is one observation.
+    priced = pd.concat([clean, clean.iloc[[3]].assign(price=2.0)], ignore_index=True)
+    exact = pd.concat([clean, clean.iloc[[3]]], ignore_index=True)
+    if policy == "fill":
+        with pytest.raises(ValidationFailed, match=r"series 'a': conflicting_duplicates at 2018-04-01"):
+            validate(priced, config, input_window=WINDOW, as_of=ts[-1])
+        report = validate(exact, config, input_window=WINDOW, as_of=ts[-1])
+        pd.testing.assert_frame_equal(report.panel, clean)
+        assert report.filled == {"a": 0}
 
 
 def test_too_short_says_which_keys_make_the_length_it_needs() -> None:
