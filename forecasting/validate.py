@@ -182,9 +182,9 @@ def _series_problems(series_id: str, group: pd.DataFrame, *, freq: str, offset: 
     problems: list[Problem] = []
     ts = group["ts"]
     duplicated = ts[ts.duplicated()]
-    if len(duplicated):
-        problems.append(Problem(series_id, "duplicate_timestamps", duplicated.iloc[0],
-                                f"{len(duplicated)} timestamp(s) appear more than once"))
+    if len(duplicated):  # timestamps, not extra rows; the first in time, not in the rows' order
+        problems.append(Problem(series_id, "duplicate_timestamps", duplicated.min(),
+                                f"{duplicated.nunique()} timestamp(s) appear more than once"))
         problems += _conflicting_duplicates(series_id, group, ["value", *covariates])
     if not ts.is_monotonic_increasing:
         position = int((ts.diff() < pd.Timedelta(0)).to_numpy().argmax())
@@ -233,11 +233,20 @@ def _conflicting_duplicates(series_id: str, group: pd.DataFrame, columns: list[s
         return []
     clashing = versions["ts"].drop_duplicates()
     first = clashing.iloc[0]
-    shown = ", ".join(f"{v:g}" for v in sorted(versions.loc[versions["ts"] == first, "value"]))  # not the DB's order
+    at_first = versions[versions["ts"] == first]
+    shown = "; ".join(f"{'target' if column == 'value' else repr(column)} {_distinct(at_first[column])}"
+                      for column in columns if at_first[column].nunique(dropna=False) > 1)
     return [Problem(series_id, "conflicting_duplicates", first, (
-        f"{len(clashing)} timestamp(s) appear more than once with different values (the target here: {shown}); "
+        f"{len(clashing)} timestamp(s) appear more than once with different values (here: {shown}); "
         "no policy chooses between them: keep one row per timestamp in `source.query`, or, if the source "
         "holds several series, name the column that tells them apart in `source.id_column`"))]
+
+
+def _distinct(values: pd.Series) -> str:
+    """A column's distinct values in a fixed order (ascending, NULL/NaN last; not the database's
+    order) and in full (15 significant digits: 1234567 and 1234568 stay apart)."""
+    numbers = sorted({float(v) for v in values.dropna().tolist()})
+    return ", ".join([*(f"{v:.15g}" for v in numbers), *(["NULL"] if values.isna().any() else [])])
 
 
 def conflicting_versions(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

@@ -366,7 +366,7 @@ def test_several_series_without_an_id_column_are_refused_not_merged(policy: str)
                                 "value": np.concatenate([np.full(60, 10.0), np.full(60, 500.0)])})
     with pytest.raises(ValidationFailed, match=r"series 'sales': conflicting_duplicates at 2017-01-01 00:00:00: "
                                                r"36 timestamp\(s\) appear more than once with different values "
-                                               r"\(the target here: 10, 500\); .* `source.id_column`"):
+                                               r"\(here: target 10, 500\); .* `source.id_column`"):
         validate(overlapping, config, input_window=WINDOW, as_of=later[-1])
 
 
@@ -379,23 +379,31 @@ def test_a_timestamp_held_with_two_values_is_for_no_policy_to_choose(policy: str
     ts = pd.date_range("2018-01-01", periods=REQUIRED, freq="MS")
     clean = pd.concat([pd.DataFrame({"series_id": s, "ts": ts, "value": np.arange(REQUIRED, dtype=float),
                                      "price": 1.0}) for s in ("a", "b")], ignore_index=True)
-    twice = clean.iloc[[3]].assign(value=99.0)  # a: ts[3] also with 99
-    for order in ([clean, twice], [twice, clean]):
+    twice = clean.iloc[[3]].assign(value=99.0)  # a: ts[3] also with 99, then also NULL
+    null = clean.iloc[[3]].assign(value=np.nan)
+    for order in ([clean, twice, null], [null, twice, clean], [twice, clean, null]):
         panel = pd.concat(order, ignore_index=True)
         if policy == "drop":
             report = validate(panel, config, input_window=WINDOW, as_of=ts[-1])
             assert report.dropped == ["a"] and set(report.panel["series_id"]) == {"b"}
             continue
-        with pytest.raises(ValidationFailed, match=(
-                r"series 'a': conflicting_duplicates at 2018-04-01 00:00:00: 1 timestamp\(s\) appear more than "
-                r"once with different values \(the target here: 3, 99\); no policy chooses between them")):
+        with pytest.raises(ValidationFailed) as failed:
             validate(panel, config, input_window=WINDOW, as_of=ts[-1])
+        message = str(failed.value)  # the same whatever order the database returned the rows in
+        assert ("series 'a': conflicting_duplicates at 2018-04-01 00:00:00: 1 timestamp(s) appear more than once "
+                "with different values (here: target 3, 99, NULL); no policy chooses between them") in message
+        assert "series 'a': duplicate_timestamps at 2018-04-01 00:00:00: 1 timestamp(s) appear" in message
     # A covariate that differs is as ambiguous; the same row twice is one observation.
     priced = pd.concat([clean, clean.iloc[[3]].assign(price=2.0)], ignore_index=True)
     exact = pd.concat([clean, clean.iloc[[3]]], ignore_index=True)
     if policy == "fill":
-        with pytest.raises(ValidationFailed, match=r"series 'a': conflicting_duplicates at 2018-04-01"):
+        with pytest.raises(ValidationFailed, match=r"series 'a': conflicting_duplicates at 2018-04-01 00:00:00: "
+                                                   r"1 timestamp\(s\) .* \(here: 'price' 1, 2\)"):
             validate(priced, config, input_window=WINDOW, as_of=ts[-1])
+        close = pd.concat([clean.assign(value=clean["value"] + 1234560.0),
+                           clean.iloc[[3]].assign(value=1234564.0)], ignore_index=True)
+        with pytest.raises(ValidationFailed, match=r"\(here: target 1234563, 1234564\)"):  # in full, not 1.23456e+06
+            validate(close, config, input_window=WINDOW, as_of=ts[-1])
         report = validate(exact, config, input_window=WINDOW, as_of=ts[-1])
         pd.testing.assert_frame_equal(report.panel, clean)
         assert report.filled == {"a": 0}
