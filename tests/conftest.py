@@ -110,8 +110,10 @@ def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
     uri = f"sqlite:///{path}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
-    with sa.create_engine(uri).connect() as conn:
+    engine = sa.create_engine(uri)
+    with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal", path
+    engine.dispose()
     return path
 
 

@@ -88,7 +88,7 @@ def test_three_flow_runs_at_once_on_one_sqlite_mlflow_store(engine: sa.Engine, e
                                                            tmp_path: Path) -> None:
     """Three worker processes start at once on a fresh MLflow sqlite store (its tables are created
     by the first of them); two of them run the same dataset and as_of. Four found the race first;
-    three still race on the store's creation and on one night, at a quarter less of the CPU."""
+    three still race on the store's creation and on one night, for less of the suite's CPU."""
     from prefect.settings import PREFECT_API_URL
 
     load_sales(engine)
