@@ -780,10 +780,18 @@ def write_with_champion(engine: Engine, *, config: DatasetConfig, as_of: pd.Time
 
 def write_actuals(engine: Engine, *, config: DatasetConfig, actuals: pd.DataFrame) -> int:
     """The observations in `actuals` that a stored forecast can meet (see db.write_actuals), in
-    one transaction; how many were upserted."""
-    with _writing(engine, config) as conn:
-        return db.write_actuals(conn, dataset=config.name, panel=actuals,
-                                created_at=datetime.now().replace(microsecond=0))
+    one transaction; how many were upserted.
+
+    Under the dataset's lock, as a night's write (which records its actuals too): db.write_actuals
+    compares what it read with what is stored, and beside another writer of the dataset it
+    could delete, as withdrawn, an actual that writer had just recorded from a newer read.
+    """
+    created_at = datetime.now().replace(microsecond=0)
+    with _dataset_lock(engine, config) as held:
+        if held is not None:
+            return db.write_actuals(held, dataset=config.name, panel=actuals, created_at=created_at)
+        with _writing(engine, config) as conn:
+            return db.write_actuals(conn, dataset=config.name, panel=actuals, created_at=created_at)
 
 
 @contextmanager

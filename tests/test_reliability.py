@@ -187,6 +187,39 @@ def test_two_writers_of_one_night_leave_exactly_one_set(engine: sa.Engine, monke
     assert len(rows) == 2 * HORIZON
 
 
+def test_actuals_recorded_after_a_backfill_wait_for_the_datasets_lock(engine: sa.Engine) -> None:
+    """record_actuals (after a backfill) wrote beside a night's write of the same dataset: each
+    compares what it read with what is stored, and one could delete, as withdrawn, what the
+    other had just recorded. It now waits for the dataset's lock, as a night's write does."""
+    load_sales(engine)
+    config = tiny_config()
+    actuals = synthetic_sales().rename(columns={"month": "ts", "turnover": "value"})
+    actuals["ts"] = pd.to_datetime(actuals["ts"])
+    forecast = pd.DataFrame([{"series_id": "s1", "ts": pd.Timestamp("2019-07-01"), "step": 1, "value": 1.0,
+                              "lower": 0.0, "upper": 2.0, "model": "gru", "model_version": "1",
+                              "mlflow_run_id": "r"}])
+    pipeline.write(engine, config=config, as_of=pd.Timestamp("2019-06-01"), forecasts=forecast, scores=None)
+    holding, release, released_at = threading.Event(), threading.Event(), []
+
+    def hold() -> None:  # another writer of the dataset, inside its lock
+        with pipeline._dataset_lock(engine, config):
+            holding.set()
+            release.wait(30)
+            released_at.append(time.monotonic())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    threading.Timer(1.0, release.set).start()
+    written = pipeline.write_actuals(engine, config=config, actuals=actuals)
+    done_at = time.monotonic()
+    holder.join(30)
+    assert released_at and done_at >= released_at[0]  # it waited for the holder
+    after = actuals[actuals["ts"] > pd.Timestamp("2019-06-01")]
+    assert written == len(after) > 0
+    assert query(engine, "SELECT COUNT(*) AS n FROM actuals WHERE dataset = 'sales'")["n"].iloc[0] == len(after)
+
+
 # --------------------------------------------------------------- 9. a target that refuses writes
 
 
