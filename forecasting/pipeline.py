@@ -734,12 +734,21 @@ def _dataset_lock(engine: Engine, config: DatasetConfig) -> Iterator[sa.Connecti
 def _write_rows(engine: Engine, config: DatasetConfig, held: sa.Connection | None, *, as_of: pd.Timestamp,
                 forecasts: pd.DataFrame, scores: pd.DataFrame | None,
                 actuals: pd.DataFrame | None) -> tuple[int, int]:
-    """db.write_run in the lock's own transaction (`held`, PostgreSQL: committed when the lock
-    is left), else in one of its own (`write`)."""
-    if held is not None:
-        return db.write_run(held, dataset=config.name, as_of=as_of, forecasts=forecasts, scores=scores,
+    """db.write_run in the lock's transaction (see _lock_transaction)."""
+    with _lock_transaction(engine, config, held) as conn:
+        return db.write_run(conn, dataset=config.name, as_of=as_of, forecasts=forecasts, scores=scores,
                             actuals=actuals)
-    return write(engine, config=config, as_of=as_of, forecasts=forecasts, scores=scores, actuals=actuals)
+
+
+@contextmanager
+def _lock_transaction(engine: Engine, config: DatasetConfig, held: sa.Connection | None) -> Iterator[sa.Connection]:
+    """Where to write under the dataset's lock: its own transaction (`held`, PostgreSQL:
+    committed when the lock is left), else (SQLite's lock file) a transaction of its own."""
+    if held is not None:
+        yield held
+        return
+    with _writing(engine, config) as conn:
+        yield conn
 
 
 def _holds(engine: Engine, held: sa.Connection | None, config: DatasetConfig, as_of: pd.Timestamp,
@@ -787,11 +796,8 @@ def write_actuals(engine: Engine, *, config: DatasetConfig, actuals: pd.DataFram
     could delete, as withdrawn, an actual that writer had just recorded from a newer read.
     """
     created_at = datetime.now().replace(microsecond=0)
-    with _dataset_lock(engine, config) as held:
-        if held is not None:
-            return db.write_actuals(held, dataset=config.name, panel=actuals, created_at=created_at)
-        with _writing(engine, config) as conn:
-            return db.write_actuals(conn, dataset=config.name, panel=actuals, created_at=created_at)
+    with _dataset_lock(engine, config) as held, _lock_transaction(engine, config, held) as conn:
+        return db.write_actuals(conn, dataset=config.name, panel=actuals, created_at=created_at)
 
 
 @contextmanager
