@@ -40,6 +40,7 @@ import time
 import pandas as pd
 import torch
 
+from forecasting import fused_cells
 from forecasting.config import TrainingConfig
 from forecasting.models import NetConfig, RecurrentNet
 from forecasting.train import configure_torch_threads, cpu_has_native_bf16, train_network
@@ -100,13 +101,16 @@ def our_fit(cell: str, panel: pd.DataFrame, training: TrainingConfig) -> dict[st
 
 def product_floor(cell: str, *, repeats: int = 20) -> float:
     """Seconds per optimizer step of our float32 products alone, as the CPU kernel runs them
-    (sequence_kernel._SequenceLayer): per time step Z_t @ W forward and dL/dpre_t @ W_h^T backward, then
-    one Z^T @ dL/dpre over the window. GRU's products skip W's zero block, as the kernel does."""
+    (sequence_kernel._SequenceLayer): per time step Z_t @ W forward and dL/dpre_t @ W_h^T backward;
+    the weight gradient Z_t^T @ dL/dpre_t step by step where the layer loop runs in fused_cells.c,
+    else one Z^T @ dL/dpre over the window. GRU's products skip W's zero block, as the kernel does."""
     k, hid, t_len = 1 + N_CALENDAR + 1, HIDDEN, INPUT_WINDOW
     rec, rest = (4 * hid, 0) if cell == "lstm" else (3 * hid, hid)
+    per_step_grads = fused_cells.sequence_kernels_for(torch.float32) is not None
     z, z_all = torch.rand(BATCH, k + hid), torch.rand(t_len * BATCH, k + hid)
     w, w_h, d_all = torch.rand(k + hid, rec), torch.rand(rec, hid), torch.rand(t_len * BATCH, rec + rest)
     w_x, a, a_x, dh = torch.rand(k, rest), torch.empty(BATCH, rec), torch.empty(BATCH, rest), torch.empty(BATCH, hid)
+    d_w = torch.zeros(k + hid, rec + rest)
 
     def one_step() -> None:
         for _ in range(t_len):
@@ -114,9 +118,14 @@ def product_floor(cell: str, *, repeats: int = 20) -> float:
             if rest:
                 torch.mm(z[:, :k], w_x, out=a_x)
             torch.mm(d_all[:BATCH, :rec], w_h, out=dh)
-        z_all.t() @ d_all[:, :rec]
-        if rest:
-            z_all[:, :k].t() @ d_all[:, rec:]
+            if per_step_grads:
+                d_w[:, :rec].addmm_(z.t(), d_all[:BATCH, :rec])
+                if rest:
+                    d_w[:k, rec:].addmm_(z[:, :k].t(), d_all[:BATCH, rec:])
+        if not per_step_grads:
+            z_all.t() @ d_all[:, :rec]
+            if rest:
+                z_all[:, :k].t() @ d_all[:, rec:]
 
     one_step()
     times = []

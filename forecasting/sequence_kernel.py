@@ -2,8 +2,10 @@
 one autograd node, its matrix products in float32 or bfloat16 (bf16-mixed).
 
 forecasting.models trains through `sequence_kernel` on the CPU; inference, CUDA and tracing stay
-on nn's own path. Each step's elementwise update is one call into fused_cells.c where that
-builds (forecasting.fused_cells), else torch ops.
+on nn's own path. In float32 and float64 a layer's whole time loop, forward or backward, is
+one call into fused_cells.c (`_FusedSequence`); elsewhere (bf16-mixed, or no BLAS gemm found)
+the loop runs here with each step's elementwise update one call into fused_cells.c, or torch
+ops where that does not build (forecasting.fused_cells).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from forecasting.buffers import BufferPool
 # well below its matrix-product speed. `_SequenceLayer` runs one layer over a whole window
 # without autograd inside. All weights are packed into one matrix W of [input + 1 + hidden,
 # gates] rows and each step keeps [x_t, 1, h_t-1] in one row block Z_t, so a step's
-# pre-activations are ONE product Z_t @ W. The backward pass keeps every step's dL/dpre and
-# takes the weight and bias gradients in ONE product Z^T @ dpre over all steps after the loop
-# (and dL/dx in one more), leaving one product per step inside it: dpre_t @ W_h^T. Products are
+# pre-activations are ONE product Z_t @ W. Inside the backward loop one product per step passes
+# the gradient back in time, dpre_t @ W_h^T; the weight and bias gradients are Z^T @ dpre: in
+# fused_cells.c's loop Z_t^T @ dpre_t step by step, while dpre_t is still in cache (~20% faster
+# than one product after the loop, which reads every step's dpre back from memory), in the
+# Python loop one product over all steps after it (a product per step costs a dispatch). Products are
 # most of the time and run near the CPU's peak, so W's known zeros are left out of them: GRU
 # keeps the input and recurrent parts of n apart, so its h rows are zero in the n-input columns
 # (a quarter of W), which take a separate small [x_t, 1] product instead (~25% fewer FLOPs per
@@ -191,6 +195,102 @@ def _steps(cell: str, state: torch.Tensor, mm_dtype: torch.dtype, ldhm: int) -> 
     return _FusedSteps(cell, kernels, state.shape[0], state.shape[1], state.stride(0), ldhm)
 
 
+_CELL_NUMBERS = {"lstm": 0, "gru": 1, "rnn": 2}  # fused_cells.c's
+
+
+class _FusedSequence:
+    """A layer's whole time loop, forward or backward, in one call into fused_cells.c: the same
+    products (through the BLAS gemm torch's own products call) and the same elementwise updates
+    as `_forward_steps` / `_backward_steps`, without coming back to Python between steps. At
+    batch 512, hidden 64 and window 36 that dispatch was ~10% of a float32 training step."""
+
+    def __init__(self, cell: str, kernels: tuple, t_len: int, batch: int, n_in: int, hid: int) -> None:
+        self.gemm, self.forward_kernel, self.backward_kernel = kernels
+        self.shape = (_CELL_NUMBERS[cell], t_len, batch, n_in, hid)
+
+    def forward(self, wm, zm, am, pre, hs, cells) -> None:
+        c, tc = (cells[0], cells[1]) if cells is not None else (None, None)
+        self.forward_kernel(self.gemm, *self.shape, wm.data_ptr(), zm.data_ptr(), am.data_ptr(), _ptr(pre),
+                            hs.data_ptr(), _ptr(c), _ptr(tc))
+
+    def backward(self, wm, zm, pre, hs, cells, d_out, dh, dh_m, dc, d_pre, d_w, d_x) -> None:
+        c, tc = (cells[0], cells[1]) if cells is not None else (None, None)
+        strides = d_out.stride() if d_out is not None else (0, 0, 0)  # any layout: read element by element
+        self.backward_kernel(self.gemm, *self.shape, wm.data_ptr(), zm.data_ptr(), _ptr(pre), hs.data_ptr(), _ptr(c),
+                             _ptr(tc), _ptr(d_out), *strides, dh.data_ptr(), dh_m.data_ptr(), _ptr(dc),
+                             d_pre.data_ptr(), d_w.data_ptr(), _ptr(d_x))
+
+
+def _fused_sequence(cell: str, x: torch.Tensor, hid: int, mm_dtype: torch.dtype) -> _FusedSequence | None:
+    """The one-call loop where fused_cells.c built and torch's BLAS gemm was found for x's dtype
+    (float32, float64; not bf16-mixed, whose products go through torch), else None."""
+    kernels = fused_cells.sequence_kernels_for(x.dtype, mm_dtype) if x.device.type == "cpu" else None
+    if kernels is None:
+        return None
+    t_len, batch, n_in = x.shape
+    return _FusedSequence(cell, kernels, t_len, batch, n_in, hid)
+
+
+def _forward_steps(cell, wm, zm, am, pre, hs, cells, n_in, mm_dtype):
+    """The forward time loop in Python: per step the products as torch ops and the update through
+    `_steps`. Returns (steps, the per-step views) for `_backward_steps`."""
+    t_len, k, hid = hs.shape[0] - 1, n_in + 1, hs.shape[2]
+    gates, rec = _gates(cell, hid)
+    steps = _steps(cell, hs[0], mm_dtype, ldhm=k + hid)
+    # Per-step views made once (one unbind each, not ~10 indexing calls in every step).
+    zm_t, zx_t, hm_t, hs_t = zm.unbind(0), zm[:, :, :k].unbind(0), zm[:, :, k:].unbind(0), hs.unbind(0)
+    a_t = pre.unbind(0) if pre is not None else (None,) * t_len
+    c_t, tc_t = (cells[0].unbind(0), cells[1].unbind(0)) if cells is not None else ((None,) * (t_len + 1),) * 2
+    w_x, w_rec, w_x_rest = wm[:k], wm[:, :rec], wm[:k, rec:]
+    # GRU: W's h rows are zero in the n-input columns. In float, a separate small product for
+    # those columns is faster than multiplying the zeros; in bfloat16 one full product is
+    # (small products cost more per call than their FLOPs: 48 against 58 us at batch 512,
+    # hidden 64 here, and 167 against 139 us in float32).
+    split = rec < gates and mm_dtype in (torch.float32, torch.float64)
+    for t in range(t_len):
+        if not t:  # h_-1 = 0: the x and bias rows only
+            torch.mm(zx_t[t], w_x, out=am)
+        elif split:
+            torch.mm(zm_t[t], w_rec, out=am[:, :rec])
+            torch.mm(zx_t[t], w_x_rest, out=am[:, rec:])
+        else:
+            torch.mm(zm_t[t], wm, out=am)
+        steps.forward(am, a_t[t], hs_t[t], hs_t[t + 1], hm_t[t + 1], c_t[t], c_t[t + 1], tc_t[t + 1])
+    return steps, (a_t, hs_t, c_t, tc_t)  # the backward walks the same rows
+
+
+def _backward_steps(steps, step_views, w_h, d_out, dh, dh_m, dc, d_pre, rec) -> None:
+    """The backward time loop in Python, filling every step's dL/dpre. w_h: [rec, hidden], the
+    recurrent rows of W transposed; d_out: every step's dL/dh, or None (only the last h, in dh)."""
+    a_t, hs_t, c_t, tc_t = step_views
+    t_len = len(hs_t) - 1
+    d_pre_t, d_rec_t = d_pre.unbind(0), d_pre[:, :, :rec].unbind(0)
+    for t in range(t_len - 1, -1, -1):
+        if d_out is not None:
+            dh += d_out[t]
+        steps.backward(a_t[t], hs_t[t], hs_t[t + 1], c_t[t], tc_t[t + 1], dh, dh_m if t < t_len - 1 else None,
+                       dc, d_pre_t[t])
+        if not t:  # h_-1 = 0: no state before step 0 to pass dh to
+            break
+        torch.mm(d_rec_t[t], w_h, out=dh_m)  # [batch, rec] @ [rec, hidden]
+
+
+def _weight_and_input_grads(d_pre, zm, w, wm, n_in, rec, input_grad):
+    """After `_backward_steps`: every step's weight and bias gradients in one product (step 0's h
+    rows are zero in Z) and, where x needs one, its gradient. Returns (dL/dW, dL/dx or None)."""
+    t_len, batch, gates = d_pre.shape
+    k = n_in + 1
+    z_all, d_all = zm[:t_len].reshape(t_len * batch, zm.shape[2]), d_pre.view(t_len * batch, gates)
+    if rec < gates:  # GRU: all but W's zero block
+        d_w = w.new_zeros(w.shape)
+        d_w[:, :rec] = z_all.t() @ d_all[:, :rec]
+        d_w[:k, rec:] = z_all[:, :k].t() @ d_all[:, rec:]
+    else:
+        d_w = (z_all.t() @ d_all).to(w.dtype)
+    d_x = (d_all @ wm[:n_in].t()).to(w.dtype).view(t_len, batch, n_in) if input_grad else None
+    return d_w, d_x
+
+
 class _SequenceLayer(torch.autograd.Function):
     """One nn.LSTM/GRU/RNN layer (bias, tanh, zero initial state) over time-major x [window,
     batch, input]: every h_t [window, batch, hidden], or with `last_only` the last [batch, hidden].
@@ -203,7 +303,7 @@ class _SequenceLayer(torch.autograd.Function):
                 mm_dtype: torch.dtype) -> torch.Tensor:
         t_len, batch, n_in = x.shape
         hid, k = w_hh.shape[1], n_in + 1  # Z_t's first k columns, [x_t, 1], see every gate
-        gates, rec = _gates(cell, hid)
+        gates = _gates(cell, hid)[0]
         w = _pack(cell, w_ih, w_hh, b_ih, b_hh)  # [input + 1 + hidden, gates]
         wm = w.to(mm_dtype)
         # The large buffers come from a pool and go back after the backward pass (forecasting.buffers).
@@ -224,70 +324,44 @@ class _SequenceLayer(torch.autograd.Function):
             cells = _POOL.take(2, t_len + 1, batch, hid, dtype=x.dtype, device=x.device)
             cells[:, 0] = 0.0
         am = x.new_empty(batch, gates, dtype=mm_dtype)  # one step's product: its pre-activations
-        steps = _steps(cell, hs[0], mm_dtype, ldhm=k + hid)
-        # Per-step views made once (one unbind each, not ~10 indexing calls in every step).
-        zm_t, zx_t, hm_t, hs_t = zm.unbind(0), zm[:, :, :k].unbind(0), zm[:, :, k:].unbind(0), hs.unbind(0)
-        a_t = pre.unbind(0) if pre is not None else (None,) * t_len
-        c_t, tc_t = (cells[0].unbind(0), cells[1].unbind(0)) if cells is not None else ((None,) * (t_len + 1),) * 2
-        w_x, w_rec, w_x_rest = wm[:k], wm[:, :rec], wm[:k, rec:]
-        # GRU: W's h rows are zero in the n-input columns. In float, a separate small product for
-        # those columns is faster than multiplying the zeros; in bfloat16 one full product is
-        # (small products cost more per call than their FLOPs: 48 against 58 us at batch 512,
-        # hidden 64 here, and 167 against 139 us in float32).
-        split = rec < gates and mm_dtype in (torch.float32, torch.float64)
-        for t in range(t_len):
-            if not t:  # h_-1 = 0: the x and bias rows only
-                torch.mm(zx_t[t], w_x, out=am)
-            elif split:
-                torch.mm(zm_t[t], w_rec, out=am[:, :rec])
-                torch.mm(zx_t[t], w_x_rest, out=am[:, rec:])
-            else:
-                torch.mm(zm_t[t], wm, out=am)
-            steps.forward(am, a_t[t], hs_t[t], hs_t[t + 1], hm_t[t + 1], c_t[t], c_t[t + 1], tc_t[t + 1])
-        ctx.cell, ctx.n_in, ctx.last_only = cell, n_in, last_only
-        ctx.w, ctx.wm, ctx.zm, ctx.hs, ctx.pre, ctx.cells, ctx.steps = w, wm, zm, hs, pre, cells, steps
-        ctx.step_views = a_t, hs_t, c_t, tc_t  # the backward walks the same rows
+        sequence = _fused_sequence(cell, x, hid, mm_dtype)
+        if sequence is not None:
+            sequence.forward(wm, zm, am, pre, hs, cells)
+            ctx.steps = ctx.step_views = None
+        else:
+            ctx.steps, ctx.step_views = _forward_steps(cell, wm, zm, am, pre, hs, cells, n_in, mm_dtype)
+        ctx.cell, ctx.n_in, ctx.last_only, ctx.sequence = cell, n_in, last_only, sequence
+        ctx.w, ctx.wm, ctx.zm, ctx.hs, ctx.pre, ctx.cells = w, wm, zm, hs, pre, cells
         return hs[-1].clone() if last_only else hs[1:]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cell, n_in, w, wm, zm, hs, pre, cells, steps = (ctx.cell, ctx.n_in, ctx.w, ctx.wm, ctx.zm, ctx.hs,
-                                                        ctx.pre, ctx.cells, ctx.steps)
+        cell, n_in, w, wm, zm, hs, pre, cells = ctx.cell, ctx.n_in, ctx.w, ctx.wm, ctx.zm, ctx.hs, ctx.pre, ctx.cells
         if zm is None:
             raise RuntimeError("the CPU training kernel's backward ran twice (retain_graph): its buffers are gone")
         t_len, batch, hid = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         k = n_in + 1
         gates, rec = _gates(cell, hid)
-        w_h = wm[k:, :rec].t()  # [rec, hidden]
-        d_pre = _POOL.take(t_len, batch, gates, dtype=zm.dtype, device=zm.device)  # every step's dL/dpre
         # What dL/dh_t the loop knows; row-major, as the fused kernels read it (d_out may be strided).
         dh = d_out.clone(memory_format=torch.contiguous_format) if ctx.last_only else hs.new_zeros(batch, hid)
         dh_m = zm.new_empty(batch, hid)  # the recurrent product's part of dL/dh_t
         dc = hs.new_zeros(batch, hid) if cell == "lstm" else None
-        a_t, hs_t, c_t, tc_t = ctx.step_views
-        d_pre_t, d_rec_t = d_pre.unbind(0), d_pre[:, :, :rec].unbind(0)
-        for t in range(t_len - 1, -1, -1):
-            if not ctx.last_only:
-                dh += d_out[t]
-            steps.backward(a_t[t], hs_t[t], hs_t[t + 1], c_t[t], tc_t[t + 1], dh, dh_m if t < t_len - 1 else None,
-                           dc, d_pre_t[t])
-            if not t:  # h_-1 = 0: no state before step 0 to pass dh to
-                break
-            torch.mm(d_rec_t[t], w_h, out=dh_m)  # [batch, rec] @ [rec, hidden]
-        # Every step's weight and bias gradients in one product (step 0's h rows are zero in Z).
-        z_all, d_all = zm[:t_len].reshape(t_len * batch, k + hid), d_pre.view(t_len * batch, gates)
-        if rec < gates:  # GRU: all but W's zero block
+        d_out = None if ctx.last_only else d_out
+        if ctx.sequence is not None:  # the weight and input gradients taken step by step, in one call
+            d_pre = zm.new_empty(batch, gates)  # one step's dL/dpre
             d_w = w.new_zeros(w.shape)
-            d_w[:, :rec] = z_all.t() @ d_all[:, :rec]
-            d_w[:k, rec:] = z_all[:, :k].t() @ d_all[:, rec:]
+            x_grad = w.new_empty(t_len, batch, n_in) if ctx.needs_input_grad[0] else None
+            ctx.sequence.backward(wm, zm, pre, hs, cells, d_out, dh, dh_m, dc, d_pre, d_w, x_grad)
         else:
-            d_w = (z_all.t() @ d_all).to(w.dtype)
-        d_x = (d_all @ wm[:n_in].t()).to(w.dtype).view(t_len, batch, n_in) if ctx.needs_input_grad[0] else None
+            d_pre = _POOL.take(t_len, batch, gates, dtype=zm.dtype, device=zm.device)  # every step's dL/dpre
+            _backward_steps(ctx.steps, ctx.step_views, wm[k:, :rec].t(), d_out, dh, dh_m, dc, d_pre, rec)
+            d_w, x_grad = _weight_and_input_grads(d_pre, zm, w, wm, n_in, rec, ctx.needs_input_grad[0])
+            _POOL.give(d_pre)
         grads = _unpack(cell, d_w, n_in, hid)  # new tensors: none is a view of a pooled buffer
-        _POOL.give(zm, pre, cells, d_pre, hs if ctx.last_only else None)
-        ctx.zm = ctx.hs = ctx.pre = ctx.cells = ctx.step_views = None
-        return (d_x, *grads, None, None, None)
+        _POOL.give(zm, pre, cells, hs if ctx.last_only else None)
+        ctx.zm = ctx.hs = ctx.pre = ctx.cells = ctx.steps = ctx.step_views = None
+        return (x_grad, *grads, None, None, None)
 
 
 def sequence_kernel(rnn: nn.RNNBase, cell: str, x: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:

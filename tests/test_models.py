@@ -81,16 +81,24 @@ def test_bad_config_names_the_parameter_and_value():
         NetConfig(cell="gru", input_size=5, annual_cycle=True, calendar=False)
 
 
-@pytest.fixture(params=["fused", "torch_ops"])
+@pytest.fixture(params=["sequence", "fused_steps", "torch_ops"])
 def step_kernels(request, monkeypatch):
-    """Each step's elementwise update through fused_cells.c (built here: this machine has gcc),
-    or through the torch-op fallback used where it cannot be built."""
+    """Where fused_cells.c builds (this machine has gcc): float32 and float64 layers run their whole
+    time loop in one call into it ("sequence"), bf16-mixed ones a Python loop of fused updates.
+    "fused_steps" runs every dtype through that Python loop (where torch exports no BLAS gemm),
+    "torch_ops" through the torch-op fallback used where fused_cells.c cannot be built."""
     from forecasting import fused_cells
 
-    if request.param == "fused":
-        assert fused_cells.kernels_for(torch.float64) and fused_cells.kernels_for(torch.float32, torch.bfloat16), "fused_cells.c did not build: see the log"
+    if request.param == "sequence":
+        assert fused_cells.sequence_kernels_for(torch.float64) and fused_cells.sequence_kernels_for(torch.float32), \
+            "no whole-layer loop: fused_cells.c did not build or torch's BLAS gemm was not found (see the log)"
     else:
+        monkeypatch.setattr(fused_cells, "sequence_kernels_for", lambda *dtypes: None)
+    if request.param == "torch_ops":
         monkeypatch.setattr(fused_cells, "kernels_for", lambda *dtypes: None)
+    else:
+        assert fused_cells.kernels_for(torch.float64) and fused_cells.kernels_for(torch.float32, torch.bfloat16), \
+            "fused_cells.c did not build: see the log"
     return request.param
 
 
@@ -398,7 +406,6 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, tmp_
     """No working compiler (here $CC names none): one warning, no library, and training still
     runs (the torch-op steps) with nn's results."""
     from forecasting import fused_cells
-    from forecasting.sequence_kernel import sequence_kernel
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("FORECASTING_CACHE_DIR", str(tmp_path / "cache"))
@@ -407,12 +414,87 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, tmp_
         with caplog.at_level("WARNING", logger="forecasting.fused_cells"):
             assert fused_cells.kernels_for(torch.float32) is None
         assert "could not be built or loaded" in caplog.text and "torch ops instead" in caplog.text
-        rnn = nn.GRU(input_size=3, hidden_size=8, batch_first=True)
-        x = torch.randn(4, 6, 3)
-        torch.testing.assert_close(sequence_kernel(rnn, "gru", x, last_only=True), rnn(x)[0][:, -1],
-                                   rtol=1e-5, atol=1e-6)
+        _assert_training_gru_matches_nn()
     finally:
         fused_cells.library.cache_clear()
+
+
+def _assert_training_gru_matches_nn() -> None:
+    """sequence_kernel, on whichever path it takes now, gives nn.GRU's last state."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    rnn = nn.GRU(input_size=3, hidden_size=8, batch_first=True)
+    x = torch.randn(4, 6, 3)
+    torch.testing.assert_close(sequence_kernel(rnn, "gru", x, last_only=True), rnn(x)[0][:, -1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("why", ["no_symbol", "disagrees"])
+def test_without_a_usable_blas_gemm_the_layer_loop_stays_in_python(monkeypatch, caplog, why):
+    """The one-call loop needs the ?gemm_ torch links: where torch exports none, or where it
+    does not agree with torch.mm on a small product, the loop runs in Python (one log line
+    says why) with nn's results."""
+    from forecasting import fused_cells
+
+    if why == "no_symbol":
+        monkeypatch.setitem(fused_cells.SEQUENCE_VARIANTS, torch.float32, ("f32", "no_such_gemm_"))
+    else:
+        monkeypatch.setattr(fused_cells, "_gemm_agrees_with_torch", lambda *args: False)
+    fused_cells.blas_gemm.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="forecasting.fused_cells"):
+            assert fused_cells.sequence_kernels_for(torch.float32) is None
+        expected = {"no_symbol": "torch exports no no_such_gemm_", "disagrees": "sgemm_ in"}[why]
+        assert expected in caplog.text and "layer loops stay in Python" in caplog.text
+        assert fused_cells.kernels_for(torch.float32) is not None  # the per-step kernels still serve
+        _assert_training_gru_matches_nn()
+    finally:
+        fused_cells.blas_gemm.cache_clear()
+
+
+def _python_sgemm(int_type, *, broken: bool = False):
+    """A Fortran sgemm_ written in Python (numpy on the caller's memory), as a C function
+    pointer: its integers read as `int_type` (c_int32: an LP64 BLAS, c_int64: ILP64). `broken`
+    leaves C alone, a gemm that computes nothing."""
+    import ctypes
+
+    import numpy as np
+
+    fp, ip = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(int_type)
+
+    def matrix(pointer, rows, cols, ld):  # column-major [rows, cols], columns ld apart
+        flat = np.ctypeslib.as_array(pointer, shape=(ld * (cols - 1) + rows,))
+        return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(4, 4 * ld))
+
+    def gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, _la, _lb):
+        m, n, k = m[0], n[0], k[0]
+        op_a = matrix(a, k, m, lda[0]).T if ta == b"T" else matrix(a, m, k, lda[0])
+        op_b = matrix(b, n, k, ldb[0]).T if tb == b"T" else matrix(b, k, n, ldb[0])
+        out = matrix(c, m, n, ldc[0])
+        if not broken:
+            out[...] = alpha[0] * (op_a @ op_b) + (beta[0] * out if beta[0] else 0)
+
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, ip, fp, fp, ip, fp, ip, fp, fp, ip,
+                                 ctypes.c_size_t, ctypes.c_size_t)
+    function = signature(gemm)
+    return function, ctypes.cast(function, ctypes.c_void_p).value
+
+
+@pytest.mark.parametrize("int_type, broken, agrees", [
+    ("c_int32", False, True),   # an LP64 BLAS reads the low half of each 64-bit integer passed
+    ("c_int64", False, True),   # an ILP64 BLAS all of it
+    ("c_int64", True, False),   # a gemm that does not multiply is refused
+])
+def test_the_blas_check_passes_lp64_and_ilp64_gemms_and_refuses_a_wrong_one(int_type, broken, agrees):
+    """fused_cells.c passes every integer to ?gemm_ as a 64-bit value, so BLAS built with either
+    integer width read the right sizes; `_gemm_agrees_with_torch` is what keeps out a gemm that
+    multiplies wrongly (every operand layout and C += A B)."""
+    import ctypes
+
+    from forecasting import fused_cells
+
+    keep_alive, gemm = _python_sgemm(getattr(ctypes, int_type), broken=broken)
+    assert fused_cells._gemm_agrees_with_torch(fused_cells.library().matmul_f32, gemm, torch.float32) is agrees
+    assert keep_alive  # the callback must outlive the calls through its pointer
 
 
 def test_torch_threads_follow_omp_num_threads_else_the_cpus_this_process_may_use(monkeypatch):
