@@ -173,7 +173,9 @@ def _gemm_agrees_with_torch(matmul: ctypes._CFuncPtr, gemm: int, dtype: torch.dt
     return True
 
 
-def sequence_kernels_for(dtype: torch.dtype, mm_dtype: torch.dtype | None = None) -> tuple[int, ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+def sequence_kernels_for(
+    dtype: torch.dtype, mm_dtype: torch.dtype | None = None,
+) -> tuple[int, ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
     """(gemm address, sequence_forward, sequence_backward) for state and products in `dtype`, or
     None: no library, no usable BLAS gemm, or products in another dtype (bf16-mixed)."""
     lib = library()

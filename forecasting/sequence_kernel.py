@@ -221,10 +221,15 @@ class _FusedSequence:
                              d_pre.data_ptr(), d_w.data_ptr(), _ptr(d_x))
 
 
-def _fused_sequence(cell: str, x: torch.Tensor, hid: int, mm_dtype: torch.dtype) -> _FusedSequence | None:
+def _fused_sequence(cell: str, x: torch.Tensor, w: torch.Tensor, hid: int,
+                    mm_dtype: torch.dtype) -> _FusedSequence | None:
     """The one-call loop where fused_cells.c built and torch's BLAS gemm was found for x's dtype
-    (float32, float64; not bf16-mixed, whose products go through torch), else None."""
-    kernels = fused_cells.sequence_kernels_for(x.dtype, mm_dtype) if x.device.type == "cpu" else None
+    (float32, float64; not bf16-mixed, whose products go through torch), else None. The C loop
+    writes the gradients of the packed weights `w` in x's dtype: weights of another dtype take
+    the Python loop."""
+    if x.device.type != "cpu" or w.dtype != x.dtype:
+        return None
+    kernels = fused_cells.sequence_kernels_for(x.dtype, mm_dtype)
     if kernels is None:
         return None
     t_len, batch, n_in = x.shape
@@ -324,7 +329,7 @@ class _SequenceLayer(torch.autograd.Function):
             cells = _POOL.take(2, t_len + 1, batch, hid, dtype=x.dtype, device=x.device)
             cells[:, 0] = 0.0
         am = x.new_empty(batch, gates, dtype=mm_dtype)  # one step's product: its pre-activations
-        sequence = _fused_sequence(cell, x, hid, mm_dtype)
+        sequence = _fused_sequence(cell, x, w, hid, mm_dtype)
         if sequence is not None:
             sequence.forward(wm, zm, am, pre, hs, cells)
             ctx.steps = ctx.step_views = None

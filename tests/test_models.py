@@ -81,14 +81,38 @@ def test_bad_config_names_the_parameter_and_value():
         NetConfig(cell="gru", input_size=5, annual_cycle=True, calendar=False)
 
 
+class _LayerPath:
+    """Which path a test's layers take (see `step_kernels`), and the C loop's calls it saw."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, {"forward": 0, "backward": 0}
+
+    def assert_taken(self, *, dtype: torch.dtype = torch.float64, backward: bool = True) -> None:
+        """The C loop ran (forward, and backward too) exactly where this path and dtype mean it."""
+        if self.name == "sequence" and dtype in (torch.float32, torch.float64):
+            ran = self.calls["forward"] and (self.calls["backward"] or not backward)
+            assert ran, f"the C loop did not run: {self.calls}"
+        else:
+            assert self.calls == {"forward": 0, "backward": 0}, f"the C loop ran on the {self.name} path: {self.calls}"
+
+
 @pytest.fixture(params=["sequence", "fused_steps", "torch_ops"])
-def step_kernels(request, monkeypatch):
+def step_kernels(request, monkeypatch) -> _LayerPath:
     """Where fused_cells.c builds (this machine has gcc): float32 and float64 layers run their whole
     time loop in one call into it ("sequence"), bf16-mixed ones a Python loop of fused updates.
     "fused_steps" runs every dtype through that Python loop (where torch exports no BLAS gemm),
-    "torch_ops" through the torch-op fallback used where fused_cells.c cannot be built."""
+    "torch_ops" through the torch-op fallback used where fused_cells.c cannot be built. The C
+    loop's calls are counted, for `_LayerPath.assert_taken`."""
     from forecasting import fused_cells
+    from forecasting.sequence_kernel import _FusedSequence
 
+    path = _LayerPath(request.param)
+    for direction in path.calls:
+        def counted(*args, _real=getattr(_FusedSequence, direction), _direction=direction):
+            path.calls[_direction] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(_FusedSequence, direction, counted)
     if request.param == "sequence":
         assert fused_cells.sequence_kernels_for(torch.float64) and fused_cells.sequence_kernels_for(torch.float32), \
             "no whole-layer loop: fused_cells.c did not build or torch's BLAS gemm was not found (see the log)"
@@ -99,7 +123,7 @@ def step_kernels(request, monkeypatch):
     else:
         assert fused_cells.kernels_for(torch.float64) and fused_cells.kernels_for(torch.float32, torch.bfloat16), \
             "fused_cells.c did not build: see the log"
-    return request.param
+    return path
 
 
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
@@ -123,6 +147,7 @@ def test_cpu_training_kernel_matches_torch_values_and_gradients(cell, cls, layer
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     for name, g, e in zip(["x", *(n for n, _ in rnn.named_parameters())], got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+    step_kernels.assert_taken()
 
 
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
@@ -145,7 +170,69 @@ def test_kernel_last_step_only_matches_torch_in_float32(cell, cls, step_kernels)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name, g, e in zip([n for n, _ in rnn.named_parameters()], got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+    step_kernels.assert_taken(dtype=torch.float32)
 
+
+
+@pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
+@pytest.mark.parametrize("last_only", [True, False])
+def test_kernel_edges_one_window_one_input_one_step(cell, cls, last_only, step_kernels):
+    """The smallest shapes: batch 1, one input, a window of one step (only step 0, whose h_-1 is
+    zero), and with every step an output a gradient that is one value broadcast (stride 0)."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(5)
+    rnn = cls(input_size=1, hidden_size=5, batch_first=True).double()
+    x = torch.randn(1, 1, 1, dtype=torch.float64, requires_grad=True)
+    expected = rnn(x)[0][:, -1] if last_only else rnn(x)[0]
+    got = sequence_kernel(rnn, cell, x, last_only=last_only)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    params = [x, *rnn.parameters()]
+    for g, e in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(expected.sum(), params)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    step_kernels.assert_taken()
+
+
+@pytest.mark.parametrize("cell, cls", [("lstm", nn.LSTM), ("gru", nn.GRU)])
+def test_kernel_matches_torch_at_the_training_shape_on_two_threads(cell, cls, step_kernels):
+    """What a night trains (batch 512, hidden 64, window 36, float32) with torch on two threads:
+    the BLAS calls of the C loop then split across threads as torch's own products do."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(6)
+    rnn = cls(input_size=3, hidden_size=64, batch_first=True)
+    x = torch.randn(512, 36, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = rnn(x)[0][:, -1]
+        expected_grads = torch.autograd.grad(expected.sum(), list(rnn.parameters()))
+        got = sequence_kernel(rnn, cell, x, last_only=True)
+        got_grads = torch.autograd.grad(got.sum(), list(rnn.parameters()))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, g, e in zip([n for n, _ in rnn.named_parameters()], got_grads, expected_grads):
+        assert ((g - e).norm() / e.norm()).item() < 1e-4, f"gradient of {name}"  # float32 sums of 18k terms
+    step_kernels.assert_taken(dtype=torch.float32)
+
+
+def test_weights_of_another_dtype_than_the_input_take_the_python_loop(step_kernels):
+    """The C loop writes the weights' gradients in the input's dtype: float64 weights fed float32
+    windows must not reach it (their gradients would be garbage, or overrun float32 buffers the
+    other way round); the Python loop gives the same gradients as float64 all through."""
+    from forecasting.sequence_kernel import sequence_kernel
+
+    torch.manual_seed(7)
+    rnn = nn.GRU(input_size=3, hidden_size=8, batch_first=True).double()
+    x = torch.randn(4, 6, 3)
+    got = torch.autograd.grad(sequence_kernel(rnn, "gru", x, last_only=True).sum(), list(rnn.parameters()))
+    step_kernels.assert_taken(dtype=None)  # never the C loop, whatever the path
+    expected = torch.autograd.grad(sequence_kernel(rnn, "gru", x.double(), last_only=True).sum(),
+                                   list(rnn.parameters()))
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 def test_loading_the_fused_kernels_leaves_float_semantics_alone():
     """fused_cells.c is compiled with -ffast-math; linked with it, gcc would add crtfastmath.o and
@@ -212,6 +299,8 @@ def test_bf16_mixed_products_stay_close_to_float32(cell, cls, step_kernels):
         return out, torch.autograd.grad((out * upstream).sum(), [x, *rnn.parameters()])
 
     exact, exact_grads = run()
+    step_kernels.assert_taken(dtype=torch.float32)
+    step_kernels.calls.update(forward=0, backward=0)
     with matmul_precision("bf16-mixed"):
         mixed, mixed_grads = run()
     assert not torch.equal(mixed, exact), "the products did not run in bfloat16"
@@ -219,6 +308,7 @@ def test_bf16_mixed_products_stay_close_to_float32(cell, cls, step_kernels):
     for name, g, e in zip(["x", *(n for n, _ in rnn.named_parameters())], mixed_grads, exact_grads):
         assert g.dtype == torch.float32
         assert ((g - e).norm() / e.norm()).item() < 3e-2, f"gradient of {name}"
+    step_kernels.assert_taken(dtype=torch.bfloat16)  # its products go through torch: the Python loop
 
 
 def test_matmul_precision_is_set_for_the_fit_only_and_checked():
@@ -386,6 +476,7 @@ def test_kernel_takes_a_strided_upstream_gradient(cell, cls, step_kernels):
     got = torch.autograd.grad(sequence_kernel(rnn, cell, x, last_only=True), list(rnn.parameters()), upstream)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    step_kernels.assert_taken()
 
 
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
@@ -400,6 +491,7 @@ def test_kernel_lets_nan_through_as_torch_does(cell, cls, step_kernels):
     x = torch.randn(8, 5, 3)
     assert rnn(x)[0][:, -1].isnan().any()
     assert sequence_kernel(rnn, cell, x, last_only=True).isnan().any()
+    step_kernels.assert_taken(dtype=torch.float32, backward=False)
 
 
 def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, tmp_path, caplog):
@@ -451,10 +543,10 @@ def test_without_a_usable_blas_gemm_the_layer_loop_stays_in_python(monkeypatch, 
         fused_cells.blas_gemm.cache_clear()
 
 
-def _python_sgemm(int_type, *, broken: bool = False):
+def _python_sgemm(int_type, *, fault: str | None = None):
     """A Fortran sgemm_ written in Python (numpy on the caller's memory), as a C function
-    pointer: its integers read as `int_type` (c_int32: an LP64 BLAS, c_int64: ILP64). `broken`
-    leaves C alone, a gemm that computes nothing."""
+    pointer: its integers read as `int_type` (c_int32: an LP64 BLAS, c_int64: ILP64). `fault`:
+    "no_op" leaves C alone, "ignores_beta" overwrites C where it should add to it."""
     import ctypes
 
     import numpy as np
@@ -470,8 +562,8 @@ def _python_sgemm(int_type, *, broken: bool = False):
         op_a = matrix(a, k, m, lda[0]).T if ta == b"T" else matrix(a, m, k, lda[0])
         op_b = matrix(b, n, k, ldb[0]).T if tb == b"T" else matrix(b, k, n, ldb[0])
         out = matrix(c, m, n, ldc[0])
-        if not broken:
-            out[...] = alpha[0] * (op_a @ op_b) + (beta[0] * out if beta[0] else 0)
+        if fault != "no_op":
+            out[...] = alpha[0] * (op_a @ op_b) + (beta[0] * out if beta[0] and fault != "ignores_beta" else 0)
 
     signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, ip, fp, fp, ip, fp, ip, fp, fp, ip,
                                  ctypes.c_size_t, ctypes.c_size_t)
@@ -479,12 +571,13 @@ def _python_sgemm(int_type, *, broken: bool = False):
     return function, ctypes.cast(function, ctypes.c_void_p).value
 
 
-@pytest.mark.parametrize("int_type, broken, agrees", [
-    ("c_int32", False, True),   # an LP64 BLAS reads the low half of each 64-bit integer passed
-    ("c_int64", False, True),   # an ILP64 BLAS all of it
-    ("c_int64", True, False),   # a gemm that does not multiply is refused
+@pytest.mark.parametrize("int_type, fault, agrees", [
+    ("c_int32", None, True),             # an LP64 BLAS reads the low half of each 64-bit integer passed
+    ("c_int64", None, True),             # an ILP64 BLAS all of it
+    ("c_int64", "no_op", False),         # a gemm that does not multiply is refused
+    ("c_int64", "ignores_beta", False),  # so is one that cannot accumulate (the weight gradients do)
 ])
-def test_the_blas_check_passes_lp64_and_ilp64_gemms_and_refuses_a_wrong_one(int_type, broken, agrees):
+def test_the_blas_check_passes_lp64_and_ilp64_gemms_and_refuses_a_wrong_one(int_type, fault, agrees):
     """fused_cells.c passes every integer to ?gemm_ as a 64-bit value, so BLAS built with either
     integer width read the right sizes; `_gemm_agrees_with_torch` is what keeps out a gemm that
     multiplies wrongly (every operand layout and C += A B)."""
@@ -492,7 +585,7 @@ def test_the_blas_check_passes_lp64_and_ilp64_gemms_and_refuses_a_wrong_one(int_
 
     from forecasting import fused_cells
 
-    keep_alive, gemm = _python_sgemm(getattr(ctypes, int_type), broken=broken)
+    keep_alive, gemm = _python_sgemm(getattr(ctypes, int_type), fault=fault)
     assert fused_cells._gemm_agrees_with_torch(fused_cells.library().matmul_f32, gemm, torch.float32) is agrees
     assert keep_alive  # the callback must outlive the calls through its pointer
 
