@@ -201,8 +201,9 @@ _CELL_NUMBERS = {"lstm": 0, "gru": 1, "rnn": 2}  # fused_cells.c's
 class _FusedSequence:
     """A layer's whole time loop, forward or backward, in one call into fused_cells.c: the same
     products (through the BLAS gemm torch's own products call) and the same elementwise updates
-    as `_forward_steps` / `_backward_steps`, without coming back to Python between steps. At
-    batch 512, hidden 64 and window 36 that dispatch was ~10% of a float32 training step."""
+    as `_forward_steps` / `_backward_steps`, without coming back to Python between steps (GRU
+    float32 training 6% faster at batch 512, hidden 64, window 36; 13% with the weight gradients
+    taken per step, which only this loop does)."""
 
     def __init__(self, cell: str, kernels: tuple, t_len: int, batch: int, n_in: int, hid: int) -> None:
         self.gemm, self.forward_kernel, self.backward_kernel = kernels
