@@ -87,7 +87,7 @@ class _LayerPath:
     def __init__(self, name: str) -> None:
         self.name, self.calls = name, {"forward": 0, "backward": 0}
 
-    def assert_taken(self, *, dtype: torch.dtype = torch.float64, backward: bool = True) -> None:
+    def assert_taken(self, *, dtype: torch.dtype | None = torch.float64, backward: bool = True) -> None:
         """The C loop ran (forward, and backward too) exactly where this path and dtype mean it."""
         if self.name == "sequence" and dtype in (torch.float32, torch.float64):
             ran = self.calls["forward"] and (self.calls["backward"] or not backward)
@@ -173,7 +173,6 @@ def test_kernel_last_step_only_matches_torch_in_float32(cell, cls, step_kernels)
     step_kernels.assert_taken(dtype=torch.float32)
 
 
-
 @pytest.mark.parametrize("cell, cls", [("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)])
 @pytest.mark.parametrize("last_only", [True, False])
 def test_kernel_edges_one_window_one_input_one_step(cell, cls, last_only, step_kernels):
@@ -233,6 +232,7 @@ def test_weights_of_another_dtype_than_the_input_take_the_python_loop(step_kerne
     for g, e in zip(got, expected):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
 
 def test_loading_the_fused_kernels_leaves_float_semantics_alone():
     """fused_cells.c is compiled with -ffast-math; linked with it, gcc would add crtfastmath.o and
@@ -329,7 +329,6 @@ def test_matmul_precision_is_set_for_the_fit_only_and_checked():
                   on_epoch=lambda *_: seen.append(kernel._MATMUL_DTYPE.get()))
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert kernel._MATMUL_DTYPE.get() == torch.float32  # back to the default after the fit
-
 
 
 def test_bf16_mixed_asked_for_on_cuda_trains_in_float32_with_a_warning(caplog, monkeypatch):
