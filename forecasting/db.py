@@ -144,21 +144,46 @@ _ONLY_ON = re.compile(r"^\s*--\s*only on (\w+)\s*$", re.M)  # a statement of one
 _AFTER_VIEWS = re.compile(r"^\s*--\s*after the views\s*$", re.M)  # a migration's, run after views.sql
 
 
+# A PostgreSQL dollar quote, $$ or $tag$; not one that ends an identifier (which may hold '$')
+_DOLLAR_QUOTE = re.compile(r"(?<![A-Za-z0-9_$])\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def _dollar_quote_open_after(line: str, open_quote: str | None) -> str | None:
+    """The dollar quote ($$ or $tag$) still open at the end of `line`, given the one open at its
+    start. Only the same tag closes a body, so a $$ inside a $fn$ body neither opens nor
+    closes anything; outside a body, a `--` comment ends what is read of the line."""
+    pos = 0
+    while True:
+        if open_quote is not None:
+            end = line.find(open_quote, pos)
+            if end == -1:
+                return open_quote
+            open_quote, pos = None, end + len(open_quote)
+            continue
+        found = _DOLLAR_QUOTE.search(line, pos)
+        comment = line.find("--", pos)
+        if found is None or -1 < comment < found.start():
+            return None
+        open_quote, pos = found.group(), found.end()
+
+
 def sql_statements(path: Path, *, dialect: str | None = None, after_views: bool = False) -> list[str]:
-    """The statements of a .sql file: split on ';' at the end of a line (outside a $$-quoted
-    body), comment-only chunks dropped.
+    """The statements of a .sql file: split on ';' at the end of a line (outside a dollar-quoted
+    body, $$ or $tag$), comment-only chunks dropped.
 
     A statement whose comment lines include `-- only on <dialect>` is one of that dialect's
     (kept when `dialect` is it or None); one with `-- after the views` is a migration's that
     init-db runs after views.sql (kept only when `after_views`).
     """
-    statements, chunk, quotes = [], [], 0  # quotes: the $$ seen in this statement so far
+    statements, chunk, open_quote = [], [], None
     for line in path.read_text().splitlines():
         chunk.append(line)
-        quotes += line.count("$$")
-        if line.rstrip().endswith(";") and quotes % 2 == 0:
+        open_quote = _dollar_quote_open_after(line, open_quote)
+        if line.rstrip().endswith(";") and open_quote is None:
             statements.append("\n".join(chunk).rstrip().removesuffix(";"))
-            chunk, quotes = [], 0
+            chunk = []
+    if open_quote is not None:  # else the rest of the file would reach the database as one statement
+        raise ValueError(f"{path}: the dollar-quoted body opened by {open_quote} is never closed")
     statements.append("\n".join(chunk))
     kept = []
     for statement in statements:

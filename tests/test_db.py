@@ -885,3 +885,38 @@ def test_sql_files_split_by_dialect_and_phase_and_keep_dollar_quoted_bodies_whol
     sql.write_text("-- only on postgres\nDROP TABLE a;\n")
     with pytest.raises(ValueError, match=r"m.sql: `-- only on postgres`: the dialects are sqlite and postgresql"):
         db.sql_statements(sql, dialect="postgresql")
+
+
+# A function whose body is quoted with a tag holds $$ and lines ending in ';': one statement.
+TAGGED_FUNCTION = """CREATE FUNCTION pipeline_note(x INTEGER) RETURNS TEXT AS $fn$
+BEGIN
+    -- a $$ inside this body quotes nothing
+    RETURN 'costs $$' || x::text;
+END
+$fn$ LANGUAGE plpgsql"""
+
+
+def test_sql_files_keep_tagged_dollar_quoted_bodies_whole_and_ignore_quotes_in_comments(tmp_path) -> None:
+    sql = tmp_path / "m.sql"
+    sql.write_text(f"-- $$ in a comment opens nothing;\nCREATE TABLE a (x INTEGER);\n{TAGGED_FUNCTION};\n"
+                   "CREATE TABLE b (y INTEGER);\n")
+    assert db.sql_statements(sql) == [
+        "CREATE TABLE a (x INTEGER)",
+        TAGGED_FUNCTION.replace("    -- a $$ inside this body quotes nothing\n", ""),
+        "CREATE TABLE b (y INTEGER)",
+    ]
+    sql.write_text("CREATE TABLE a (x INTEGER);\nDO $body$\nBEGIN\n    PERFORM 1;\nEND\n$$;\nDROP TABLE a;\n")
+    with pytest.raises(ValueError, match=r"m.sql: the dollar-quoted body opened by \$body\$ is never closed"):
+        db.sql_statements(sql)
+
+
+def test_a_tagged_dollar_quoted_function_is_created_and_runs_on_postgresql(pg_url: str, tmp_path) -> None:
+    sql = tmp_path / "m.sql"
+    sql.write_text(f"{TAGGED_FUNCTION};\nCREATE VIEW noted AS SELECT pipeline_note(2) AS note;\n")
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            assert db.apply_sql(conn, sql) == 2
+            assert conn.exec_driver_sql("SELECT note FROM noted").scalar_one() == "costs $$2"
+    finally:
+        engine.dispose()
