@@ -153,9 +153,17 @@ def prefect() -> Iterator[None]:
         yield
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Marked on the worker, read by the controller: user_properties travel with the report.
+    # pg_database is in the closure of pg_url's tests; database_url[postgresql] asks for it
+    # at run time, so those are known by their parameter.
+    if "pg_database" in getattr(item, "fixturenames", ()) or "[postgresql" in item.nodeid:
+        item.user_properties.append(("postgresql", True))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _pg_passed
-    if report.when == "call" and report.passed and ("[postgresql" in report.nodeid or "_pg" in report.nodeid):
+    if report.when == "call" and report.passed and ("postgresql", True) in report.user_properties:
         _pg_passed += 1
 
 

@@ -729,6 +729,45 @@ def test_init_db_keeps_views_built_on_ours_and_the_grants_of_the_old_table_on_po
     engine.dispose()
 
 
+def test_init_db_carries_column_privileges_of_the_old_table_to_the_columns_that_hold_them_on_postgresql(
+        pg_url: str) -> None:
+    """A role allowed some columns of the old table (GRANT SELECT (series_id, value) ...) lost
+    them: only table-wide privileges were carried to the two tables and the view."""
+    engine = db.make_engine(url=pg_url)
+    older_database(engine)
+    analyst = f"analyst_{uuid.uuid4().hex[:8]}"
+    schema = sa.make_url(pg_url).query["options"].removeprefix("-csearch_path=")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{analyst}"')
+        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{analyst}"')
+        conn.exec_driver_sql(f'GRANT SELECT (series_id, value, as_of) ON forecasts TO "{analyst}" WITH GRANT OPTION')
+        conn.exec_driver_sql(f'GRANT UPDATE (value) ON forecasts TO "{analyst}"')
+    try:
+        with engine.begin() as conn:
+            assert db.init_db(conn) == ["002_forecast_runs_and_steps.sql"]
+            privileges = conn.execute(sa.text(
+                "SELECT table_name, privilege_type, string_agg(column_name || is_grantable, ',' ORDER BY column_name) "
+                "FROM information_schema.column_privileges WHERE grantee = :role "
+                "GROUP BY table_name, privilege_type ORDER BY 1, 2"), {"role": analyst}).all()
+            conn.exec_driver_sql(f'SET LOCAL ROLE "{analyst}"')
+            seen = conn.exec_driver_sql("SELECT series_id, value FROM forecasts WHERE as_of = '2020-12-01' "
+                                        "ORDER BY series_id, value").all()
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), conn.begin_nested():
+                conn.exec_driver_sql("SELECT model FROM forecasts")
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{analyst}" CASCADE')
+            conn.exec_driver_sql(f'DROP ROLE "{analyst}"')
+        engine.dispose()
+    assert privileges == [
+        ("forecast_runs", "SELECT", "as_ofYES"),
+        ("forecast_steps", "SELECT", "series_idYES,valueYES"),
+        ("forecast_steps", "UPDATE", "valueNO"),
+        ("forecasts", "SELECT", "as_ofYES,series_idYES,valueYES"),
+    ]
+    assert seen == [("a", 2.0)] * 3 + [("a", 9.0)] * 3 + [("b", 2.5)] * 3
+
+
 def test_init_db_by_a_role_that_does_not_own_the_old_table_is_told_whom_to_run_it_as_on_postgresql(
         pg_url: str) -> None:
     """It was told to GRANT CREATE ON SCHEMA, which it had."""

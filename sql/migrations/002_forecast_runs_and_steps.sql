@@ -31,14 +31,17 @@ ALTER TABLE forecasts RENAME TO forecasts_before_002;
 
 -- The roles that held a privilege on the table hold it on the two tables now (and SELECT on
 -- the view), grant option included: a writer role other than the one running init-db keeps
--- writing. And the table's owner owns them (a superuser running init-db would have owned them,
--- leaving the owner, and our views it owns, without access).
+-- writing. A privilege on some columns (GRANT SELECT (series_id, value) ...) is held on those
+-- columns of the table that holds each now, SELECT on those of the view too. And the table's
+-- owner owns them (a superuser running init-db would have owned them, leaving the owner, and
+-- our views it owns, without access).
 -- only on postgresql
 -- after the views
 DO $$
 DECLARE
     g record;
     old_owner name;
+    holder text;
 BEGIN
     SELECT pg_get_userbyid(relowner) INTO old_owner FROM pg_class WHERE oid = 'forecasts_before_002'::regclass;
     IF old_owner <> current_user THEN
@@ -57,6 +60,26 @@ BEGIN
         EXECUTE 'GRANT ' || g.privilege_type || ' ON forecast_runs, forecast_steps TO ' || g.role || g.option;
         IF g.privilege_type = 'SELECT' THEN
             EXECUTE 'GRANT SELECT ON forecasts TO ' || g.role || g.option;
+        END IF;
+    END LOOP;
+    FOR g IN
+        SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS role,
+               a.privilege_type, att.attname::text AS name,
+               CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END AS option
+        FROM pg_class c
+        JOIN pg_attribute att ON att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped,
+             aclexplode(att.attacl) a
+        WHERE c.oid = 'forecasts_before_002'::regclass AND a.grantee <> c.relowner
+    LOOP
+        holder := CASE WHEN g.name IN ('dataset', 'as_of', 'model', 'model_version', 'mlflow_run_id', 'created_at')
+                       THEN 'forecast_runs'
+                       WHEN g.name IN ('series_id', 'ts', 'step', 'value', 'lower', 'upper') THEN 'forecast_steps' END;
+        IF holder IS NOT NULL THEN  -- else a column the table had besides ours: its rows did not move either
+            EXECUTE 'GRANT ' || g.privilege_type || ' (' || quote_ident(g.name) || ') ON ' || holder
+                    || ' TO ' || g.role || g.option;
+            IF g.privilege_type = 'SELECT' THEN
+                EXECUTE 'GRANT SELECT (' || quote_ident(g.name) || ') ON forecasts TO ' || g.role || g.option;
+            END IF;
         END IF;
     END LOOP;
 END
