@@ -15,7 +15,8 @@ the compute tasks go to the cluster: every candidate's backtest at once (a netwo
 a per-series baseline as one task per shard of series), the champion's final fit, and the
 forecast, one task per shard. Database and MLflow tasks stay in the flow's process, so workers
 never need the database or tracking URLs; each worker process sets torch's threads once. A
-night that fails cancels its tasks not yet started there (a running one runs to its end).
+night that fails cancels its tasks there: those not yet started never start, and a running
+one stops at its next training batch or series, its task run Cancelled (forecasting.stopping).
 """
 
 # Deployments name this flow by module path, `flows.nightly:nightly` (prefect.yaml, `forecasting
@@ -46,10 +47,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Completed
+from prefect.states import Cancelled, Completed, State
 from prefect.task_runners import TaskRunner
 
-from forecasting import baselines, db, pipeline, prefect_heartbeats, progress, shards, tracking_process
+from forecasting import baselines, db, pipeline, prefect_heartbeats, progress, shards, stopping, tracking_process
 from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
@@ -140,12 +141,15 @@ def current_champion(config: DatasetConfig) -> RegisteredForecaster | UnusableCh
 
 
 @task(name="backtest", **COMPUTE)
-def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.CandidateResult:
+def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.CandidateResult | State:
     _torch_threads_on_worker()
     budget = config.training.max_epochs * config.training.ensemble * (
         config.backtest.windows if config.backtest.retrain else 1)
-    with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
-        result = pipeline.backtest_candidate(config, panel, name, on_epoch=bar)
+    try:
+        with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
+            result = pipeline.backtest_candidate(config, panel, name, on_epoch=bar)
+    except stopping.TaskReleased as exc:
+        return _released(exc)
     get_run_logger().info(
         "%s: backtest MASE %.4f in %.1fs", name, result.aggregate["mase"], result.fit_seconds
     )
@@ -170,9 +174,12 @@ def compare(config: DatasetConfig, results: list[pipeline.CandidateResult]) -> p
 
 
 @task(name="fit-champion", **COMPUTE)
-def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster:
+def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster | State:
     _torch_threads_on_worker()
-    return pipeline.fit_final(config, panel, name)
+    try:
+        return pipeline.fit_final(config, panel, name)
+    except stopping.TaskReleased as exc:
+        return _released(exc)
 
 
 @task(name="register", **IO_RETRIES)
@@ -197,10 +204,22 @@ def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comp
 
 
 @task(name="forecast", **COMPUTE)
-def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[float], panel: pd.DataFrame) -> pd.DataFrame:
+def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[float],
+             panel: pd.DataFrame) -> pd.DataFrame | State:
     """The forecast rows, not yet naming a model version (tonight's may still be registering)."""
     _torch_threads_on_worker()
-    return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None, run_id=None)
+    try:
+        return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None,
+                                 run_id=None)
+    except stopping.TaskReleased as exc:
+        return _released(exc)
+
+
+def _released(exc: stopping.TaskReleased) -> State:
+    """The end of a compute task that its cluster released while it ran (forecasting.stopping):
+    its task run is Cancelled, not Failed (the night failed elsewhere) nor Completed."""
+    get_run_logger().info("%s", exc)
+    return Cancelled(message=str(exc))
 
 
 def _alias(config: DatasetConfig) -> pipeline.Alias:
@@ -324,8 +343,9 @@ def _cancelled_on_error(client: Any, futures: list[Any]) -> Iterator[None]:
     releases them, closes only at the flow run's end, after its failure path (seconds: the
     background MLflow jobs), and a long-lived cluster meanwhile trained the next candidates.
     A Prefect Dask future has no cancel of its own; its distributed.Future's keeps a task from
-    starting (it then leaves no task run). Dask cannot stop a task a worker has already begun:
-    that one runs to its end.
+    starting (it then leaves no task run). Dask cannot stop a task a worker has already begun,
+    but marks it released: training and the per-series baselines look between batches and
+    series (forecasting.stopping), and the task run ends Cancelled within one batch.
     """
     try:
         yield
@@ -503,12 +523,32 @@ def _backtests(config: DatasetConfig, panel: pd.DataFrame,
                for name in config.candidates}
     # A candidate's error, or the night's while it holds a result (the generator is closed),
     # cancels the backtests not yet done.
-    with _cancelled_on_error(client, [future for submitted in futures.values() for future in submitted]):
+    every = [future for submitted in futures.values() for future in submitted]
+    with _cancelled_on_error(client, every):
         for name, submitted in futures.items():
             with timer.stage(f"backtest:{name}"):  # on a cluster: the wait for its last shard
+                _wait_failing_fast(client, submitted, every)
                 done = [future.result() for future in submitted]
                 result = done[0] if len(done) == 1 else shards.join_backtests(config, panel, done)
             yield result
+
+
+def _wait_failing_fast(client: Any, awaited: list[Any], watched: list[Any]) -> None:
+    """Wait until every future of `awaited` is done; raise the error of any of `watched` (which
+    holds them) as soon as its task fails.
+
+    Results are taken in the candidates' order; waiting on one candidate at a time, a later
+    candidate's error waited for every earlier one to finish (a network training for minutes)
+    before the night failed and cancelled the rest.
+    """
+    from distributed import wait
+
+    unseen = {future.wrapped_future: future for future in watched}
+    while not all(future.wrapped_future.done() for future in awaited):
+        with client.as_current():  # wait() takes the default client; the flow's process may have none
+            wait([key for key in unseen if not key.done()], return_when="FIRST_COMPLETED")
+        for ended in [key for key in unseen if key.done()]:
+            unseen.pop(ended).result()  # a failed task's error, raised now (a success is kept for later)
 
 
 def _here_or_on_cluster(task_: Any, *args: Any) -> Any:

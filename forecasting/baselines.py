@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from forecasting.config import SettingError
+from forecasting.stopping import raise_if_released
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,14 @@ def _ets_chunk(jobs: Sequence[tuple[np.ndarray, str]], horizon: int,
     and on a busy machine OpenBLAS's thread hand-offs made each fit 2-5x slower (same result).
     """
     with _one_blas_thread():
-        return [_ets(history, horizon, season_length, series_id=series_id) for history, series_id in jobs]
+        return [_ets_unless_released(history, horizon, season_length, series_id=series_id)
+                for history, series_id in jobs]
+
+
+def _ets_unless_released(history: np.ndarray, horizon: int, season_length: int, *,
+                         series_id: str) -> tuple[np.ndarray, bool]:
+    raise_if_released()  # a shard on a Dask worker stops between series once its night has ended
+    return _ets(history, horizon, season_length, series_id=series_id)
 
 
 def _one_blas_thread() -> contextlib.AbstractContextManager:

@@ -21,6 +21,7 @@ from torch import nn
 
 from forecasting.config import TrainingConfig
 from forecasting.sequence_kernel import matmul_precision
+from forecasting.stopping import raise_if_released
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def _train(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray, val_sta
         order = order.to(device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(order), training.batch_size):
+            raise_if_released()  # on a Dask worker, a night that ended stops here, not epochs later
             batch = data[order[i:i + training.batch_size, None] + offsets]  # [b, w+h, f]
             pred = net(batch[:, :input_window])  # [b, horizon]
             loss = loss_fn(pred, batch[:, input_window:, 0])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +16,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 import torch
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.nightly import nightly, on_dask, task_runner
-from forecasting import db, pipeline, shards
+from forecasting import db, pipeline, shards, stopping, train
 from forecasting.cli import build_parser, on_cluster
 from forecasting.config import BASELINES, Settings
 from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
@@ -260,3 +265,162 @@ def test_a_failed_candidate_cancels_the_backtests_not_yet_started(engine: sa.Eng
         time.sleep(2.0)  # longer than a candidate: the one running has ended, a next one would have begun
         assert not any(client.processing().values())
     assert started[0] == first and len(started) <= 2, started
+
+
+# The loop's record: module globals, since a task's closure reaches the worker as a copy.
+LOOP_CHECKS: list[float] = []
+LOOP_ENDS: list[str] = []
+
+
+def long_loop() -> str:
+    """100 s of work that looks for a release every 0.05 s."""
+    try:
+        for _ in range(2000):
+            LOOP_CHECKS.append(time.monotonic())
+            stopping.raise_if_released()
+            time.sleep(0.05)
+    except stopping.TaskReleased as exc:
+        LOOP_ENDS.append(str(exc))
+        raise
+    LOOP_ENDS.append("ran to its end")
+    return "ran to its end"
+
+
+def test_a_running_task_that_its_cluster_released_stops_at_its_next_check() -> None:
+    """Dask cannot stop a running task: cancelling its future only marks it released on the
+    worker. The task sees that at its next stopping.raise_if_released(); outside a worker's task
+    the check does nothing."""
+    checks, ended = LOOP_CHECKS, LOOP_ENDS
+    checks.clear(), ended.clear()
+    stopping.raise_if_released()  # here: not a worker's task
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        future = client.submit(long_loop, pure=False)
+        deadline = time.monotonic() + 30
+        while len(checks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(checks) >= 3, "the task never started"
+        cancelled_at = time.monotonic()
+        client.cancel([future])
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopped_after = time.monotonic() - cancelled_at
+    assert len(ended) == 1 and "the cluster released task" in ended[0], ended
+    assert stopped_after < 2.0, stopped_after  # one 0.05 s step and the scheduler's message, not 100 s
+
+
+@pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_failed_candidate_stops_a_network_training_beside_it_and_its_task_run_is_cancelled(
+        engine: sa.Engine, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failing candidate (gru) comes after one that trains for minutes (lstm, an epoch budget
+    it never reaches). Before, the flow waited for lstm's result before it looked at gru's, and
+    lstm, once begun, trained to its end whatever the night's fate. Now gru's error fails the
+    night as it happens, and lstm's real training loop stops at its next batch: its task run
+    ends Cancelled.
+
+    Two worker threads of this process, so that both networks train at once and the scripted
+    candidate reaches them; over tcp, because the flows refuse an inproc:// address.
+    """
+    load_sales(engine)
+    config = tiny_config(models=["lstm", "gru"],
+                         training={"max_epochs": 100_000, "patience": 100_000, "hidden_size": 8, "batch_size": 32,
+                                   "ensemble": 1})
+    real_backtest = pipeline.backtest_candidate
+    training, outcome = threading.Event(), {}
+
+    def check_between_batches() -> None:  # training's own check, and a watchdog against a hang
+        if not training.is_set():
+            outcome["began"] = time.monotonic()
+            training.set()
+        if time.monotonic() - outcome["began"] > 60:
+            raise RuntimeError("lstm trained on for 60 s after the night failed")
+        stopping.raise_if_released()
+
+    def scripted(config, panel, name, **kwargs):
+        if name == "gru":
+            assert training.wait(60), "lstm never began training"
+            time.sleep(0.5)  # a few batches into lstm's training
+            raise ValueError("gru: broken")
+        try:
+            return real_backtest(config, panel, name, **kwargs)
+        except stopping.TaskReleased:
+            outcome.setdefault("stopped", time.monotonic())
+            raise
+        finally:
+            outcome.setdefault(f"{name} ended", True)
+
+    monkeypatch.setattr(pipeline, "backtest_candidate", scripted)
+    monkeypatch.setattr(train, "raise_if_released", check_between_batches)
+    monkeypatch.setattr("flows.nightly._torch_threads_on_worker", lambda: None)  # this process's torch
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                                  dashboard_address=None) as local:
+        started = time.monotonic()
+        state = on_dask(nightly, local.scheduler_address)(config=config, return_state=True)
+        failed_after = time.monotonic() - started
+        # Not client.processing(): the scheduler forgets a released task at once, while its
+        # worker may run it on
+        deadline = time.monotonic() + 30
+        while "lstm ended" not in outcome and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "lstm ended" in outcome, "lstm's backtest still runs"
+    assert state.is_failed() and "gru: broken" in str(state.message), state
+    assert "stopped" in outcome, outcome  # lstm's training raised TaskReleased, it did not return
+    assert failed_after < 60, failed_after
+    with get_client(sync_client=True) as prefect_client:
+        runs = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    ends = sorted((run.name.rsplit("-", 1)[0], run.state.name) for run in runs if run.name.startswith("backtest"))
+    assert ("backtest", "Cancelled") in ends and ("backtest", "Failed") in ends, ends
+    cancelled = [run for run in runs if run.state.name == "Cancelled"]
+    assert len(cancelled) == 1 and "the cluster released task" in cancelled[0].state.message, cancelled
+
+
+def test_a_released_baseline_shard_stops_between_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ETS shard on a worker (fitted in the task's own thread) looks between series."""
+    from forecasting import baselines
+
+    fitted: list[str] = []
+
+    def slow_fit(history, horizon, season_length, *, series_id):
+        fitted.append(series_id)
+        time.sleep(0.05)
+        return np.zeros(horizon), False
+
+    monkeypatch.setattr(baselines, "_ets", slow_fit)  # module state: the thread worker sees it
+    jobs = [(np.arange(24.0), f"s{i}") for i in range(2000)]  # 100 s of fits unless stopped
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        future = client.submit(baselines._ets_chunk, jobs, 6, 12, pure=False)
+        deadline = time.monotonic() + 30
+        while len(fitted) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.cancel([future])
+        seen = -1
+        while seen != len(fitted) and time.monotonic() < deadline:  # until a second passes without a fit
+            seen = len(fitted)
+            time.sleep(1.0)
+        assert future.cancelled()
+    assert 3 <= len(fitted) < 100, len(fitted)  # stopped within a few series of the cancel
+
+
+def test_a_running_task_stops_when_the_process_that_submitted_it_dies() -> None:
+    """A flow process killed mid-night leaves no client wanting its tasks: the scheduler releases
+    them, and the one running stops at its next check instead of running on for nobody."""
+    LOOP_CHECKS.clear(), LOOP_ENDS.clear()
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                                  dashboard_address=None) as local:
+        submitter = (f"import os, time, distributed, tests.test_dask as here\n"
+                     f"client = distributed.Client({local.scheduler_address!r})\n"
+                     "future = client.submit(here.long_loop, pure=False)\n"
+                     "time.sleep(3)\n"
+                     "os._exit(0)  # no goodbye to the scheduler, as a killed process\n")
+        subprocess.run([sys.executable, "-c", submitter], cwd=Path(__file__).resolve().parent.parent, check=True,
+                       timeout=120)
+        died = time.monotonic()
+        while not LOOP_ENDS and time.monotonic() - died < 30:
+            time.sleep(0.05)
+        stopped_after = time.monotonic() - died
+    assert LOOP_CHECKS, "the task never started"
+    assert len(LOOP_ENDS) == 1 and "the cluster released task" in LOOP_ENDS[0], LOOP_ENDS
+    assert stopped_after < 5, stopped_after

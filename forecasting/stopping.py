@@ -1,0 +1,36 @@
+"""A task on a Dask worker stops when its flow run no longer wants it.
+
+Dask cannot stop a task that a worker has begun. When a night fails (a candidate's error, an
+interrupted flow, a flow process gone), the flow cancels its futures on the cluster; the
+scheduler releases them, and the worker marks a running one `cancelled` and waits for it to end.
+Without looking, the task trained on for minutes on a long-lived cluster, for a night that was
+over. The long loops look: training between batches, the per-series baselines between series.
+Looking reads the worker's own state (no message to the scheduler) and costs microseconds;
+outside a Dask worker's task it returns at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+
+class TaskReleased(RuntimeError):
+    """The cluster released this running task: the flow run that submitted it wants it no more."""
+
+
+def raise_if_released() -> None:
+    """Raise TaskReleased if this thread runs a Dask task that its worker has marked cancelled."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:  # never imported: not on a worker
+        return
+    try:
+        worker = distributed.get_worker()
+    except ValueError:  # not inside a worker's task
+        return
+    key = worker.active_threads.get(threading.get_ident())
+    task = worker.state.tasks.get(key) if key is not None else None
+    # "cancelled" only: a task released then asked for again is "resumed", and wanted
+    if task is not None and task.state == "cancelled":
+        raise TaskReleased(f"stopped on worker {worker.address}: the cluster released task {key!r} "
+                           "(its flow run cancelled it, or ended)")
