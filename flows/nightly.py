@@ -344,8 +344,8 @@ def _cancelled_on_error(client: Any, futures: list[Any]) -> Iterator[None]:
     background MLflow jobs), and a long-lived cluster meanwhile trained the next candidates.
     A Prefect Dask future has no cancel of its own; its distributed.Future's keeps a task from
     starting (it then leaves no task run). Dask cannot stop a task a worker has already begun,
-    but marks it released: training and the per-series baselines look between batches and
-    series (forecasting.stopping), and the task run ends Cancelled within one batch.
+    but marks it released: training looks between batches and ETS between series
+    (forecasting.stopping), and the task run ends Cancelled there.
     """
     try:
         yield
@@ -544,11 +544,17 @@ def _wait_failing_fast(client: Any, awaited: list[Any], watched: list[Any]) -> N
     from distributed import wait
 
     unseen = {future.wrapped_future: future for future in watched}
-    while not all(future.wrapped_future.done() for future in awaited):
-        with client.as_current():  # wait() takes the default client; the flow's process may have none
-            wait([key for key in unseen if not key.done()], return_when="FIRST_COMPLETED")
+    # Until each awaited result has been read once (its Prefect future keeps it), not until Dask
+    # says done: a future whose worker died goes back to not done after it was read
+    awaited_keys = {future.wrapped_future for future in awaited}
+    while True:
         for ended in [key for key in unseen if key.done()]:
             unseen.pop(ended).result()  # a failed task's error, raised now (a success is kept for later)
+        if not awaited_keys & unseen.keys():
+            return
+        # not empty: what is left of awaited is not done (a wait on none would return at once)
+        with client.as_current():  # wait() takes the default client; the flow's process may have none
+            wait([key for key in unseen if not key.done()], return_when="FIRST_COMPLETED")
 
 
 def _here_or_on_cluster(task_: Any, *args: Any) -> Any:

@@ -144,14 +144,17 @@ _ONLY_ON = re.compile(r"^\s*--\s*only on (\w+)\s*$", re.M)  # a statement of one
 _AFTER_VIEWS = re.compile(r"^\s*--\s*after the views\s*$", re.M)  # a migration's, run after views.sql
 
 
-# A PostgreSQL dollar quote, $$ or $tag$; not one that ends an identifier (which may hold '$')
-_DOLLAR_QUOTE = re.compile(r"(?<![A-Za-z0-9_$])\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+# A PostgreSQL dollar quote, $$ or $tag$ (a tag is an identifier without '$', any letters); not
+# one that ends an identifier, which may hold '$'
+_DOLLAR_QUOTE = re.compile(r"(?<![\w$])\$(?:[^\W\d]\w*)?\$")
+_OUTSIDE_BODY = re.compile(r"--|'|" + _DOLLAR_QUOTE.pattern)  # what ends plain SQL text on a line
 
 
 def _dollar_quote_open_after(line: str, open_quote: str | None) -> str | None:
     """The dollar quote ($$ or $tag$) still open at the end of `line`, given the one open at its
     start. Only the same tag closes a body, so a $$ inside a $fn$ body neither opens nor
-    closes anything; outside a body, a `--` comment ends what is read of the line."""
+    closes anything; outside a body a `--` comment ends what is read of the line, and a
+    '...' literal on the line is skipped ('' inside it included)."""
     pos = 0
     while True:
         if open_quote is not None:
@@ -160,10 +163,13 @@ def _dollar_quote_open_after(line: str, open_quote: str | None) -> str | None:
                 return open_quote
             open_quote, pos = None, end + len(open_quote)
             continue
-        found = _DOLLAR_QUOTE.search(line, pos)
-        comment = line.find("--", pos)
-        if found is None or -1 < comment < found.start():
+        found = _OUTSIDE_BODY.search(line, pos)
+        if found is None or found.group() == "--":
             return None
+        if found.group() == "'":
+            close = re.compile(r"'(?!')|''").finditer(line, found.end())
+            pos = next((m.end() for m in close if m.group() == "'"), len(line))
+            continue
         open_quote, pos = found.group(), found.end()
 
 
@@ -173,27 +179,33 @@ def sql_statements(path: Path, *, dialect: str | None = None, after_views: bool 
 
     A statement whose comment lines include `-- only on <dialect>` is one of that dialect's
     (kept when `dialect` is it or None); one with `-- after the views` is a migration's that
-    init-db runs after views.sql (kept only when `after_views`).
+    init-db runs after views.sql (kept only when `after_views`). Those and the other `--` lines
+    are read outside dollar-quoted bodies only: a body reaches the database as written.
+    Not parsed: /* */ comments, and a '...' literal that spans lines (a ';' ending one of its
+    lines would split it); the files in sql/ use neither.
     """
     statements, chunk, open_quote = [], [], None
     for line in path.read_text().splitlines():
-        chunk.append(line)
+        chunk.append((line, open_quote is not None))  # whether the line starts inside a body
         open_quote = _dollar_quote_open_after(line, open_quote)
         if line.rstrip().endswith(";") and open_quote is None:
-            statements.append("\n".join(chunk).rstrip().removesuffix(";"))
+            last, inside = chunk[-1]
+            chunk[-1] = (last.rstrip().removesuffix(";"), inside)
+            statements.append(chunk)
             chunk = []
     if open_quote is not None:  # else the rest of the file would reach the database as one statement
         raise ValueError(f"{path}: the dollar-quoted body opened by {open_quote} is never closed")
-    statements.append("\n".join(chunk))
+    statements.append(chunk)
     kept = []
     for statement in statements:
-        only = _ONLY_ON.findall(statement)
+        comments = "\n".join(line for line, inside in statement if not inside and line.strip().startswith("--"))
+        only = _ONLY_ON.findall(comments)
         unknown = sorted(set(only) - {"sqlite", "postgresql"})
         if unknown:  # a misspelt tag would leave the statement out on every database
             raise ValueError(f"{path}: `-- only on {unknown[0]}`: the dialects are sqlite and postgresql")
-        if (dialect is not None and only and dialect not in only) or bool(_AFTER_VIEWS.search(statement)) != after_views:
+        if (dialect is not None and only and dialect not in only) or bool(_AFTER_VIEWS.search(comments)) != after_views:
             continue
-        body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
+        body = "\n".join(line for line, inside in statement if inside or not line.strip().startswith("--"))
         if body.strip():
             kept.append(body.strip())
     return kept

