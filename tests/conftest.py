@@ -86,6 +86,14 @@ def pg_schema_url(base: sa.URL) -> str:
     return base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
 
 
+def schema_of(url: str | sa.URL) -> str:
+    """The schema that `pg_schema_url` put first on the URL's search_path."""
+    options = sa.make_url(url).query.get("options", "")
+    if not options.startswith("-csearch_path="):
+        raise ValueError(f"url={sa.make_url(url).render_as_string()!r} names no search_path schema")
+    return options.removeprefix("-csearch_path=")
+
+
 @pytest.fixture
 def engine(database_url: str) -> Iterator[sa.Engine]:
     from forecasting import db

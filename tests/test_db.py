@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from forecasting import db, demo
 from forecasting.config import DatasetConfig, Settings
 from tests import old_schemas
+from tests.conftest import pg_schema_url, schema_of
 
 SALES = DatasetConfig.from_mapping({
     "name": "sales",
@@ -41,7 +42,6 @@ def test_init_db_run_at_once_by_several_processes_on_a_new_database(pg_database:
     """Two `forecasting init-db` at once on a new PostgreSQL database: one failed with a raw
     "duplicate key value violates unique constraint pg_type_typname_nsp_index" (both created
     the same table). Each round on a fresh schema; four writers at once."""
-    from tests.conftest import pg_schema_url
 
     for _ in range(5):
         engine = db.make_engine(url=pg_schema_url(pg_database))
@@ -694,7 +694,7 @@ def test_init_db_keeps_views_built_on_ours_and_the_grants_of_the_old_table_on_po
     engine = db.make_engine(url=pg_url)
     older_database(engine)
     reader, pipeline_role = f"reader_{uuid.uuid4().hex[:8]}", f"pipeline_{uuid.uuid4().hex[:8]}"
-    schema = sa.make_url(pg_url).query["options"].removeprefix("-csearch_path=")
+    schema = schema_of(pg_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE VIEW my_newest AS SELECT series_id, value FROM current_forecasts")
         for role in (reader, pipeline_role):
@@ -736,7 +736,7 @@ def test_init_db_carries_column_privileges_of_the_old_table_to_the_columns_that_
     engine = db.make_engine(url=pg_url)
     older_database(engine)
     analyst = f"analyst_{uuid.uuid4().hex[:8]}"
-    schema = sa.make_url(pg_url).query["options"].removeprefix("-csearch_path=")
+    schema = schema_of(pg_url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{analyst}"')
         conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{analyst}"')
@@ -775,7 +775,7 @@ def test_init_db_by_a_role_that_does_not_own_the_old_table_is_told_whom_to_run_i
     before = older_database(engine)
     role = f"other_{uuid.uuid4().hex[:8]}"
     url = sa.make_url(pg_url)
-    schema = url.query["options"].removeprefix("-csearch_path=")
+    schema = schema_of(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
         conn.exec_driver_sql(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{role}"')

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from flows.nightly import WARNED_STATE, nightly
 from forecasting import db, pipeline, tracking
 from tests import old_schemas
+from tests.conftest import schema_of
 from tests.flow_fixtures import SERIES, load_sales, synthetic_sales, tiny_config
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -229,7 +230,7 @@ def role_of_schema(engine: sa.Engine, pg_url: str, name: str, *grants: str) -> I
     the URL that connects as it. Dropped afterwards."""
     url = sa.make_url(pg_url)
     role = f"{name}_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
-    schema = url.query["options"].removeprefix("-csearch_path=")
+    schema = schema_of(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
         conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
@@ -392,7 +393,7 @@ def test_a_write_refused_midway_leaves_the_previous_rows(engine: sa.Engine, data
         expected = "full"
     else:
         role = f"writer_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
-        schema = sa.make_url(database_url).query["options"].removeprefix("-csearch_path=")
+        schema = schema_of(database_url)
         with engine.begin() as conn:
             conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
             conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
