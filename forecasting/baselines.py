@@ -18,17 +18,18 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 
 import numpy as np
 
 from forecasting.config import SettingError
-from forecasting.stopping import raise_if_released
+from forecasting.stopping import TaskReleased, raise_if_released
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN_SERIES = 1000  # below this, spawning workers (2-3 s each: numpy, scipy, statsmodels)
 #   costs more than it saves: 608 monthly series took 4.2 s in one process, 5.3-9.7 s in two
+RELEASE_POLL_S = 0.5  # how soon fits in worker processes stop once their Dask task is released
 WORKERS_ENV = "FORECASTING_WORKERS"  # processes for ETS fits; default: the CPUs this process may use
 _ETS_MEMO: OrderedDict[tuple, np.ndarray] = OrderedDict()  # identical history -> identical forecast
 _ETS_MEMO_SIZE = 50_000
@@ -246,10 +247,51 @@ def _ets_in_processes(jobs: list[tuple[np.ndarray, str]], horizon: int, season_l
     n_chunks = min(len(jobs), 4 * n_workers)  # a few chunks per worker evens out slow series
     bounds = np.linspace(0, len(jobs), n_chunks + 1).astype(int)
     try:
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_ets_chunk, jobs[a:b], horizon, season_length)
-                       for a, b in zip(bounds[:-1], bounds[1:])]
-            return [result for future in futures for result in future.result()]
+        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"))
     except (OSError, AssertionError, RuntimeError) as exc:  # daemonic parent, no /dev/shm, ...
         log.info("ETS in one process: worker processes unavailable (%s)", exc)
         return None
+    finished = False
+    try:
+        futures = [pool.submit(_ets_chunk, jobs[a:b], horizon, season_length)
+                   for a, b in zip(bounds[:-1], bounds[1:])]
+        _wait_unless_released(futures)
+        results = [result for future in futures for result in future.result()]
+        finished = True
+        return results
+    except (OSError, AssertionError, RuntimeError) as exc:  # e.g. a spawned process failed its start
+        if isinstance(exc, TaskReleased):
+            raise
+        log.info("ETS in one process: worker processes unavailable (%s)", exc)
+        return None
+    finally:
+        if finished:
+            pool.shutdown()
+        else:  # released, failed or interrupted: what still runs is of no use
+            _stop_pool(pool)
+
+
+def _wait_unless_released(futures: Sequence[Future]) -> None:
+    """Wait for `futures`, looking every RELEASE_POLL_S whether this thread's Dask task was
+    released: the fitting processes cannot look themselves."""
+    pending = set(futures)
+    while pending:
+        raise_if_released()
+        done, pending = wait(pending, timeout=RELEASE_POLL_S, return_when=FIRST_EXCEPTION)
+        if any(future.exception() is not None for future in done):
+            return  # future.result() raises it
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Drop the queued chunks and end the fitting processes now: a fit holds nothing to lose."""
+    terminate_workers = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate_workers is not None:
+        terminate_workers()
+        return
+    # What terminate_workers() does: shutdown() forgets the processes, so take them first
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(ValueError, ProcessLookupError):  # closed, or already gone
+            if process.is_alive():
+                process.terminate()

@@ -4,8 +4,9 @@ Dask cannot stop a task that a worker has begun. When a night fails (a candidate
 interrupted flow, a flow process gone), the flow cancels its futures on the cluster; the
 scheduler releases them, and the worker marks a running one `cancelled` and waits for it to end.
 Without looking, the task trained on for minutes on a long-lived cluster, for a night that was
-over. The long loops look: training between batches, ETS between series (the other baselines
-and a network's forecast take seconds and do not look).
+over. The long loops look: training between batches, ETS between series, and the wait for ETS
+fitted in processes of the worker's own, which it then ends (the other baselines and a
+network's forecast take seconds and do not look).
 Looking reads the worker's own state (no message to the scheduler) and costs microseconds;
 outside a Dask worker's task it returns at once.
 

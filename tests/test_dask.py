@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -421,3 +422,45 @@ def test_a_running_task_stops_when_the_process_that_submitted_it_dies() -> None:
     assert LOOP_CHECKS, "the task never started"
     assert len(LOOP_ENDS) == 1 and "the cluster released task" in LOOP_ENDS[0], LOOP_ENDS
     assert stopped_after < 5, stopped_after
+
+
+def test_a_released_baseline_shard_ends_the_processes_it_fits_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker without a nanny and `FORECASTING_WORKERS` above 1 fits a shard's ETS in processes
+    of its own, which cannot look whether the task was released: the task looks as it waits for
+    them, and ends them. They ran every queued chunk to its end before, the task's thread waiting."""
+    import psutil
+
+    from forecasting import baselines
+
+    monkeypatch.setenv(baselines.WORKERS_ENV, "2")
+    monkeypatch.setattr(baselines, "_ETS_MEMO", OrderedDict())  # no forecast from an earlier test
+    rng = np.random.default_rng(7)
+    n_series = 8 * baselines.PARALLEL_MIN_SERIES  # about a minute of fits in two processes unless stopped
+    season = np.tile(np.sin(np.arange(12) * np.pi / 6), 10)
+    histories = [100 + np.cumsum(rng.normal(size=120)) + 5 * season for _ in range(n_series)]
+    ours = psutil.Process()
+    before = {child.pid for child in ours.children(recursive=True)}
+
+    def fitting_processes() -> list[psutil.Process]:
+        return [child for child in ours.children(recursive=True)
+                if child.pid not in before and "spawn_main" in " ".join(child.cmdline())]
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        future = client.submit(baselines.ets_many, histories, 12, 12, series_ids=[f"s{i}" for i in range(n_series)],
+                               pure=False)
+        deadline = time.monotonic() + 60
+        while len(fitting_processes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = fitting_processes()
+        assert len(started) == 2, "the shard did not fit in processes of its own"
+        time.sleep(3)  # past their imports: fitting
+        assert all(process.is_running() for process in started) and not future.done()
+        client.cancel([future])
+        cancelled = time.monotonic()
+        gone, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"{len(alive)} fitting processes still run after the task was released"
+        # The worker's one thread is free again: the task itself ended
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=10) == 3
+        assert time.monotonic() - cancelled < 5
+        assert future.cancelled()
