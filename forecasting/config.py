@@ -251,7 +251,9 @@ class TrainingConfig(_Strict):
     # they take bfloat16 copies of their inputs and their outputs are widened back to float32;
     # state, activations, weights and Adam stay float32. 3-4x faster products where the CPU
     # multiplies bfloat16 natively (avx512_bf16, AMX), but 8-12x slower training where it does
-    # not (emulated). auto: bf16-mixed on such a CPU, float32 on any other CPU and on CUDA.
+    # not (emulated). auto: bf16-mixed on such a CPU where its training steps measured clearly
+    # faster than float32's (forecasting.precision_probe, once per machine; not on an Intel Xeon
+    # with AMX, 2026-12-07), float32 on any other CPU and on CUDA.
     precision: Literal["auto", "float32", "bf16-mixed"] = "auto"
 
     def resolved(self, *, horizon: int, season_length: int) -> TrainingConfig:

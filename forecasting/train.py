@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from forecasting.config import TrainingConfig
+from forecasting.precision_probe import bf16_trains_faster
 from forecasting.sequence_kernel import matmul_precision
 from forecasting.stopping import raise_if_released
 
@@ -49,7 +50,8 @@ def effective_precision(precision: str, device: torch.device, strategy: str = "d
     torch's own recurrent layers, in float32, whatever was asked for.
 
     auto takes bf16-mixed only where it pays: CPU training on a CPU that multiplies bfloat16 in
-    hardware. bf16-mixed asked for by name is the CPU kernel's: on CUDA the networks train in
+    hardware, where bf16-mixed training steps measured clearly faster than float32's
+    (forecasting.precision_probe: measured once per machine). bf16-mixed asked for by name is the CPU kernel's: on CUDA the networks train in
     float32, and on a CPU without native bfloat16 it is honoured, with a warning, because it is
     far slower there (emulated products: sales night on an AVX2 EPYC, 2026-11-29, LSTM backtest
     131 s against 12.9 s in float32).
@@ -60,7 +62,8 @@ def effective_precision(precision: str, device: torch.device, strategy: str = "d
                         "`strategy` ('recursive') the networks train in float32")
         return "float32"
     if precision == "auto":
-        applied = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() is True else "float32"
+        applied = ("bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() is True and bf16_trains_faster()
+                   else "float32")
         _log_auto_choice(applied, device.type)
         return applied
     if precision == "bf16-mixed" and device.type != "cpu":

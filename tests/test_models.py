@@ -343,17 +343,19 @@ def test_bf16_mixed_asked_for_on_cuda_trains_in_float32_with_a_warning(caplog, m
     assert effective_precision("float32", torch.device("cuda")) == "float32"
 
 
-@pytest.mark.parametrize(("native", "device", "expected"), [
-    (True, "cpu", "bf16-mixed"),   # avx512_bf16 / AMX: bfloat16 products pay
-    (False, "cpu", "float32"),     # AVX2 only: emulated bfloat16 is 8-12x slower
-    (None, "cpu", "float32"),      # torch cannot tell (not x86): the safe choice
-    (True, "cuda", "float32"),     # bf16-mixed is the CPU kernel's
+@pytest.mark.parametrize(("native", "faster", "device", "expected"), [
+    (True, True, "cpu", "bf16-mixed"),   # avx512_bf16, and its steps measured faster here
+    (True, False, "cpu", "float32"),     # avx512_bf16 and AMX, yet float32's C loop as fast (a Xeon)
+    (False, True, "cpu", "float32"),     # AVX2 only: emulated bfloat16 is 8-12x slower
+    (None, True, "cpu", "float32"),      # torch cannot tell (not x86): the safe choice
+    (True, True, "cuda", "float32"),     # bf16-mixed is the CPU kernel's
 ])
-def test_auto_precision_takes_bf16_mixed_only_on_a_cpu_that_multiplies_bfloat16(
-        native, device, expected, monkeypatch, caplog):
+def test_auto_precision_takes_bf16_mixed_only_on_a_cpu_where_it_trains_faster(
+        native, faster, device, expected, monkeypatch, caplog):
     from forecasting import train
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(train, "bf16_trains_faster", lambda: faster)
     with caplog.at_level("WARNING", logger="forecasting.train"):
         assert train.effective_precision("auto", torch.device(device)) == expected
     assert caplog.text == ""  # auto's choice is not a misconfiguration
@@ -366,6 +368,7 @@ def test_the_recursive_strategy_trains_and_reports_float32_whatever_was_asked_fo
     from forecasting.config import TrainingConfig
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train, "bf16_trains_faster", lambda: True)
     with caplog.at_level("WARNING", logger="forecasting.train"):
         assert train.effective_precision("auto", torch.device("cpu"), "recursive") == "float32"
         assert caplog.text == ""
@@ -395,6 +398,7 @@ def test_training_precision_defaults_to_auto_and_the_applied_one_is_a_param(monk
     from forecasting.forecasters import make_forecaster
 
     assert TrainingConfig().precision == "auto"
+    monkeypatch.setattr(train, "bf16_trains_faster", lambda: True)
     for native, applied in ((True, "bf16-mixed"), (False, "float32")):
         monkeypatch.setattr(train, "cpu_has_native_bf16", lambda native=native: native)
         forecaster = make_forecaster("lstm", freq="MS", horizon=3, season_length=12,
