@@ -51,10 +51,10 @@ def effective_precision(precision: str, device: torch.device, strategy: str = "d
 
     auto takes bf16-mixed only where it pays: CPU training on a CPU that multiplies bfloat16 in
     hardware, where bf16-mixed training steps measured clearly faster than float32's
-    (forecasting.precision_probe: measured once per machine). bf16-mixed asked for by name is the CPU kernel's: on CUDA the networks train in
-    float32, and on a CPU without native bfloat16 it is honoured, with a warning, because it is
-    far slower there (emulated products: sales night on an AVX2 EPYC, 2026-11-29, LSTM backtest
-    131 s against 12.9 s in float32).
+    (forecasting.precision_probe: measured once per machine). bf16-mixed asked for by name is
+    the CPU kernel's: on CUDA the networks train in float32, and on a CPU without native
+    bfloat16 it is honoured, with a warning, because it is far slower there (emulated products:
+    sales night on an AVX2 EPYC, 2026-11-29, LSTM backtest 131 s against 12.9 s in float32).
     """
     if strategy == "recursive":
         if precision == "bf16-mixed":
