@@ -278,8 +278,9 @@ def _wait_unless_released(futures: Sequence[Future]) -> None:
     while pending:
         raise_if_released()
         done, pending = wait(pending, timeout=RELEASE_POLL_S, return_when=FIRST_EXCEPTION)
-        if any(future.exception() is not None for future in done):
-            return  # future.result() raises it
+        for future in done:
+            if future.exception() is not None:  # raised now: reading results in order would wait
+                raise future.exception()  # for the chunks before it, without looking
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:

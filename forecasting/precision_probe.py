@@ -9,10 +9,12 @@ torch's. So auto asks the CPU: a few training steps of a sales-sized LSTM and GR
 precision, alternating, and takes bf16-mixed only if it is clearly faster.
 
 The answer is written to the cache directory (fused_cells.cache_dir()), keyed by the CPU model,
-torch's version, this file's probe version and whether float32's C layer loop runs. One process
-on a machine measures, on one thread (about two seconds, once), while any other that asks
-meanwhile waits for its answer; every later night, and each Dask worker on the machine, reads
-it, so they all train in the same precision.
+torch's version, this file's probe version and float32's C layer loop (its build, or none). One
+process on a machine measures, on one thread (about two seconds, once), while any other that
+asks meanwhile waits for its answer; every later night, and each Dask worker on the machine,
+reads it, so they all train in the same precision. Where the answer cannot be kept (a read-only
+cache directory), auto takes float32 without measuring, for the same reason. Each machine
+measures for itself: Dask workers on machines of another CPU may train in another precision.
 """
 
 from __future__ import annotations
@@ -62,18 +64,30 @@ def bf16_trains_faster() -> bool:
             path.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(FileLock(path.with_name(f".{CACHE_FILE}.lock"), timeout=LOCK_TIMEOUT_S))
         except OSError as exc:  # a read-only cache directory; filelock's Timeout is one too
-            log.warning("precision probe: measuring without waiting for other processes (%s)", exc)
+            return _float32_unmeasured(path, exc)
         known = _read(path)
         if key in known:
             return bool(known[key]["bf16_mixed_faster"])
         float32_s, bf16_s = measure()
         faster = bf16_s <= BF16_MARGIN * float32_s
+        try:
+            _write(path, {**known, key: {"bf16_mixed_faster": faster, "float32_s": float32_s,
+                                         "bf16_mixed_s": bf16_s,
+                                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+        except OSError as exc:
+            return _float32_unmeasured(path, exc)
         log.info("`training.precision` auto: a training step takes %.1f ms in float32, %.1f ms in bf16-mixed on "
                  "this CPU: %s (measured once, kept in %s)", 1e3 * float32_s, 1e3 * bf16_s,
                  "bf16-mixed" if faster else "float32", path)
-        _write(path, {**known, key: {"bf16_mixed_faster": faster, "float32_s": float32_s, "bf16_mixed_s": bf16_s,
-                                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
     return faster
+
+
+def _float32_unmeasured(path: Path, exc: OSError) -> bool:
+    """An answer that cannot be shared would be each process's own, and two processes of one night
+    could train in different precisions: float32 then, the exact one, everywhere."""
+    log.warning("`training.precision` auto: float32, unmeasured: the precision probe's answer cannot be "
+                "kept in %s for other processes (%s)", path, exc)
+    return False
 
 
 def measure() -> tuple[float, float]:
@@ -83,7 +97,10 @@ def measure() -> tuple[float, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same conditions in every process, whatever threads it trains with
     try:
-        return _measure()
+        # The probe's networks draw their weights from torch's generator: a night seeded it for
+        # the network it is about to train, whose draws must not depend on whether this ran
+        with torch.random.fork_rng(devices=[]):
+            return _measure()
     finally:
         torch.set_num_threads(threads)
 
@@ -126,10 +143,12 @@ def _training_step(cell: str, x: torch.Tensor, y: torch.Tensor):
 
 
 def _machine_key() -> str:
-    # float32's C layer loop (none without a compiler, or switched off) changes the answer
-    c_loop = fused_cells.sequence_kernels_for(torch.float32) is not None
+    # float32's C layer loop (none without a compiler, or switched off) changes the answer, and so
+    # may a change to it: its build's name carries a hash of its source and flags
+    library = fused_cells.library()
+    c_loop = library is not None and fused_cells.sequence_kernels_for(torch.float32) is not None
     return "|".join([_cpu_model(), f"torch {torch.__version__}", f"probe {PROBE_VERSION}",
-                     f"C layer loop {'on' if c_loop else 'off'}"])
+                     f"C layer loop {Path(library._name).stem if c_loop else 'off'}"])
 
 
 def _cpu_model() -> str:
@@ -153,11 +172,7 @@ def _read(path: Path) -> dict:
 
 def _write(path: Path, known: dict) -> None:
     """Replace the file whole (a process reading it meanwhile sees the old or the new one)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{CACHE_FILE}.", delete=False,
-                                         encoding="utf-8") as tmp:
-            json.dump(known, tmp, indent=1)
-        os.replace(tmp.name, path)
-    except OSError as exc:  # a read-only home: measure again next process, train all the same
-        log.warning("could not keep the precision probe's answer in %s (%s)", path, exc)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{CACHE_FILE}.", delete=False,
+                                     encoding="utf-8") as tmp:
+        json.dump(known, tmp, indent=1)
+    os.replace(tmp.name, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,13 @@ if _WORKERS > 1:
     _SHARE = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
     os.environ.setdefault("OMP_NUM_THREADS", _SHARE)
     os.environ.setdefault("FORECASTING_WORKERS", _SHARE)
+
+# The compiled kernels and `precision: auto`'s probe answer live in one cache directory per test
+# run, shared by its workers and the processes they start: the probe measured under the suite's
+# load is no answer for the user's later nights, which read ~/.cache/forecasting
+# (set by the controller, before it starts the workers, which inherit it; removed at its end).
+_OWN_CACHE_DIR = "FORECASTING_CACHE_DIR" not in os.environ
+os.environ.setdefault("FORECASTING_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"forecasting-tests-{os.getpid()}"))
 
 
 @pytest.fixture(scope="session")
@@ -184,5 +192,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Judged by the controller, which sees every worker's reports (a worker may run none).
     if hasattr(session.config, "workerinput"):
         return
+    if _OWN_CACHE_DIR:
+        shutil.rmtree(os.environ["FORECASTING_CACHE_DIR"], ignore_errors=True)
     if IN_CI and _pg_passed == 0 and session.testscollected > 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -442,8 +442,14 @@ def test_a_released_baseline_shard_ends_the_processes_it_fits_in(monkeypatch: py
     before = {child.pid for child in ours.children(recursive=True)}
 
     def fitting_processes() -> list[psutil.Process]:
-        return [child for child in ours.children(recursive=True)
-                if child.pid not in before and "spawn_main" in " ".join(child.cmdline())]
+        found = []
+        for child in ours.children(recursive=True):
+            try:
+                if child.pid not in before and "spawn_main" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:  # ended meanwhile
+                pass
+        return found
 
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as local, distributed.Client(local) as client:
