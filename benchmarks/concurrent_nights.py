@@ -5,11 +5,13 @@
 A night's training work - the sales config's GRU fitted to the demo's 148 complete aus_retail
 series (`--epochs` epochs, no early stop) on all cores - runs in a fresh process, once alone and
 then twice at the same time (the sales and weather nights overlapping, a `predict` or a test run
-beside a night), under two settings of torch's OpenMP runtime (libgomp):
+beside a night), under settings of torch's OpenMP runtime (libgomp):
 
 - sleep: what `import forecasting` sets, OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once);
 - spin: GOMP_SPINCOUNT=300000, libgomp's spin when no policy is set (a waiting thread spins ~3 ms
-  before it sleeps), the setting before forecasting set a policy.
+  before it sleeps), the setting before forecasting set a policy;
+- short spin: GOMP_SPINCOUNT=20000 (a waiting thread spins a few hundred microseconds);
+- one torch thread a night (OMP_NUM_THREADS=1), sleeping: nothing to wait for within a process.
 
 The children are given no OMP_WAIT_POLICY: the package sets it in each, as it does for a night.
 Rounds alternate the settings; medians over `--repeats` rounds, and the ratios: two at once
@@ -31,8 +33,10 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE, set by forecasting)": {},
-            "spin (GOMP_SPINCOUNT=300000, libgomp's default)": {"GOMP_SPINCOUNT": "300000"}}
+SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0)": {"GOMP_SPINCOUNT": "0"},
+            "spin (GOMP_SPINCOUNT=300000, libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
+            "short spin (GOMP_SPINCOUNT=20000)": {"GOMP_SPINCOUNT": "20000"},
+            "one torch thread a night, sleeping (OMP_NUM_THREADS=1)": {"GOMP_SPINCOUNT": "0", "OMP_NUM_THREADS": "1"}}
 
 
 def child(epochs: int) -> None:
@@ -88,7 +92,7 @@ def main() -> None:
         for name, extra in SETTINGS.items():
             for label, n in (("one alone", 1), ("two at once, each", 2)):
                 runs = fits(extra, at_once=n, epochs=args.epochs)
-                seen = runs[0]
+                seen = seen or runs[0]  # the first setting's: all cores
                 times.setdefault((name, label), []).append(max(r["fit_s"] for r in runs))
                 print(f"round {round_ + 1}: {name}, {label}: " + " / ".join(f"{r['fit_s']:.1f}s" for r in runs),
                       flush=True)
@@ -102,15 +106,22 @@ def main() -> None:
                      "runs two at once s": " / ".join(f"{t:.1f}" for t in times[(name, "two at once, each")])})
     table = pd.DataFrame(rows).set_index("OpenMP threads waiting")
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
-    sleep, spin = list(SETTINGS)
+    sleep, spin, short, one = list(SETTINGS)
     at_once = medians[(spin, "two at once, each")] / medians[(sleep, "two at once, each")]
     alone = medians[(sleep, "one alone")] / medians[(spin, "one alone")]
     notes = [
         f"two nights at once, each: spin {at_once:.2f}x as long as sleep (ratio of medians)",
         f"one night alone: sleep {alone:.2f}x spin's time "
         "(what sleeping costs a night that has the machine to itself)",
+        f"short spin: alone {medians[(short, 'one alone')] / medians[(spin, 'one alone')]:.2f}x spin's time, "
+        f"two at once {medians[(short, 'two at once, each')] / medians[(sleep, 'two at once, each')]:.2f}x "
+        "sleep's time",
+        f"one torch thread: alone {medians[(one, 'one alone')] / medians[(sleep, 'one alone')]:.2f}x sleep's time "
+        f"on all cores ({medians[(one, 'one alone')] / medians[(spin, 'one alone')]:.2f}x spin's), two at once "
+        f"{medians[(one, 'two at once, each')] / medians[(sleep, 'two at once, each')]:.2f}x sleep's",
         f"work: the sales config's GRU, {seen['epochs']} epochs over the demo's {seen['series']} complete aus_retail "
-        f"series, {seen['threads']} torch threads per process; each fit in a fresh process (its OMP_WAIT_POLICY as "
+        f"series, {seen['threads']} torch threads per process (1 under OMP_NUM_THREADS=1); each fit in a fresh "
+        "process (its OMP_WAIT_POLICY as "
         f"the package set it: {seen['omp_wait_policy']})",
     ]
     for note in notes:
