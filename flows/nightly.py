@@ -35,7 +35,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -140,16 +140,29 @@ def current_champion(config: DatasetConfig) -> RegisteredForecaster | UnusableCh
         return exc
 
 
+def _cancelled_when_released(compute: Callable[..., Any]) -> Callable[..., Any]:
+    """A compute task that its cluster released while it ran (forecasting.stopping) ends with its
+    task run Cancelled, not Failed (the night failed elsewhere) nor Completed."""
+    @functools.wraps(compute)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compute(*args, **kwargs)
+        except stopping.TaskReleased as exc:
+            get_run_logger().info("%s", exc)
+            return Cancelled(message=str(exc))
+
+    run.__prefect_task_source__ = compute  # Prefect's task key hashes the task's own code, not this wrapper's
+    return run
+
+
 @task(name="backtest", **COMPUTE)
+@_cancelled_when_released
 def backtest(config: DatasetConfig, panel: pd.DataFrame, name: str) -> pipeline.CandidateResult | State:
     _torch_threads_on_worker()
     budget = config.training.max_epochs * config.training.ensemble * (
         config.backtest.windows if config.backtest.retrain else 1)
-    try:
-        with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
-            result = pipeline.backtest_candidate(config, panel, name, on_epoch=bar)
-    except stopping.TaskReleased as exc:
-        return _released(exc)
+    with progress.epochs(f"{config.name} {name} backtest", budget if name in config.models else 0) as bar:
+        result = pipeline.backtest_candidate(config, panel, name, on_epoch=bar)
     get_run_logger().info(
         "%s: backtest MASE %.4f in %.1fs", name, result.aggregate["mase"], result.fit_seconds
     )
@@ -174,12 +187,10 @@ def compare(config: DatasetConfig, results: list[pipeline.CandidateResult]) -> p
 
 
 @task(name="fit-champion", **COMPUTE)
+@_cancelled_when_released
 def fit_champion(config: DatasetConfig, panel: pd.DataFrame, name: str) -> Forecaster | State:
     _torch_threads_on_worker()
-    try:
-        return pipeline.fit_final(config, panel, name)
-    except stopping.TaskReleased as exc:
-        return _released(exc)
+    return pipeline.fit_final(config, panel, name)
 
 
 @task(name="register", **IO_RETRIES)
@@ -204,22 +215,12 @@ def decide(config: DatasetConfig, panel: pd.DataFrame, comparison: pipeline.Comp
 
 
 @task(name="forecast", **COMPUTE)
+@_cancelled_when_released
 def forecast(config: DatasetConfig, forecaster: Forecaster, quantiles: list[float],
              panel: pd.DataFrame) -> pd.DataFrame | State:
     """The forecast rows, not yet naming a model version (tonight's may still be registering)."""
     _torch_threads_on_worker()
-    try:
-        return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None,
-                                 run_id=None)
-    except stopping.TaskReleased as exc:
-        return _released(exc)
-
-
-def _released(exc: stopping.TaskReleased) -> State:
-    """The end of a compute task that its cluster released while it ran (forecasting.stopping):
-    its task run is Cancelled, not Failed (the night failed elsewhere) nor Completed."""
-    get_run_logger().info("%s", exc)
-    return Cancelled(message=str(exc))
+    return pipeline.forecast(forecaster, config=config, panel=panel, quantiles=quantiles, version=None, run_id=None)
 
 
 def _alias(config: DatasetConfig) -> pipeline.Alias:

@@ -148,6 +148,7 @@ _AFTER_VIEWS = re.compile(r"^\s*--\s*after the views\s*$", re.M)  # a migration'
 # one that ends an identifier, which may hold '$'
 _DOLLAR_QUOTE = re.compile(r"(?<![\w$])\$(?:[^\W\d]\w*)?\$")
 _OUTSIDE_BODY = re.compile(r"--|'|" + _DOLLAR_QUOTE.pattern)  # what ends plain SQL text on a line
+_IN_LITERAL = re.compile(r"'(?!')|''")  # inside '...': its end, or a doubled quote that is text
 
 
 def _dollar_quote_open_after(line: str, open_quote: str | None) -> str | None:
@@ -167,7 +168,7 @@ def _dollar_quote_open_after(line: str, open_quote: str | None) -> str | None:
         if found is None or found.group() == "--":
             return None
         if found.group() == "'":
-            close = re.compile(r"'(?!')|''").finditer(line, found.end())
+            close = _IN_LITERAL.finditer(line, found.end())
             pos = next((m.end() for m in close if m.group() == "'"), len(line))
             continue
         open_quote, pos = found.group(), found.end()
