@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -368,6 +369,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     threads = configure_torch_threads(args.threads)
+    # Pinned: ours trains on these threads too, as NF's does, not on the count
+    # forecasting.thread_probe finds fastest
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     sections, notes = [], []
     for name in args.datasets.split(","):
         bench = load_bench(name, args.precision)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/concurrent_nights.py [--epochs 6] [--repeats 3] [--no-record]
 
 A night's training work - the sales config's GRU fitted to the demo's 148 complete aus_retail
-series (`--epochs` epochs, no early stop) on all cores - runs in a fresh process, once alone and
+series (`--epochs` epochs, no early stop) on all cores (pinned with OMP_NUM_THREADS) - runs in a fresh process, once alone and
 then twice at the same time (the sales and weather nights overlapping, a `predict` or a test run
 beside a night), under settings of torch's OpenMP runtime (libgomp):
 
@@ -33,9 +33,11 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0)": {"GOMP_SPINCOUNT": "0"},
-            "spin (GOMP_SPINCOUNT=300000, libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
-            "short spin (GOMP_SPINCOUNT=20000)": {"GOMP_SPINCOUNT": "20000"},
+# All cores pinned (OMP_NUM_THREADS): unpinned, forecasting.thread_probe would choose the count
+_ALL = str(len(os.sched_getaffinity(0)))
+SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0)": {"GOMP_SPINCOUNT": "0", "OMP_NUM_THREADS": _ALL},
+            "spin (GOMP_SPINCOUNT=300000, libgomp's default)": {"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": _ALL},
+            "short spin (GOMP_SPINCOUNT=20000)": {"GOMP_SPINCOUNT": "20000", "OMP_NUM_THREADS": _ALL},
             "one torch thread a night, sleeping (OMP_NUM_THREADS=1)": {"GOMP_SPINCOUNT": "0", "OMP_NUM_THREADS": "1"}}
 
 

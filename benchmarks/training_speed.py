@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 
@@ -203,6 +204,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"`--precisions` holds {unknown}; known: {list(NF_PRECISION)}")
     threads = configure_torch_threads(args.threads)
+    # Pinned: ours trains on these threads too, as NF's does, not on the count
+    # forecasting.thread_probe finds fastest
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     panel = aus_retail_panel()
     our_fit("lstm", panel, training_config(STEPS_PER_EPOCH))  # warm-up, untimed
     runs = []

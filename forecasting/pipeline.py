@@ -244,7 +244,9 @@ def candidate_log(
                 "backtest_windows": config.backtest.windows, "backtest_retrain": config.backtest.retrain,
                 "interval_method": intervals.METHOD, "interval_level": config.interval_level},
         history=history,
-        metrics={**result.aggregate, "fit_seconds": result.fit_seconds, "epochs_trained": len(history)},
+        metrics={**result.aggregate, "fit_seconds": result.fit_seconds, "epochs_trained": len(history),
+                 # the torch threads it trained on (forecasting.thread_probe), beside the seconds they took
+                 **({"threads_trained": history[-1]["threads"]} if history and "threads" in history[-1] else {})},
         figure_title=f"{config.name} {result.name} backtest",
         actuals=panel[panel["series_id"].isin(shown)][["series_id", "ts", "value"]],
         predictions=predictions[predictions["series_id"].isin(shown)],

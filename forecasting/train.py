@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from forecasting.config import TrainingConfig
+from forecasting.machine_probes import torch_threads
+from forecasting.models import RecurrentNet
 from forecasting.precision_probe import bf16_trains_faster
 from forecasting.sequence_kernel import matmul_precision
 from forecasting.stopping import raise_if_released
+from forecasting.thread_probe import training_threads
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ EpochCallback = Callable[[int, float, float], None]
 def configure_torch_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads once for the process (None: $OMP_NUM_THREADS if set, else one
     per CPU core this process may run on: taskset's and a container's CPU set count, not the
-    host's)."""
+    host's). Each network trains on the CPU on the fewest of them that train it fastest
+    (forecasting.thread_probe), unless OMP_NUM_THREADS pins the count."""
     if n is not None and n < 1:
         raise ValueError(f"`n` ({n!r}) must be >= 1 or None")
     if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -145,10 +149,17 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
                   val_starts: np.ndarray, *, input_window: int, horizon: int,
                   training: TrainingConfig, seed: int, device: torch.device,
                   on_epoch: EpochCallback | None = None) -> list[dict]:
-    """Train `net` in place on windows of `data`; return the per-epoch history."""
-    with matmul_precision(effective_precision(training.precision, device, training.strategy)):
-        return _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
-                      training=training, seed=seed, device=device, on_epoch=on_epoch)
+    """Train `net` in place on windows of `data`; return the per-epoch history (each epoch's
+    losses, and the torch threads it trained on)."""
+    precision = effective_precision(training.precision, device, training.strategy)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and isinstance(net, RecurrentNet):  # the fewest threads that train it fastest
+        threads = training_threads(net.config, batch_size=min(training.batch_size, max(len(train_starts), 1)),
+                                   input_window=input_window, precision=precision)
+    with matmul_precision(precision), torch_threads(threads):
+        history = _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
+                         training=training, seed=seed, device=device, on_epoch=on_epoch)
+    return [{**epoch, "threads": threads} for epoch in history]
 
 
 def _train(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray, val_starts: np.ndarray, *,

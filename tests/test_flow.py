@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import requests
 import sqlalchemy as sa
+import torch
 from mlflow.tracking import MlflowClient
 
 from flows.nightly import backfill, nightly, predict
@@ -58,6 +59,8 @@ def test_run_rerun_predict_and_tracking(engine: sa.Engine, env: dict[str, str]) 
     # training.precision defaults to auto; the run says what that came to on this machine
     assert lstm.data.params["precision"] == "auto"
     assert lstm.data.params["precision_applied"] == effective_precision("auto", resolve_device("auto"))
+    # and, beside its fit's seconds, the torch threads it trained on (at most the process's)
+    assert 1 <= lstm.data.metrics["threads_trained"] <= torch.get_num_threads()
     for loss in ("train_loss", "val_loss"):  # tiny_config: max_epochs 2, one member; step = epoch
         history = client.get_metric_history(lstm.info.run_id, loss)
         assert sorted(m.step for m in history) == [1, 2], loss

@@ -1,0 +1,148 @@
+"""What the training probes share: timing real training steps, and keeping what they measured
+for every process on the machine.
+
+A probe (forecasting.precision_probe, forecasting.thread_probe) answers a question about this
+machine that only a measurement settles: which precision, how many threads train fastest. Its
+answer goes to a JSON file in the cache directory (fused_cells.cache_dir()), one entry per key
+(the CPU model, torch's version and the conditions measured), written under a file lock: one
+process on a machine measures while any other that asks meanwhile waits for its answer, and
+every later night, and each Dask worker on the machine, reads it. So they all train alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from forecasting import fused_cells
+from forecasting.models import NetConfig, RecurrentNet
+
+LOCK_TIMEOUT_S = 120  # a measurement takes seconds; a lock held longer is a stuck process's
+
+
+def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The entry kept under `key` in the cache directory's `file`; when there is none, measure()'s,
+    kept there first (stamped with the time it was measured).
+
+    Raises OSError where no answer can be kept (a read-only cache directory; filelock's Timeout
+    is one too): the caller then decides without measuring, since an answer only this process
+    knew could differ from another process's of the same night.
+    """
+    path = fused_cells.cache_dir() / file
+    known = _read(path)
+    if key in known:
+        return known[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{file}.lock"), timeout=LOCK_TIMEOUT_S):
+        known = _read(path)  # measured by the process that held the lock before this one
+        if key in known:
+            return known[key]
+        entry = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write(path, {**known, key: entry})
+    return entry
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def c_layer_loop() -> str:
+    """float32's C layer loop as it is built here (its name carries a hash of its source and
+    flags), or 'off' (no compiler, or switched off): a change to it may change what a probe
+    would answer."""
+    library = fused_cells.library()
+    on = library is not None and fused_cells.sequence_kernels_for(torch.float32) is not None
+    return Path(library._name).stem if on else "off"
+
+
+def training_step(config: NetConfig, *, batch_size: int, input_window: int,
+                  seed: int = 0) -> Callable[[], None]:
+    """One training step of a fresh network of `config` on a random batch, as train_network
+    takes it: forward, L1 loss, backward, gradient clipping and a fused Adam step.
+
+    The network draws its initial weights from torch's generator: call it under
+    torch.random.fork_rng, since a night has just seeded that generator for a network of its own.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, input_window, config.input_size, generator=generator)
+    y = torch.randn(batch_size, config.horizon, generator=generator)
+    net = RecurrentNet(config)
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    loss_fn = nn.L1Loss()
+
+    def step() -> None:
+        loss = loss_fn(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def alternating_medians(settings: Mapping[Any, Callable[[], ContextManager[Any]]],
+                        steps: list[Callable[[], None]], *, rounds: int, repeats: int) -> dict[Any, float]:
+    """Seconds per pass over `steps` under each of `settings`, the median of `rounds` rounds that
+    take the settings in turn, so that a busy moment of the machine falls on each alike. One
+    warm-up pass per setting first: first calls build buffers, kernels and thread pools."""
+    times: dict[Any, list[float]] = {name: [] for name in settings}
+    for setting in settings.values():
+        with setting():
+            for step in steps:
+                step()
+    for _ in range(rounds):
+        for name, setting in settings.items():
+            with setting():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    for step in steps:
+                        step()
+                times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then given back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write(path: Path, known: dict[str, Any]) -> None:
+    """Replace the file whole (a process reading it meanwhile sees the old or the new one)."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as tmp:
+        json.dump(known, tmp, indent=1)
+    os.replace(tmp.name, path)
