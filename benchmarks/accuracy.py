@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import math
 import time
 from dataclasses import dataclass
@@ -368,10 +367,9 @@ def main() -> None:
                              "(comma-separated; default 1,2,4,8,12)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    threads = configure_torch_threads(args.threads)
-    # Pinned: ours trains on these threads too, as NF's does, not on the count
-    # forecasting.thread_probe finds fastest
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    # Pinned: ours trains on these threads, as NF's does, not on the count forecasting.thread_probe
+    # finds fastest
+    threads = configure_torch_threads(args.threads, pin=True)
     sections, notes = [], []
     for name in args.datasets.split(","):
         bench = load_bench(name, args.precision)

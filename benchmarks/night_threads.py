@@ -8,16 +8,20 @@ fresh process, rounds alternating two settings:
 
 - every core: OMP_NUM_THREADS=<the cores> pins torch's threads, as every night trained before
   forecasting.thread_probe (each network on all the cores the process may use);
-- probe: OMP_NUM_THREADS unset, each network trains on the fewest threads that trained a step
-  of its shape fastest (measured once per machine and shape; one untimed run first measures).
+- probe: OMP_NUM_THREADS unset, each network trains on the threads forecasting.thread_probe
+  chose for its shape. The runs have a cache directory of their own (FORECASTING_CACHE_DIR), so
+  one untimed night first measures them (the first night's probes, at the flow's start) and
+  the user's answers are neither read nor written.
 
-Prints the median process wall and the median seconds of each backtest per setting, and the
-ratios probe / every core; appends them to benchmarks/RESULTS.md (not with --no-record).
+The settings take turns, and which goes first alternates by round. Prints the probe's answers,
+the median process wall and the median seconds of each backtest per setting, and the ratios
+probe / every core; appends them to benchmarks/RESULTS.md (not with --no-record).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from forecasting import thread_probe
 from overhead import ROOT, bench_env, forecasting_cmd, timed_command
 from results import append_section
 
@@ -57,6 +62,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         env = bench_env(workdir, args.prefect_api_url)
         env.pop("OMP_NUM_THREADS", None)
+        env["FORECASTING_CACHE_DIR"] = str(workdir / "cache")
         settings = {f"every core (OMP_NUM_THREADS={cores})": {**env, "OMP_NUM_THREADS": str(cores)},
                     "probe's choice (OMP_NUM_THREADS unset)": env}
         for command in ("init-db", "load-demo"):
@@ -64,9 +70,15 @@ def main() -> None:
         started = time.perf_counter()
         night(env, workdir / "warm-up.log")  # the first night: the probe measures, MLflow's stores fill
         print(f"warm-up night (the probe measures its shapes): {time.perf_counter() - started:.1f}s", flush=True)
+        answers = json.loads((workdir / "cache" / thread_probe.CACHE_FILE).read_text())
+        chosen = {re.search(r"cell=(\w+)", key)[1]: (answer["threads"], answer["seconds"])
+                  for key, answer in answers.items()}
+        print(f"the probe's answers (threads, seconds per step by count): {chosen}", flush=True)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
         for round_ in range(args.rounds):
-            for name, setting in settings.items():
+            order = list(settings) if round_ % 2 == 0 else list(settings)[::-1]
+            for name in order:
+                setting = settings[name]
                 runs[name].append(night(setting, workdir / f"night-{len(runs[name])}-{name[:5]}.log"))
                 print(f"round {round_ + 1}: {name}: {runs[name][-1]['process wall']:.1f}s", flush=True)
     table = pd.DataFrame({name: {key: statistics.median(run[key] for run in done) for key in done[0]}
@@ -79,7 +91,9 @@ def main() -> None:
         append_section(f"a night's networks on every core vs the thread probe's choice ({args.rounds} rounds, "
                        f"{cores} cores; medians in seconds)", table,
                        notes=[f"{name}: process walls " + ", ".join(f"{run['process wall']:.1f}" for run in done)
-                              for name, done in runs.items()])
+                              for name, done in runs.items()]
+                       + [f"the probe's answers (threads, seconds per step by count), measured by the untimed first "
+                          f"night: {chosen}"])
 
 
 if __name__ == "__main__":

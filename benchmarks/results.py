@@ -37,7 +37,9 @@ def machine() -> str:
     from forecasting.train import cpu_has_native_bf16
 
     bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 unknown"}[cpu_has_native_bf16()]
-    return (f"{os.cpu_count()} CPUs, {platform.machine()} "
+    from forecasting.machine_probes import cpu_model
+
+    return (f"{os.cpu_count()} CPUs, {cpu_model()}, {platform.machine()} "
             f"({torch.backends.cpu.get_cpu_capability()}, {bf16}), Python {platform.python_version()}, "
             f"torch {torch.__version__}, commit {commit}")
 

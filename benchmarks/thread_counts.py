@@ -53,7 +53,7 @@ def main() -> None:
                                            counts=counts)
             row = {"shape": shape, "cell": cell, "1 thread ms": 1e3 * seconds[1]}
             row |= {f"{n} threads / 1": seconds[n] / seconds[1] for n in counts[1:]}
-            rows.append({**row, "probe's choice": thread_probe.fewest_within_margin(seconds)})
+            rows.append({**row, "probe's choice": thread_probe.fewest_clearly_fastest(seconds)})
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows).set_index(["shape", "cell"])
     print(table.to_markdown(floatfmt=".2f"))

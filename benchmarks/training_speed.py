@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import time
 
@@ -203,10 +202,9 @@ def main() -> None:
     unknown = [p for p in precisions if p not in NF_PRECISION]
     if unknown:
         raise SystemExit(f"`--precisions` holds {unknown}; known: {list(NF_PRECISION)}")
-    threads = configure_torch_threads(args.threads)
-    # Pinned: ours trains on these threads too, as NF's does, not on the count
-    # forecasting.thread_probe finds fastest
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    # Pinned: ours trains on these threads, as NF's does, not on the count forecasting.thread_probe
+    # finds fastest
+    threads = configure_torch_threads(args.threads, pin=True)
     panel = aus_retail_panel()
     our_fit("lstm", panel, training_config(STEPS_PER_EPOCH))  # warm-up, untimed
     runs = []

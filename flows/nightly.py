@@ -2,7 +2,9 @@
 
 Retries (with backoff) are on the database and MLflow tasks only, and only for errors that can
 pass: bad data or config (ValueError) fails at once. Torch runs in this one thread, one task at
-a time, with its thread count set once, so Prefect's task threads never oversubscribe 2 cores.
+a time, on at most the thread count set once at the flow's start (each network on the fewest of
+them that train it fastest: forecasting.thread_probe), so Prefect's task threads never
+oversubscribe the cores.
 Every MLflow call is made by a process of its own (forecasting.tracking_process), so this
 process never imports mlflow and never gives training's GIL to MLflow's Python. One other
 thread waits for those calls while the candidates train: the night's parent run, the current
@@ -32,7 +34,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ from forecasting import baselines, db, pipeline, prefect_heartbeats, progress, s
 from forecasting.config import BASELINES, LOCAL_DASK, DatasetConfig, Settings, check_dask_address, load_config
 from forecasting.forecasters import Forecaster
 from forecasting.tracking_process import NoChampion, RegisteredForecaster, TrackingError, UnusableChampion
+from forecasting.thread_probe import omp_num_threads
 from forecasting.train import check_training_device, configure_torch_threads
 from forecasting.validate import (ValidationFailed, ValidationReport, observed_rows, refuse_negatives_under_log_scaling,
                                  validate)
@@ -368,7 +370,7 @@ def _torch_threads_on_worker() -> None:
         get_worker()
     except (KeyError, ValueError):  # distributed not loaded, or not inside a worker
         return
-    configure_torch_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    configure_torch_threads(omp_num_threads() or 1)
 
 
 def _artifact_key(dataset: str, what: str) -> str:
@@ -395,6 +397,8 @@ def nightly(config: ConfigParameter, as_of: str | datetime | None = None, backfi
     check_training_device(config.training.device, dataset=config.name)
     baselines.workers()  # FORECASTING_WORKERS: refused now, not at the ETS backtest
     configure_torch_threads()
+    if _cluster() is None:  # here, not on Dask's single-threaded workers
+        pipeline.ask_training_threads(config)  # a first night's probes, before the logging process starts
     tracking_process.start()  # its imports run on another core while this process loads the data
     # load, validate, one per candidate, fit, the parent's and champion's logging, decide,
     # forecast, registration's rest, the other candidates' logging, write (and the alias)
@@ -603,6 +607,8 @@ def predict(config: ConfigParameter, as_of: str | datetime | None = None) -> dic
     config = load_config(config)
     baselines.workers()  # FORECASTING_WORKERS: refused now, not at the ETS forecast
     configure_torch_threads()
+    if _cluster() is None:  # here, not on Dask's single-threaded workers
+        pipeline.ask_training_threads(config)  # a first night's probes, before the logging process starts
     tracking_process.start()  # its imports run on another core while this process loads the data
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     report = validate_series(config, panel, effective_as_of)

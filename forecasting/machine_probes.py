@@ -6,7 +6,9 @@ machine that only a measurement settles: which precision, how many threads train
 answer goes to a JSON file in the cache directory (fused_cells.cache_dir()), one entry per key
 (the CPU model, torch's version and the conditions measured), written under a file lock: one
 process on a machine measures while any other that asks meanwhile waits for its answer, and
-every later night, and each Dask worker on the machine, reads it. So they all train alike.
+every later night, and each Dask worker on the machine, reads it. So they all train alike. The
+file holds the machine's load average when each answer was measured: an answer measured on a
+busy machine (a first night beside another) may be worth measuring again, by deleting the file.
 """
 
 from __future__ import annotations
@@ -32,26 +34,53 @@ from forecasting.models import NetConfig, RecurrentNet
 LOCK_TIMEOUT_S = 120  # a measurement takes seconds; a lock held longer is a stuck process's
 
 
-def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The entry kept under `key` in the cache directory's `file`; when there is none, measure()'s,
-    kept there first (stamped with the time it was measured).
+class AnswerNotKept(Exception):
+    """No answer can be kept in the cache directory for other processes (read-only, or its lock
+    held past LOCK_TIMEOUT_S): the caller decides without measuring, since an answer only this
+    process knew could differ from another process's of the same night."""
 
-    Raises OSError where no answer can be kept (a read-only cache directory; filelock's Timeout
-    is one too): the caller then decides without measuring, since an answer only this process
-    knew could differ from another process's of the same night.
+
+def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]],
+               on_kept: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The entry kept under `key` in the cache directory's `file`; when there is none, measure()'s,
+    kept there first (with the time it was measured and the machine's load then), after which
+    on_kept(entry) runs (a probe logs what it found).
+
+    Raises AnswerNotKept where nothing can be kept; an error of measure() itself goes on as it is.
+    Processes asking for any key of one file meanwhile wait for the one that measures.
     """
     path = fused_cells.cache_dir() / file
     known = _read(path)
     if key in known:
         return known[key]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(f".{file}.lock"), timeout=LOCK_TIMEOUT_S):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        held = FileLock(path.with_name(f".{file}.lock"), timeout=LOCK_TIMEOUT_S)
+        held.acquire()
+    except OSError as exc:  # filelock's Timeout is one too
+        raise AnswerNotKept(f"{path}: {exc}") from exc
+    try:
         known = _read(path)  # measured by the process that held the lock before this one
         if key in known:
             return known[key]
-        entry = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _write(path, {**known, key: entry})
+        entry = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 # a busy machine's answer may differ from a quiet one's: kept to judge it by
+                 "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+        try:
+            _write(path, {**known, key: entry})
+        except OSError as exc:
+            raise AnswerNotKept(f"{path}: {exc}") from exc
+    finally:
+        held.release()
+    if on_kept is not None:
+        on_kept(entry)
     return entry
+
+
+def machine_key(probe: str, version: int) -> list[str]:
+    """What any probe's answer on this machine depends on: the CPU model, torch's version, the
+    probe's own version and float32's C layer loop; a probe adds its conditions."""
+    return [cpu_model(), f"torch {torch.__version__}", f"{probe} {version}", f"C layer loop {c_layer_loop()}"]
 
 
 def cpu_model() -> str:
@@ -77,7 +106,8 @@ def c_layer_loop() -> str:
 def training_step(config: NetConfig, *, batch_size: int, input_window: int,
                   seed: int = 0) -> Callable[[], None]:
     """One training step of a fresh network of `config` on a random batch, as train_network
-    takes it: forward, L1 loss, backward, gradient clipping and a fused Adam step.
+    takes it: forward, L1 loss (the default `training.loss`), backward, gradient clipping and a
+    fused Adam step.
 
     The network draws its initial weights from torch's generator: call it under
     torch.random.fork_rng, since a night has just seeded that generator for a network of its own.

@@ -25,9 +25,11 @@ from sqlalchemy.engine import Engine
 from forecasting import db, intervals, metrics
 from forecasting.backtest import BacktestResult, NoDefinedMase, choose_champion, run_backtest
 from forecasting.config import BASELINES, DatasetConfig, TrainingConfig, parse_as_of  # noqa: F401  (flows call it from here)
-from forecasting.forecasters import Forecaster, make_forecaster
+from forecasting.forecasters import Forecaster, NeuralForecaster, make_forecaster
 from forecasting.plots import CONTEXT, FIGURE_SERIES, sample_series  # matplotlib only where figures are drawn
 from forecasting.tracking_process import RegisteredForecaster, UnusableChampion
+from forecasting.thread_probe import training_threads
+from forecasting.train import applied_precision, resolve_device
 from forecasting.validate import Problem
 from forecasting.windows import SeriesTooShort
 
@@ -131,6 +133,25 @@ class CandidateResult:
         row = scores[scores["series_id"].isna() & (scores["model"] == self.name)].iloc[0]
         return {**{k: float(row[k]) for k in ("mae", "rmse", "smape", "mase")},
                 "interval_coverage": self.coverage}
+
+
+def ask_training_threads(config: DatasetConfig) -> dict[str, int]:
+    """The torch threads each network candidate will train on here (forecasting.thread_probe),
+    asked before the night's other processes start: a shape not yet measured on this machine is
+    measured now, on a machine as quiet as the night will leave it, not beside the MLflow
+    process's start and a candidate's logging."""
+    if resolve_device(config.training.device).type != "cpu":
+        return {}
+    chosen = {}
+    for name in config.candidates:
+        forecaster = make_forecaster(name, freq=config.freq, horizon=config.horizon,
+                                     season_length=config.season_length, training=config.training,
+                                     covariates=config.source.covariates)
+        if isinstance(forecaster, NeuralForecaster):
+            chosen[name] = training_threads(forecaster.net_config, batch_size=config.training.batch_size,
+                                            input_window=forecaster.input_window,
+                                            precision=applied_precision(config.training))
+    return chosen
 
 
 def backtest_candidate(

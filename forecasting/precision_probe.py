@@ -42,31 +42,33 @@ _ROUNDS, _STEPS = 3, 2  # per round and precision, after one warm-up step each
 def bf16_trains_faster() -> bool:
     """Whether bf16-mixed training steps take clearly less time than float32's on this CPU."""
     try:
-        answer = machine_probes.remembered(CACHE_FILE, _machine_key(), _measured_answer)
-    except OSError as exc:  # a read-only cache directory; filelock's Timeout is one too
+        answer = machine_probes.remembered(CACHE_FILE, _machine_key(), _measured_answer, on_kept=_log_answer)
+    except machine_probes.AnswerNotKept as exc:
         return _float32_unmeasured(exc)
     return bool(answer["bf16_mixed_faster"])
 
 
 def _measured_answer() -> dict:
     float32_s, bf16_s = measure()
-    faster = bf16_s <= BF16_MARGIN * float32_s
+    return {"bf16_mixed_faster": bf16_s <= BF16_MARGIN * float32_s, "float32_s": float32_s, "bf16_mixed_s": bf16_s}
+
+
+def _log_answer(answer: dict) -> None:
     log.info("`training.precision` auto: a training step takes %.1f ms in float32, %.1f ms in bf16-mixed on "
-             "this CPU: %s (measured once, kept in %s)", 1e3 * float32_s, 1e3 * bf16_s,
-             "bf16-mixed" if faster else "float32", fused_cells.cache_dir() / CACHE_FILE)
-    return {"bf16_mixed_faster": faster, "float32_s": float32_s, "bf16_mixed_s": bf16_s}
+             "this CPU: %s (measured once, kept in %s)", 1e3 * answer["float32_s"], 1e3 * answer["bf16_mixed_s"],
+             "bf16-mixed" if answer["bf16_mixed_faster"] else "float32", fused_cells.cache_dir() / CACHE_FILE)
 
 
-def _float32_unmeasured(exc: OSError) -> bool:
+def _float32_unmeasured(exc: Exception) -> bool:
     """An answer that cannot be shared would be each process's own, and two processes of one night
     could train in different precisions: float32 then, the exact one, everywhere."""
     log.warning("`training.precision` auto: float32, unmeasured: the precision probe's answer cannot be "
-                "kept in %s for other processes (%s)", fused_cells.cache_dir() / CACHE_FILE, exc)
+                "kept for other processes (%s)", exc)
     return False
 
 
 def measure() -> tuple[float, float]:
-    """Seconds per training step (forward, backward, Adam) of an LSTM and a GRU together, float32
+    """Seconds per training step (forward, backward, clipping, Adam) of an LSTM and a GRU together, float32
     and bf16-mixed: the median of rounds that alternate the two, so that a busy moment of the
     machine falls on both."""
     # One thread: the same conditions in every process, whatever threads it trains with. The
@@ -83,5 +85,4 @@ def measure() -> tuple[float, float]:
 
 
 def _machine_key() -> str:
-    return "|".join([machine_probes.cpu_model(), f"torch {torch.__version__}", f"probe {PROBE_VERSION}",
-                     f"C layer loop {machine_probes.c_layer_loop()}"])
+    return "|".join(machine_probes.machine_key("probe", PROBE_VERSION))

@@ -25,25 +25,30 @@ from forecasting.models import RecurrentNet
 from forecasting.precision_probe import bf16_trains_faster
 from forecasting.sequence_kernel import matmul_precision
 from forecasting.stopping import raise_if_released
-from forecasting.thread_probe import training_threads
+from forecasting.thread_probe import omp_num_threads, pin_threads, training_threads
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, float, float], None]
 
 
-def configure_torch_threads(n: int | None = None) -> int:
+def configure_torch_threads(n: int | None = None, *, pin: bool | None = None) -> int:
     """Set torch's intra-op threads once for the process (None: $OMP_NUM_THREADS if set, else one
     per CPU core this process may run on: taskset's and a container's CPU set count, not the
-    host's). Each network trains on the CPU on the fewest of them that train it fastest
-    (forecasting.thread_probe), unless OMP_NUM_THREADS pins the count."""
+    host's): the most that a network trains on.
+
+    Each network trains on the CPU on the fewest of them that a probe of its shape found fastest
+    (forecasting.thread_probe), unless the count is pinned: by `pin`, else by an `n` given here or
+    by $OMP_NUM_THREADS, then every network trains on all of them.
+    """
     if n is not None and n < 1:
         raise ValueError(f"`n` ({n!r}) must be >= 1 or None")
-    if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        n = int(os.environ["OMP_NUM_THREADS"]) or None
+    from_env = omp_num_threads()
+    pinned = pin if pin is not None else (n is not None or from_env is not None)
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = from_env or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     torch.set_num_threads(n)
+    pin_threads(pinned)
     return n
 
 
@@ -150,12 +155,16 @@ def train_network(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray,
                   training: TrainingConfig, seed: int, device: torch.device,
                   on_epoch: EpochCallback | None = None) -> list[dict]:
     """Train `net` in place on windows of `data`; return the per-epoch history (each epoch's
-    losses, and the torch threads it trained on)."""
+    losses and, on the CPU, the torch threads it trained on)."""
     precision = effective_precision(training.precision, device, training.strategy)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and isinstance(net, RecurrentNet):  # the fewest threads that train it fastest
-        threads = training_threads(net.config, batch_size=min(training.batch_size, max(len(train_starts), 1)),
-                                   input_window=input_window, precision=precision)
+    if device.type != "cpu" or not isinstance(net, RecurrentNet):  # CPU threads only feed a GPU
+        with matmul_precision(precision):
+            return _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
+                          training=training, seed=seed, device=device, on_epoch=on_epoch)
+    # the fewest threads that train it fastest; keyed by the configured batch, not the windows
+    # there are to batch, so that a growing dataset's nights keep one answer
+    threads = training_threads(net.config, batch_size=training.batch_size, input_window=input_window,
+                               precision=precision)
     with matmul_precision(precision), torch_threads(threads):
         history = _train(net, data, train_starts, val_starts, input_window=input_window, horizon=horizon,
                          training=training, seed=seed, device=device, on_epoch=on_epoch)

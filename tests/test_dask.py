@@ -190,7 +190,7 @@ def test_cluster_run_equals_local_run(engine: sa.Engine, env: dict[str, str],
     training, backtests and forecast shards go to the workers), and test_flow covers both
     backends. Processes, not threads: each worker is its own interpreter with its own torch
     settings, as on other machines. Tolerance (rtol 1e-6): a worker trains with 1 torch thread,
-    this process with one per core, so float reductions may differ in the last bits (seen: the
+    this process with up to one per core, so float reductions may differ in the last bits (seen: the
     networks' scores by ~3e-8 absolute; the forecasts were identical); the per-series baselines
     are split and joined exactly (test_shards_joined_equal_one_backtest).
     """
