@@ -128,7 +128,10 @@ def test_history_callback_params_and_example_input():
                         training=tiny_training(max_epochs=3, patience=5))
     f.fit(TRAIN, on_epoch=lambda e, tr, va: epochs.append((e, tr, va)))
     assert [e for e, _, _ in epochs] == [1, 2, 3]
-    assert f.history == [{"epoch": e, "train_loss": tr, "val_loss": va, "member": 1} for e, tr, va in epochs]
+    # each epoch with the torch threads its fit trained on (forecasting.thread_probe: at most the process's)
+    assert [{k: v for k, v in h.items() if k != "threads"} for h in f.history] == [
+        {"epoch": e, "train_loss": tr, "val_loss": va, "member": 1} for e, tr, va in epochs]
+    assert len({h["threads"] for h in f.history}) == 1 and 1 <= f.history[0]["threads"] <= torch.get_num_threads()
     example = f.example_input(TRAIN)  # what the registered version's pyfunc takes: each series' last window
     assert list(example.columns) == ["series_id", "ts", "value"]
     assert example.groupby("series_id").size().tolist() == [36, 36] and example["series_id"].nunique() == 2
