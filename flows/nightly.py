@@ -607,8 +607,6 @@ def predict(config: ConfigParameter, as_of: str | datetime | None = None) -> dic
     config = load_config(config)
     baselines.workers()  # FORECASTING_WORKERS: refused now, not at the ETS forecast
     configure_torch_threads()
-    if _cluster() is None:  # here, not on Dask's single-threaded workers
-        pipeline.ask_training_threads(config)  # a first night's probes, before the logging process starts
     tracking_process.start()  # its imports run on another core while this process loads the data
     panel, effective_as_of = load_series(config, pipeline.parse_as_of(as_of, config.source.timezone))
     report = validate_series(config, panel, effective_as_of)

@@ -65,7 +65,7 @@ def remembered(file: str, key: str, measure: Callable[[], dict[str, Any]],
             return known[key]
         entry = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  # a busy machine's answer may differ from a quiet one's: kept to judge it by
-                 "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+                 "load_average_1m": _load_average()}
         try:
             _write(path, {**known, key: entry})
         except OSError as exc:
@@ -162,6 +162,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform, or unobtainable
+        return None
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
@@ -174,5 +181,13 @@ def _write(path: Path, known: dict[str, Any]) -> None:
     """Replace the file whole (a process reading it meanwhile sees the old or the new one)."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
                                      encoding="utf-8") as tmp:
-        json.dump(known, tmp, indent=1)
-    os.replace(tmp.name, path)
+        try:
+            json.dump(known, tmp, indent=1)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    try:
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise

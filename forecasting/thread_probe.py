@@ -17,14 +17,17 @@ threads up to what the process has, taking turns; it takes more threads only whe
 most 90% of fewer threads' time: a thread that gains less leaves its core to the rest of the
 machine (the MLflow process, another night). The answer is kept per machine (machine_probes: the
 CPU model, torch's version, the C layer loop), OpenMP wait policy and shape; every later fit of
-that shape, in any process on the machine, reads it. The nightly flow asks for its networks'
+that shape, in any process on the machine, reads it. The nightly flow asks for its candidates'
 shapes at its start, before its MLflow process starts beside it, so that a first night measures
-on a machine as quiet as it will be.
+on a machine as quiet as it will be (a current champion re-scored under other settings than
+tonight's is measured when it trains, if its shape is new). OpenMP reads its wait settings when
+torch loads: `import forecasting` before torch, as the package's own entry points do, or the key
+may name a policy the threads do not follow.
 
 Not measured, the process's threads as they are: training on CUDA (its threads only feed the
 GPU), a process that has one thread (a Dask worker), a count pinned with OMP_NUM_THREADS or by
 configure_torch_threads, and where no answer can be kept (a read-only cache directory) or the
-probe failed (a warning each time: a speed-up must not fail a night).
+probe failed (one warning per shape and process: a speed-up must not fail a night).
 
 The thread count changes the order of some floating-point sums, so the same seed trains a network
 that differs in its last bits on another count (and early stopping may then stop an epoch apart):
@@ -83,9 +86,10 @@ def training_threads(config: NetConfig, *, batch_size: int, input_window: int, p
         threads = int(answer["threads"])
         if threads not in counts:
             raise ValueError(f"kept answer 'threads' ({threads!r}) is not one of {counts}")
-    except Exception as exc:  # not remembered: the next fit asks again
+    except Exception as exc:  # remembered too: every fit of the shape in this process trains alike,
+        # and none waits again for a lock that timed out
         log.warning("training threads for %s: %d, unmeasured: %s", config.cell, available, exc)
-        return available
+        threads = available
     _answers[key] = threads
     return threads
 

@@ -38,8 +38,9 @@ def configure_torch_threads(n: int | None = None, *, pin: bool | None = None) ->
     host's): the most that a network trains on.
 
     Each network trains on the CPU on the fewest of them that a probe of its shape found fastest
-    (forecasting.thread_probe), unless the count is pinned: by `pin`, else by an `n` given here or
-    by $OMP_NUM_THREADS, then every network trains on all of them.
+    (forecasting.thread_probe), unless the count is pinned - by pin=True, an `n` given here, or
+    $OMP_NUM_THREADS (which pins whatever is called) - and every network then trains on all of
+    them. The flows call this at their start: in a flow, OMP_NUM_THREADS is what pins.
     """
     if n is not None and n < 1:
         raise ValueError(f"`n` ({n!r}) must be >= 1 or None")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forecasting.config import TrainingConfig
+from forecasting import thread_probe
 from forecasting.train import configure_torch_threads
 
 SEASON = 12
@@ -41,7 +42,7 @@ def tiny_training(**overrides) -> TrainingConfig:
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny networks train fastest (and undisturbed by busy neighbours) on one thread."""
-    previous = torch.get_num_threads()
+    previous, pinned = torch.get_num_threads(), thread_probe._pinned
     configure_torch_threads(1)
     yield
-    configure_torch_threads(previous)
+    configure_torch_threads(previous, pin=pinned)  # as it was: later tests' fits may be probed

@@ -598,12 +598,19 @@ def test_torch_threads_follow_omp_num_threads_else_the_cpus_this_process_may_use
 
     from forecasting.train import configure_torch_threads
 
+    from forecasting import thread_probe
+
     previous = torch.get_num_threads()
+    monkeypatch.setattr(thread_probe, "_pinned", thread_probe._pinned)  # given back after the test
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert configure_torch_threads() == 1 == torch.get_num_threads()
+        assert thread_probe._pinned  # the user's count: every network trains on it
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert configure_torch_threads() == len(os.sched_getaffinity(0))
+        assert not thread_probe._pinned  # the most each network's probe may choose
+        assert configure_torch_threads(3) == 3 and thread_probe._pinned  # a count given here pins
+        assert configure_torch_threads(pin=True) == len(os.sched_getaffinity(0)) and thread_probe._pinned
     finally:
         torch.set_num_threads(previous)
 
