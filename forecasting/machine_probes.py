@@ -14,6 +14,7 @@ busy machine (a first night beside another) may be worth measuring again, by del
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -83,6 +84,7 @@ def machine_key(probe: str, version: int) -> list[str]:
     return [cpu_model(), f"torch {torch.__version__}", f"{probe} {version}", f"C layer loop {c_layer_loop()}"]
 
 
+@functools.cache  # asked for every fit's key: /proc/cpuinfo is read once per process
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -105,13 +107,14 @@ def c_layer_loop() -> str:
 
 def training_step(config: NetConfig, *, batch_size: int, input_window: int,
                   seed: int = 0) -> Callable[[], None]:
-    """One training step of a fresh network of `config` on a random batch, as train_network
-    takes it: forward, L1 loss (the default `training.loss`), backward, gradient clipping and a
-    fused Adam step.
+    """One training step of a fresh network of `config` on a random batch: train.training_step,
+    what train_network takes per batch, with the default `training` loss (L1) and a fused Adam.
 
     The network draws its initial weights from torch's generator: call it under
     torch.random.fork_rng, since a night has just seeded that generator for a network of its own.
     """
+    from forecasting.train import training_step as take_step  # train imports this module
+
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, input_window, config.input_size, generator=generator)
     y = torch.randn(batch_size, config.horizon, generator=generator)
@@ -119,15 +122,7 @@ def training_step(config: NetConfig, *, batch_size: int, input_window: int,
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     loss_fn = nn.L1Loss()
-
-    def step() -> None:
-        loss = loss_fn(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-
-    return step
+    return functools.partial(take_step, net, optimizer, loss_fn, x, y, grad_clip=1.0)
 
 
 def alternating_medians(settings: Mapping[Any, Callable[[], ContextManager[Any]]],

@@ -131,6 +131,18 @@ def applied_precision(training: TrainingConfig) -> str:
     return effective_precision(training.precision, resolve_device(training.device), training.strategy)
 
 
+def training_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, inputs: torch.Tensor,
+                  targets: torch.Tensor, *, grad_clip: float) -> torch.Tensor:
+    """One optimiser step on a batch: forward, loss, backward, gradient clipping, update; the loss.
+    What the probes time (forecasting.machine_probes), so that they time what training does."""
+    loss = loss_fn(net(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
 def _loss_fn(name: str) -> nn.Module:
     losses = {"mae": nn.L1Loss(), "mse": nn.MSELoss(), "huber": nn.HuberLoss(delta=1.0)}
     if name not in losses:
@@ -196,12 +208,8 @@ def _train(net: nn.Module, data: torch.Tensor, train_starts: np.ndarray, val_sta
         for i in range(0, len(order), training.batch_size):
             raise_if_released()  # on a Dask worker, a night that ended stops here, not epochs later
             batch = data[order[i:i + training.batch_size, None] + offsets]  # [b, w+h, f]
-            pred = net(batch[:, :input_window])  # [b, horizon]
-            loss = loss_fn(pred, batch[:, input_window:, 0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
-            optimizer.step()
+            loss = training_step(net, optimizer, loss_fn, batch[:, :input_window], batch[:, input_window:, 0],
+                                 grad_clip=training.grad_clip)
             total += loss.detach() * len(batch)
         train_loss = total.item() / max(len(order), 1)
         val_loss = (evaluate(net, data, val_idx, input_window=input_window, horizon=horizon,
